@@ -1,0 +1,230 @@
+"""The Python API behind the CLI: train, resume, evaluate, predict.
+
+    recipe ─► data ─► model ─► task ─► Trainer.fit ─► run directory (recipe, env, metrics, checkpoints, model/)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bigmodel.config import Recipe, read_yaml, validate_recipe
+from bigmodel.errors import TrainingDiverged, UserError
+from bigmodel.runs import (
+    Preprocess,
+    RunIndex,
+    environment,
+    load_artifact,
+    new_run_dir,
+    require_run_dir,
+    save_artifact,
+    write_json_atomic,
+    write_text_atomic,
+)
+from bigmodel.training.distributed import is_main_process
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]  # the final evaluation on recipe.eval.split
+    train_time_s: float
+    steps: int
+    stopped_early: bool
+
+
+@dataclass
+class Experiment:
+    """Everything a recipe builds: data, loaders, model, task — shared by train, evaluate and the benchmarks."""
+
+    recipe: Recipe
+    data: Any
+    preprocess: Preprocess
+    model: Any
+    task: Any
+    device: Any
+    channels_last: bool
+
+    def loader(self, split: str, train: bool = False) -> Any:
+        from bigmodel.data.loader import BatchLoader, Normalizer
+
+        r = self.recipe
+        norm = Normalizer(self.preprocess.mean, self.preprocess.std, self.device)
+        return BatchLoader(
+            self.data.split(split),
+            r.train.batch_size if train else r.eval.batch_size,
+            norm,
+            shuffle=train,
+            seed=r.seed,
+            augment=r.data.augment if train else None,
+            drop_last=train,
+            channels_last=self.channels_last,
+            device=self.device,
+        )
+
+
+def build_experiment(recipe: Recipe) -> Experiment:
+    import torch
+
+    from bigmodel.data.sources import load_data
+    from bigmodel.models import build_model
+    from bigmodel.tasks.classification import ClassificationTask
+    from bigmodel.training.trainer import resolve_device
+
+    device = resolve_device(recipe.train.device)
+    data = load_data(recipe.data, recipe.seed)
+    mean, std = data.channel_stats()
+    pre = Preprocess(labels=data.labels, mean=mean, std=std, input_shape=list(data.input_shape))
+    torch.manual_seed(recipe.seed)  # weight init depends on the seed only
+    try:
+        model = build_model(recipe.model.name, recipe.model.options, data.input_shape, len(data.labels))
+    except ValueError as e:
+        raise UserError(f"model.name {recipe.model.name!r}: {e}") from None
+    cl = recipe.train.channels_last
+    channels_last = bool(getattr(model, "is_convnet", False)) if cl == "auto" else bool(cl)
+    task = ClassificationTask(len(data.labels), data.labels, recipe.train.label_smoothing)
+    return Experiment(recipe, data, pre, model, task, device, channels_last and device.type != "mps")
+
+
+def _recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def train(
+    recipe: Recipe | None = None,
+    *,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: bool | None = None,
+    callbacks: list[Any] | None = None,
+) -> TrainResult:
+    """Train `recipe` into a new run directory, or continue the run in `resume` exactly where it stopped."""
+    from bigmodel.training import checkpoint as ckpt
+    from bigmodel.training.progress import ProgressCallback
+    from bigmodel.training.trainer import Trainer
+
+    if resume is not None:
+        run_dir = require_run_dir(resume)
+        saved = validate_recipe(read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))
+        if recipe is not None and recipe.to_dict() != saved.to_dict():
+            a, b = recipe.to_dict(), saved.to_dict()
+            diff = sorted(_diff(a, b))
+            raise UserError(f"--resume {run_dir}: the recipe differs from the run's recipe.yaml at {', '.join(diff)}")
+        recipe = saved
+    elif recipe is None:
+        raise UserError("nothing to train: give a recipe file or --resume RUN_DIR")
+    else:
+        run_dir = new_run_dir(out, recipe.name or "run") if is_main_process() else Path(out or ".")
+    assert recipe is not None
+
+    exp = build_experiment(recipe)
+    if resume is None and is_main_process():
+        write_text_atomic(run_dir / "recipe.yaml", _recipe_yaml(recipe))
+        write_json_atomic(run_dir / "env.json", environment(str(exp.device), recipe.seed))
+    index = RunIndex() if is_main_process() else None
+    data_name = recipe.data.source + (f":{recipe.data.path}" if recipe.data.path else "")
+    if index:
+        index.upsert(run_dir, name=recipe.name, task=recipe.task, model=recipe.model.name, data=data_name,
+                     seed=recipe.seed, status="running")
+
+    cbs = list(callbacks or [])
+    cbs.append(ProgressCallback(enabled=progress))
+    trainer = Trainer(
+        recipe.train,
+        exp.model,
+        exp.task,
+        exp.loader("train", train=True),
+        exp.loader("val") if exp.data.val is not None and len(exp.data.val) else None,
+        device=exp.device,
+        run_dir=run_dir,
+        callbacks=cbs,
+        channels_last=exp.channels_last,
+    )
+    ckpt_root = run_dir / "checkpoints"
+    if resume is not None:
+        ckpt.clean_partial(ckpt_root)
+        folder = ckpt.latest_checkpoint(ckpt_root)
+        if folder is not None:
+            trainer.resume(folder)
+            Trainer.truncate_log(run_dir, trainer.state.step)
+        else:
+            Trainer.truncate_log(run_dir, -1)
+    t0 = time.perf_counter()
+    try:
+        state = trainer.fit()
+    except TrainingDiverged:
+        if index:
+            index.upsert(run_dir, status="diverged")
+        raise
+    train_time = time.perf_counter() - t0 + getattr(trainer, "_elapsed_before", 0.0)
+
+    # The artifact, then the final evaluation with exactly what the artifact will reproduce.
+    if is_main_process():
+        save_artifact(run_dir / "model", trainer.model, recipe.task, {"name": recipe.model.name, **recipe.model.options}, exp.preprocess)
+    # Final metrics through the same path as `bigmodel evaluate`: the saved artifact, fp32, so the numbers match.
+    split = recipe.eval.split
+    metrics = evaluate(run_dir, split) if is_main_process() else {}
+    metrics = {k: v for k, v in metrics.items() if k not in ("run_dir", "split")}
+    if is_main_process():
+        trainer.log({"split": split, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        summary = {
+            "run_dir": str(run_dir),
+            "split": split,
+            "metrics": metrics,
+            "train_time_s": round(train_time, 3),
+            "steps": state.step,
+            "epochs_done": state.epoch,
+            "stopped_early": state.stopped_early,
+            "best": {"monitor": recipe.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
+        }
+        write_json_atomic(run_dir / "summary.json", summary)
+        if index:
+            short = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            index.upsert(run_dir, status="finished", train_time_s=round(train_time, 3), metrics={f"{split}_{k}": v for k, v in short.items()})
+    return TrainResult(run_dir, metrics, train_time, state.step, state.stopped_early)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [prefix]
+
+
+def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = None) -> dict[str, Any]:
+    """Metrics of the run's saved model on `split` of the run's own data (rebuilt from its recipe and seed)."""
+    import torch
+
+    from bigmodel.data.loader import BatchLoader, Normalizer
+    from bigmodel.data.sources import load_data
+    from bigmodel.tasks.classification import ClassificationTask
+
+    run_dir = require_run_dir(run_dir)
+    recipe = validate_recipe(read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))
+    art = load_artifact(run_dir)
+    data = load_data(recipe.data, recipe.seed)
+    if split not in ("train", "val", "test"):
+        raise UserError(f"--split {split!r}: expected test, val or train")
+    part = data.split(split)
+    loader = BatchLoader(part, batch_size or recipe.eval.batch_size, Normalizer(art.preprocess.mean, art.preprocess.std), shuffle=False)
+    task = ClassificationTask(len(art.labels), art.labels)
+    metrics = task.new_metrics()
+    with torch.inference_mode():
+        for batch in loader.epoch(0):
+            task.eval_batch(art.model, batch, metrics)
+    return {"run_dir": str(run_dir), "split": split, **metrics.compute()}
+
+
+def predict(run_dir: str | Path, files: list[str | Path], top_k: int = 1) -> list[dict[str, Any]]:
+    """Top-k labels for image files, from the run's artifact alone."""
+    art = load_artifact(run_dir)
+    for f in files:
+        if not Path(f).is_file():
+            raise UserError(f"{f}: image file not found")
+    return art.predict_files(files, top_k=top_k)

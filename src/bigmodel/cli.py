@@ -1,0 +1,239 @@
+"""The `bigmodel` command: one verb per step of the path.
+
+    bigmodel train RECIPE.yaml [key=value ...] [--out RUN_DIR] [--resume RUN_DIR]
+    bigmodel evaluate RUN_DIR [--split test|val|train] [--json]
+    bigmodel predict RUN_DIR FILE... [--top-k K] [--json]
+    bigmodel runs list | show RUN | compare RUN RUN...
+    bigmodel recipe validate FILE [key=value ...] | schema | models
+
+User errors print one line to stderr and exit with status 2; results go to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bigmodel.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="bigmodel: from data to a trained, evaluated and served model, driven by YAML recipes.",
+)
+runs_app = typer.Typer(no_args_is_help=True, help="The run index: list, show and compare runs.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Check recipes and print their schema.")
+app.add_typer(runs_app, name="runs")
+app.add_typer(recipe_app, name="recipe")
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2))
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+# -------------------------------------------------------------------------------------------------------- train
+@app.command()
+def train(
+    recipe: Annotated[str | None, typer.Argument(help="Recipe YAML (optional with --resume).", show_default=False)] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.optimizer.lr=3e-3")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory to create (default runs/<name>-<time>).")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run from its last checkpoint.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress output.")] = False,
+) -> None:
+    """Train a recipe; print the test metrics; the last line of stdout is the run directory."""
+    from bigmodel import api
+    from bigmodel.config import load_recipe
+
+    overrides = list(overrides or [])
+    if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        overrides.insert(0, recipe)
+        recipe = None
+    if recipe is None and resume is None:
+        raise UserError("bigmodel train: give a recipe file (bigmodel train recipes/quickstart.yaml) or --resume RUN_DIR")
+    if overrides and recipe is None:
+        raise UserError("bigmodel train --resume: overrides need the recipe file too (the run's recipe must match)")
+    if out is not None and resume is not None:
+        raise UserError("bigmodel train: --out and --resume exclude each other (a resumed run stays in its folder)")
+    rec = load_recipe(recipe, overrides) if recipe is not None else None
+    if rec is not None and resume is not None and rec.name is not None:
+        # load_recipe names a recipe after its file; the saved recipe already carries that name.
+        pass
+    result = api.train(rec, out=out, resume=resume, progress=False if no_progress else None)
+    m = result.metrics
+    typer.echo(
+        f"{rec.eval.split if rec else 'test'} accuracy {m.get('accuracy', float('nan')):.4f}  macro_f1 "
+        f"{m.get('macro_f1', float('nan')):.4f}  train_time {result.train_time_s:.1f}s  steps {result.steps}"
+        + ("  (stopped early)" if result.stopped_early else "")
+    )
+    typer.echo(str(result.run_dir))
+
+
+# ----------------------------------------------------------------------------------------------------- evaluate
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    split: Annotated[str, typer.Option("--split", help="test, val or train.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Accuracy, macro and per-class precision/recall/F1 and the confusion matrix of a run's model."""
+    from bigmodel import api
+
+    m = api.evaluate(run_dir, split=split)
+    if as_json:
+        _echo_json(m)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"{split}: accuracy {m['accuracy']:.4f}  macro precision {m['macro_precision']:.4f}  "
+        f"macro recall {m['macro_recall']:.4f}  macro F1 {m['macro_f1']:.4f}  ({m['num_examples']} examples)"
+    )
+    t = Table("class", "precision", "recall", "f1", "support")
+    for c in m["per_class"]:
+        t.add_row(c["label"], _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"]), str(c["support"]))
+    console.print(t)
+    cm = Table("true \\ pred", *[str(i) for i in range(len(m["per_class"]))], title="confusion matrix")
+    for i, row in enumerate(m["confusion_matrix"]):
+        cm.add_row(f"{i} {m['per_class'][i]['label']}", *[str(v) for v in row])
+    console.print(cm)
+
+
+# ------------------------------------------------------------------------------------------------------ predict
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory or model artifact folder.")],
+    files: Annotated[list[Path], typer.Argument(help="Image files.")],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels per input.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Predict labels for image files with a trained model."""
+    from bigmodel import api
+
+    results = api.predict(run_dir, list(files), top_k=top_k)
+    if as_json:
+        _echo_json({"predictions": results})
+        return
+    for r in results:
+        typer.echo(f"{r['file']}\t" + "\t".join(f"{p['label']} {p['score']:.4f}" for p in r["top_k"]))
+
+
+# --------------------------------------------------------------------------------------------------------- runs
+@runs_app.command("list")
+def runs_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """All runs in the index with their final metrics."""
+    from bigmodel.runs import RunIndex
+
+    rows = RunIndex().list()
+    if as_json:
+        _echo_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("run", "model", "data", "seed", "status", "test acc", "train s", "created")
+    for r in rows:
+        acc = r["metrics"].get("test_accuracy")
+        t.add_row(r["run_dir"], r["model"], r["data"], str(r["seed"]), r["status"], _fmt(acc) if acc is not None else "",
+                  _fmt(r["train_time_s"]) if r["train_time_s"] is not None else "", r["created"])
+    Console(width=200).print(t)
+
+
+@runs_app.command("show")
+def runs_show(run: Annotated[str, typer.Argument(help="Run directory or name.")]) -> None:
+    """One run: its index entry and summary."""
+    from bigmodel.runs import RunIndex
+
+    r = RunIndex().get(run)
+    summary = Path(r["run_dir"]) / "summary.json"
+    if summary.is_file():
+        r["summary"] = json.loads(summary.read_text(encoding="utf-8"))
+    _echo_json(r)
+
+
+@runs_app.command("compare")
+def runs_compare(runs: Annotated[list[str], typer.Argument(help="Two or more runs.")]) -> None:
+    """Final metrics of several runs side by side."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bigmodel.runs import RunIndex
+
+    idx = RunIndex()
+    rows = [idx.get(r) for r in runs]
+    keys = sorted({k for r in rows for k in r["metrics"]})
+    t = Table("metric", *[Path(r["run_dir"]).name for r in rows])
+    for field in ("model", "data", "seed", "status", "train_time_s"):
+        t.add_row(field, *[_fmt(r[field]) for r in rows])
+    for k in keys:
+        t.add_row(k, *[_fmt(r["metrics"].get(k, "")) for r in rows])
+    Console(width=200).print(t)
+
+
+# ------------------------------------------------------------------------------------------------------- recipe
+@recipe_app.command("validate")
+def recipe_validate(
+    file: Annotated[Path, typer.Argument(help="Recipe YAML.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides.")] = None,
+    show: Annotated[bool, typer.Option("--show", help="Print the resolved recipe.")] = False,
+) -> None:
+    """Check a recipe; print 'ok' or one line naming what is wrong."""
+    import yaml
+
+    from bigmodel.config import load_recipe
+
+    r = load_recipe(file, list(overrides or []))
+    if show:
+        typer.echo(yaml.safe_dump(r.to_dict(), sort_keys=False), nl=False)
+    typer.echo(f"{file}: ok ({r.task}, {r.data.source}, {r.model.name})")
+
+
+@recipe_app.command("schema")
+def recipe_schema() -> None:
+    """The recipe's JSON Schema."""
+    from bigmodel.config import recipe_json_schema
+
+    _echo_json(recipe_json_schema())
+
+
+@recipe_app.command("models")
+def recipe_models() -> None:
+    """The registered models."""
+    from bigmodel.registry import get_model, model_names
+
+    for name in model_names():
+        e = get_model(name)
+        typer.echo(f"{name}\t{', '.join(e.tasks)}\t{e.description}")
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's own usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise

@@ -1,0 +1,359 @@
+"""The recipe schema: one strict pydantic model per block, composed into `Recipe`.
+
+A recipe is the whole program. Unknown keys, wrong types and impossible combinations are errors whose message names
+the field path (`train.optimizer.lr`) and what was expected. Dotted overrides (`train.optimizer.lr=3e-3`) change any
+field before validation, so they get exactly the same checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bigmodel.errors import UserError
+
+TaskName = Literal["image_classification"]
+
+
+class Strict(BaseModel):
+    """Base for every block: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+class AugmentConfig(Strict):
+    """Batched, seeded augmentation applied to the training split only."""
+
+    random_crop_padding: Annotated[int, Field(ge=0, le=16)] = 0
+    """Pad by this many pixels (zeros), then crop back to the input size at a random offset per image."""
+    horizontal_flip: bool = False
+    """Flip each image left-right with probability 0.5."""
+
+
+class DataConfig(Strict):
+    source: Literal["fashion_mnist", "digits", "image_folder"]
+    """Where the data comes from: `fashion_mnist` (IDX files), `digits` (scikit-learn), `image_folder`."""
+    path: Path | None = None
+    """`image_folder`: the ROOT of `ROOT/<split>/<class>/*.png`; `fashion_mnist`: a folder with the four IDX files."""
+    download: bool = True
+    """`fashion_mnist`: download the official files into the cache when no local copy is found."""
+    cache_dir: Path | None = None
+    """Where downloads go (default: `$BIGMODEL_HOME/cache`, `~/.cache/bigmodel` when unset)."""
+    image_size: Annotated[list[Annotated[int, Field(ge=4, le=4096)]], Field(min_length=2, max_length=2)] | None = None
+    """`[height, width]` to resize every image to (`image_folder`); default: the size of the first training image."""
+    channels: Literal[1, 3] | None = None
+    """`image_folder`: 1 (grey) or 3 (RGB); default: 1 when every training image is grey, else 3."""
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    """When the source has no validation split, carve this fraction from train (seeded, stratified)."""
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    """When the source has no test split (`digits`, an image folder without `test/`), carve this fraction."""
+    limit_train: Annotated[int, Field(ge=1)] | None = None
+    """Keep only the first N training examples after the seeded shuffle (quick experiments, debug recipes)."""
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        return [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _cross(self) -> DataConfig:
+        if self.source == "image_folder" and self.path is None:
+            raise ValueError("data.path is required when data.source is 'image_folder' (ROOT/<split>/<class>/*.png)")
+        if self.source != "image_folder":
+            for name in ("image_size", "channels"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"data.{name} only applies to data.source 'image_folder', not {self.source!r}")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} leaves too "
+                "little to train on; expected a sum below 0.9"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+class ModelConfig(BaseModel):
+    """`name` picks a registry entry; the other keys are that model's own options, validated by its config class."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelConfig:
+        from bigmodel.registry import get_model, model_names
+
+        try:
+            entry = get_model(self.name)
+        except KeyError:
+            raise ValueError(f"unknown model {self.name!r}; expected one of: {', '.join(model_names())}") from None
+        try:
+            entry.config_cls.model_validate(self.options)
+        except ValidationError as e:
+            raise ValueError(_format_errors(e, prefix="model")) from None
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The model's own options (everything but `name`)."""
+        return dict(self.model_extra or {})
+
+    def build_config(self) -> BaseModel:
+        from bigmodel.registry import get_model
+
+        return get_model(self.name).config_cls.model_validate(self.options)
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    """SGD only (default 0.9 when name is sgd)."""
+    nesterov: bool = False
+    """SGD only; needs momentum > 0."""
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    """L2 penalty (sgd, adam: added to the gradient) or decoupled decay (adamw)."""
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0.0)] = 1e-8
+
+    @model_validator(mode="after")
+    def _cross(self) -> OptimizerConfig:
+        if self.name != "sgd":
+            if self.momentum is not None:
+                raise ValueError(f"train.optimizer.momentum only applies to sgd, not {self.name!r} (use betas)")
+            if self.nesterov:
+                raise ValueError(f"train.optimizer.nesterov only applies to sgd, not {self.name!r}")
+        elif self.nesterov and not self.momentum:
+            raise ValueError("train.optimizer.nesterov needs train.optimizer.momentum > 0")
+        return self
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Linear warm-up from 0 to the base lr over this many optimizer steps (constant, step, cosine)."""
+    step_size: Annotated[int, Field(ge=1)] = 1
+    """`step`: multiply the lr by `gamma` every `step_size` epochs."""
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """`cosine`, `onecycle`: the final lr as a fraction of the base lr."""
+    pct_start: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
+    """`onecycle`: fraction of the run spent rising from lr/div_factor to lr."""
+    div_factor: Annotated[float, Field(ge=1.0)] = 25.0
+
+    @model_validator(mode="after")
+    def _cross(self) -> ScheduleConfig:
+        if self.name == "onecycle" and self.warmup_steps:
+            raise ValueError("train.schedule.warmup_steps does not apply to onecycle (it warms up by pct_start)")
+        return self
+
+
+class EarlyStoppingConfig(Strict):
+    patience: Annotated[int, Field(ge=1)] = 3
+    """Stop after this many evaluations without improvement of `train.monitor`."""
+    min_delta: Annotated[float, Field(ge=0.0)] = 0.0
+
+
+class TrainConfig(Strict):
+    epochs: Annotated[int, Field(ge=1, le=100_000)] = 10
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    """Examples per forward pass (micro-batch); one optimizer step sees batch_size x grad_accum_steps."""
+    grad_accum_steps: Annotated[int, Field(ge=1)] = 1
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    l1: Annotated[float, Field(ge=0.0)] = 0.0
+    """L1 penalty: adds l1 * sum(|w|) over weight matrices and kernels (not biases or norms) to the loss."""
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = None
+    """Clip the global gradient norm to this value."""
+    monitor: str = "val_accuracy"
+    """The validation metric for early stopping and best-model selection: val_loss, val_accuracy, val_macro_f1."""
+    early_stopping: EarlyStoppingConfig | None = None
+    select_best: bool = True
+    """Keep the weights of the best evaluation of `monitor` (else the last)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on CPUs with native bf16 and on CUDA GPUs that support it, else fp32 (fp16 AMP on older GPUs)."""
+    channels_last: Literal["auto"] | bool = "auto"
+    """auto: on for convnets."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    checkpoint_every: Annotated[int, Field(ge=1)] | None = None
+    """Also checkpoint every N optimizer steps (epoch ends always checkpoint)."""
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    log_every: Annotated[int, Field(ge=1)] = 50
+    """Log the running loss every N optimizer steps."""
+    eval_every: Annotated[int, Field(ge=1)] = 1
+    """Evaluate on the validation split every N epochs (and after the last)."""
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitor(cls, v: str) -> str:
+        allowed = ("val_loss", "val_accuracy", "val_macro_f1", "val_macro_precision", "val_macro_recall")
+        if v not in allowed:
+            raise ValueError(f"unknown metric {v!r}; expected one of: {', '.join(allowed)}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> TrainConfig:
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("train.precision 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
+        return self
+
+
+class EvalConfig(Strict):
+    batch_size: Annotated[int, Field(ge=1)] = 1024
+    split: Literal["test", "val", "train"] = "test"
+    """The split evaluated at the end of `bigmodel train`."""
+
+
+# --------------------------------------------------------------------------------------------------------- recipe
+class Recipe(Strict):
+    """The whole program: what to learn (task), from what (data), with what (model), how (train, eval), seed."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=80)] | None = None
+    description: str | None = None
+    task: TaskName
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+
+    @model_validator(mode="after")
+    def _cross(self) -> Recipe:
+        from bigmodel.registry import get_model
+
+        entry = get_model(self.model.name)
+        if self.task not in entry.tasks:
+            raise ValueError(f"model.name {self.model.name!r} does not do task {self.task!r}")
+        if self.train.monitor != "val_loss" and self.data.val_fraction == 0 and self.data.source != "image_folder":
+            # fashion_mnist and digits carve val from train; without it there is nothing to monitor.
+            if self.train.early_stopping is not None:
+                raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+
+# ----------------------------------------------------------------------------------------------- loading & errors
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-"))]
+    return ".".join(parts)
+
+
+def _format_errors(e: ValidationError, prefix: str = "") -> str:
+    msgs = []
+    for err in e.errors():
+        loc = _loc(err["loc"])
+        if prefix:
+            loc = f"{prefix}.{loc}" if loc else prefix
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `bigmodel recipe schema` lists the keys)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"] not in ("value_error",) and not isinstance(err["input"], dict):
+            msg = f"{msg}, got {err['input']!r}"
+        # Cross-field checks already name their fields; do not prefix them with the block's path.
+        msgs.append(msg if err["type"] == "value_error" and msg.split(" ")[0].count(".") else f"{loc}: {msg}")
+    return "; ".join(msgs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.optimizer.lr=3e-3` → (['train', 'optimizer', 'lr'], 0.003). Values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise UserError(f"override {text!r}: expected key=value with a dotted key, e.g. train.optimizer.lr=3e-3")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise UserError(f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a block")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping (task:, data:, model:, ...), got a {type(data).__name__}")
+    return data
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{source}: {_format_errors(e)}") from None
+    for key, value in _floats(recipe.to_dict()):
+        if not math.isfinite(value):
+            raise UserError(f"{source}: {key}: expected a finite number, got {value}")
+    return recipe
+
+
+def _floats(d: Any, prefix: str = "") -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out += _floats(v, f"{prefix}.{k}" if prefix else k)
+    elif isinstance(d, float):
+        out.append((prefix, d))
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Raises `UserError` with the field path on any mistake."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    recipe = validate_recipe(data, source=str(path))
+    if recipe.name is None:
+        recipe.name = Path(path).stem
+    return recipe
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of a recipe, with each registered model's options listed under `model`."""
+    from bigmodel.registry import get_model, model_names
+
+    schema = Recipe.model_json_schema()
+    variants = []
+    for name in model_names():
+        sub = get_model(name).config_cls.model_json_schema()
+        props = {"name": {"const": name}, **sub.get("properties", {})}
+        variants.append(
+            {"title": name, "type": "object", "properties": props, "required": ["name"], "additionalProperties": False}
+        )
+    schema.setdefault("$defs", {})["ModelConfig"] = {"title": "ModelConfig", "oneOf": variants}
+    return schema

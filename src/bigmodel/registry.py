@@ -1,0 +1,57 @@
+"""One small registry for models (and, as they come, data sources and tasks).
+
+Recipes name entries (`model.name: cnn-small`), never import paths: code can move without breaking recipes.
+Each model entry carries its own pydantic config class, so `model.*` keys are validated per model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    config_cls: type[BaseModel]
+    build: Callable[..., Any]  # build(config, input_shape, num_classes) -> nn.Module
+    tasks: tuple[str, ...]
+    description: str
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(
+    name: str, config_cls: type[BaseModel], *, tasks: tuple[str, ...], description: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register `build(config, input_shape, num_classes)` under `name`."""
+
+    def deco(build: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        _MODELS[name] = ModelEntry(name, config_cls, build, tasks, description)
+        return build
+
+    return deco
+
+
+def _load_builtin_models() -> None:
+    # Importing the family modules runs their @register_model decorators.
+    import bigmodel.models.cnn  # noqa: F401
+
+
+def model_names() -> list[str]:
+    _load_builtin_models()
+    return sorted(_MODELS)
+
+
+def get_model(name: str) -> ModelEntry:
+    _load_builtin_models()
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; expected one of: {', '.join(sorted(_MODELS))}") from None

@@ -1,0 +1,296 @@
+"""Run directories, model artifacts and the run index.
+
+A run directory holds `recipe.yaml` (resolved), `env.json`, `metrics.jsonl`, `checkpoints/`, `summary.json` and
+`model/` — the artifact: `model.safetensors`, `config.json` (rebuilds the model), `preprocess.json` (label names,
+normalisation, input size) and a format version. No pickle anywhere. Every later command takes a run directory or
+an artifact folder, so nothing is retyped.
+
+The run index is a small SQLite database (`$BIGMODEL_HOME/runs.sqlite`) behind `bigmodel runs list|show|compare`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bigmodel.errors import UserError
+
+ARTIFACT_FORMAT = 1
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------------- environment
+def git_sha(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: str, seed: int) -> dict[str, Any]:
+    import numpy
+    import torch
+
+    import bigmodel
+
+    from bigmodel.training.trainer import cpu_has_native_bf16
+
+    return {
+        "bigmodel": bigmodel.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device": device,
+        "git_sha": git_sha(),
+        "seed": seed,
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- run dirs
+def is_run_dir(path: Path) -> bool:
+    return (path / "recipe.yaml").is_file()
+
+
+def require_run_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: run directory not found")
+    if not is_run_dir(path):
+        raise UserError(f"{path}: not a bigmodel run directory (no recipe.yaml); pass the folder `bigmodel train` printed")
+    return path
+
+
+def new_run_dir(out: str | Path | None, name: str) -> Path:
+    if out is None:
+        base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path, i = base, 1
+        while path.exists():
+            path, i = Path(f"{base}-{i}"), i + 1
+    else:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UserError(f"--out {path}: already exists and is not empty (use --resume {path} to continue that run)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- artifacts
+@dataclass
+class Preprocess:
+    labels: list[str]
+    mean: list[float]
+    std: list[float]
+    input_shape: list[int]  # [C, H, W]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels, "mean": self.mean, "std": self.std, "input_shape": self.input_shape}
+
+
+def save_artifact(
+    folder: Path, model: Any, task: str, model_cfg: dict[str, Any], preprocess: Preprocess, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write the model artifact into `folder` atomically (a temporary folder renamed into place)."""
+    from safetensors.torch import save_file
+
+    import bigmodel
+
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "format_version": ARTIFACT_FORMAT,
+        "bigmodel_version": bigmodel.__version__,
+        "task": task,
+        "model": model_cfg,
+        "input_shape": preprocess.input_shape,
+        "num_classes": len(preprocess.labels),
+        **(extra or {}),
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (tmp / "preprocess.json").write_text(json.dumps(preprocess.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.rename(tmp, folder)
+    return folder
+
+
+def artifact_dir(path: str | Path) -> Path:
+    """Accept a run directory or the artifact folder itself."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    if not path.exists():
+        raise UserError(f"{path}: not found")
+    if is_run_dir(path):
+        raise UserError(f"{path}: this run has no model/ yet (did training finish? `bigmodel train --resume {path}`)")
+    raise UserError(f"{path}: not a bigmodel run directory or model artifact (no model/config.json)")
+
+
+class Artifact:
+    """A model rebuilt from its artifact folder alone, ready to predict (CPU, eval mode)."""
+
+    def __init__(self, folder: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        from bigmodel.data.loader import Normalizer
+        from bigmodel.models import build_model
+
+        self.folder = folder
+        try:
+            self.config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            pre = json.loads((folder / "preprocess.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{folder}: unreadable artifact ({e})") from None
+        if self.config.get("format_version") != ARTIFACT_FORMAT:
+            raise UserError(f"{folder}: artifact format {self.config.get('format_version')} is not {ARTIFACT_FORMAT}")
+        self.preprocess = Preprocess(**pre)
+        model_cfg = dict(self.config["model"])
+        name = model_cfg.pop("name")
+        self.model = build_model(name, model_cfg, tuple(self.config["input_shape"]), self.config["num_classes"])
+        try:
+            state = load_file(str(folder / "model.safetensors"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{folder / 'model.safetensors'}: unreadable weights ({e})") from None
+        self.model.load_state_dict(state)
+        self.model.eval()
+        self.normalizer = Normalizer(self.preprocess.mean, self.preprocess.std)
+        self._torch = torch
+
+    @property
+    def labels(self) -> list[str]:
+        return self.preprocess.labels
+
+    def predict_proba(self, images: Any, batch_size: int = 256) -> Any:
+        """Class probabilities for uint8 images (N, C, H, W) already at the model's input size."""
+        torch = self._torch
+        outs = []
+        with torch.inference_mode():
+            for i in range(0, len(images), batch_size):
+                logits = self.model(self.normalizer(images[i : i + batch_size])).float()
+                outs.append(logits.softmax(dim=1))
+        return torch.cat(outs) if outs else torch.zeros((0, len(self.labels)))
+
+    def load_images(self, files: list[str | Path]) -> Any:
+        import numpy as np
+
+        from bigmodel.data.images import read_image
+
+        C, H, W = self.preprocess.input_shape
+        arrays = [read_image(f, C, (H, W)) for f in files]
+        return self._torch.from_numpy(np.stack(arrays)) if arrays else self._torch.zeros((0, C, H, W), dtype=self._torch.uint8)
+
+    def predict_files(self, files: list[str | Path], top_k: int = 1) -> list[dict[str, Any]]:
+        probs = self.predict_proba(self.load_images(files))
+        k = max(1, min(top_k, len(self.labels)))
+        results = []
+        for f, p in zip(files, probs, strict=True):
+            scores, idx = p.topk(k)
+            top = [{"label": self.labels[i], "score": round(s, 6)} for s, i in zip(scores.tolist(), idx.tolist(), strict=True)]
+            results.append({"file": str(f), "label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+        return results
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Rebuild a trained model from a run directory or its `model/` folder."""
+    return Artifact(artifact_dir(path))
+
+
+# ---------------------------------------------------------------------------------------------------- run index
+def index_path() -> Path:
+    from bigmodel.data.download import bigmodel_home
+
+    return bigmodel_home() / "runs.sqlite"
+
+
+class RunIndex:
+    """SQLite (stdlib) list of runs and their final metrics. Only rank 0 writes."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or index_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30)
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS runs (run_dir TEXT PRIMARY KEY, name TEXT, task TEXT, model TEXT, data TEXT,"
+            " seed INTEGER, status TEXT, created TEXT, updated TEXT, train_time_s REAL, metrics TEXT)"
+        )
+        self.db.commit()
+
+    def upsert(self, run_dir: Path, **fields: Any) -> None:
+        key = str(Path(run_dir).resolve())
+        now = time.strftime("%Y-%m-%d %H:%M:%S")
+        if "metrics" in fields and not isinstance(fields["metrics"], str):
+            fields["metrics"] = json.dumps(fields["metrics"])
+        fields["updated"] = now
+        exists = self.db.execute("SELECT 1 FROM runs WHERE run_dir = ?", (key,)).fetchone()
+        if exists:
+            sets = ", ".join(f"{k} = ?" for k in fields)
+            self.db.execute(f"UPDATE runs SET {sets} WHERE run_dir = ?", (*fields.values(), key))  # noqa: S608
+        else:
+            fields.setdefault("created", now)
+            cols = ", ".join(["run_dir", *fields])
+            marks = ", ".join("?" * (len(fields) + 1))
+            self.db.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", (key, *fields.values()))  # noqa: S608
+        self.db.commit()
+
+    def list(self) -> list[dict[str, Any]]:
+        self.db.row_factory = sqlite3.Row
+        rows = self.db.execute("SELECT * FROM runs ORDER BY created").fetchall()
+        return [self._row(r) for r in rows]
+
+    def get(self, ref: str) -> dict[str, Any]:
+        """A run by its directory (any spelling of the path) or by a unique name prefix."""
+        runs = self.list()
+        p = str(Path(ref).resolve())
+        for r in runs:
+            if r["run_dir"] == p:
+                return r
+        matches = [r for r in runs if Path(r["run_dir"]).name.startswith(ref) or (r["name"] or "") == ref]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise UserError(f"run {ref!r} not found in the run index {self.path} (`bigmodel runs list` shows them)")
+        raise UserError(f"run {ref!r} is ambiguous: {', '.join(Path(r['run_dir']).name for r in matches)}")
+
+    @staticmethod
+    def _row(r: sqlite3.Row) -> dict[str, Any]:
+        d = dict(r)
+        d["metrics"] = json.loads(d["metrics"]) if d.get("metrics") else {}
+        return d

@@ -1,0 +1,148 @@
+"""Atomic checkpoints for exact resume, with no pickle.
+
+A checkpoint is a folder `checkpoints/step-00000123/` holding
+- `model.safetensors`: the weights and buffers (BatchNorm statistics too);
+- `state.safetensors`: every other tensor — optimizer moments, RNG states, the best weights so far;
+- `state.json`: everything else — step, epoch, position in the epoch, optimizer hyper-parameters, early stopping.
+It is written under a temporary name, fsynced, and renamed into place; then `checkpoints/latest` is replaced
+atomically to point at it. A kill at any moment leaves the previous checkpoint intact and `latest` valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bigmodel.errors import UserError
+
+FORMAT_VERSION = 1
+
+
+def _fault(point: str, step: int) -> None:
+    """Test hook: `BIGMODEL_FAULT=<point>:<step>` kills this process with SIGKILL at that point (a real hard kill)."""
+    spec = os.environ.get("BIGMODEL_FAULT")
+    if spec and spec == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors wants contiguous, unshared storage; channels_last weights are made contiguous here (values unchanged).
+    save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(path))
+    with path.open("rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors) and JSON-able metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pid}.{k}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    for pid, st in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    extra_tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically and prune all but the newest `keep`. Returns its folder."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _save_tensors(model_state, tmp / "model.safetensors")
+    _fault("kill_during_checkpoint", step)
+    _save_tensors(extra_tensors, tmp / "state.safetensors")
+    with (tmp / "state.json").open("w", encoding="utf-8") as f:
+        json.dump({"format_version": FORMAT_VERSION, **state}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved twice (e.g. resumed right after it): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    write_text_atomic(ckpt_root / "latest", name + "\n")
+    _fsync_dir(ckpt_root)
+    for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The folder `latest` points to, or None when there is no complete checkpoint."""
+    pointer = ckpt_root / "latest"
+    if not pointer.is_file():
+        return None
+    folder = ckpt_root / pointer.read_text(encoding="utf-8").strip()
+    if not (folder / "state.json").is_file():
+        raise UserError(f"{pointer}: points to {folder.name}, which is not a complete checkpoint")
+    return folder
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        model_state = load_file(str(folder / "model.safetensors"))
+        extra = load_file(str(folder / "state.safetensors"))
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: unreadable checkpoint ({e})") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{folder}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}")
+    return model_state, extra, state
+
+
+def clean_partial(ckpt_root: Path) -> None:
+    """Remove leftovers of checkpoints whose writing was interrupted."""
+    for p in ckpt_root.glob(".tmp-step-*"):
+        shutil.rmtree(p, ignore_errors=True)

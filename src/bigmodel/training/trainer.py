@@ -1,0 +1,359 @@
+"""The Trainer: one straight loop.
+
+    batch → forward → loss → backward → (accumulate) → clip → step → schedule → log / evaluate / checkpoint
+
+Mixed precision, accumulation, clipping, L1 and early stopping are options, not subclasses. `train_step` is one
+optimizer step and testable alone. Hooks (`Callback`) are a fixed, documented set: `on_fit_start`, `on_step_end`,
+`on_eval_end`, `on_fit_end`. Only rank 0 writes files (rank-aware I/O for DDP later).
+
+Exact resume: the data order and augmentation are functions of (seed, epoch, batch); the schedule is a function of
+the step; model, optimizer, RNG, epoch position, early-stopping state and best weights are in each checkpoint. A
+resumed run therefore ends bit-identical (on CPU) to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigmodel.config import TrainConfig
+from bigmodel.errors import TrainingDiverged, UserError
+from bigmodel.training import checkpoint as ckpt
+from bigmodel.training.checkpoint import _fault
+from bigmodel.training.distributed import is_main_process
+from bigmodel.training.optim import build_optimizer, decay_and_no_decay, l1_penalty, lr_factor
+
+
+# ---------------------------------------------------------------------------------------------- device, precision
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device 'cuda': no CUDA device is available here (use auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("train.device 'mps': no Apple MPS device is available here (use auto or cpu)")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls/convs run natively (here ~2x fp32 for convnets); else bf16 is emulated."""
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if precision == "fp16":
+            return torch.float16
+        if precision == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if device.type == "cpu":
+        if precision == "fp16":
+            raise UserError("train.precision 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
+        if precision == "bf16" or cpu_has_native_bf16():
+            return torch.bfloat16
+        return None
+    if device.type == "mps":
+        return torch.float16 if precision in ("fp16", "auto") else torch.bfloat16
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ callbacks
+class Callback:
+    """The fixed set of hooks. Each receives the Trainer; override the ones you need."""
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_step_end(self, trainer: Trainer, loss: float | None) -> None: ...
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+    def on_fit_end(self, trainer: Trainer) -> None: ...
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch_in_epoch: int = 0  # the next micro-batch of that epoch
+    samples_seen: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+    best_epoch: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+# -------------------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        task: Any,
+        train_loader: Any,
+        val_loader: Any | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        run_dir: Path | None = None,
+        callbacks: list[Callback] | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.task = task
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.callbacks = list(callbacks or [])
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.l1_params = decay_and_no_decay(self.model)[0] if cfg.l1 > 0 else []
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.accum = cfg.grad_accum_steps
+        if len(train_loader) < self.accum:
+            raise UserError(
+                f"train.grad_accum_steps {self.accum} needs at least that many batches per epoch; the training split "
+                f"gives {len(train_loader)} batches of train.batch_size {cfg.batch_size}"
+            )
+        self.steps_per_epoch = len(train_loader) // self.accum
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.state = TrainState()
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.last_checkpoint: Path | None = None
+        self._t_start = time.perf_counter()
+        self._higher_better = cfg.monitor != "val_loss"
+
+    # ------------------------------------------------------------------------------------------------- one step
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
+
+    def set_lr(self, step: int) -> float:
+        factor = lr_factor(self.cfg.schedule, step, self.total_steps, self.steps_per_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        return self.base_lrs[0] * factor
+
+    def train_step(self, micro_batches: list[Any]) -> torch.Tensor:
+        """One optimizer step over `micro_batches` (len = grad_accum_steps). Returns the mean loss (detached)."""
+        self.set_lr(self.state.step)
+        total = torch.zeros((), device=self.device)
+        n = len(micro_batches)
+        for batch in micro_batches:
+            with self.autocast():
+                loss = self.task.loss(self.model, batch)
+            if self.l1_params:
+                loss = loss + self.cfg.l1 * l1_penalty(self.l1_params)
+            scaled = loss / n if n > 1 else loss
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+            total += loss.detach()
+        if self.cfg.grad_clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / n if n > 1 else total
+
+    # ---------------------------------------------------------------------------------------------------- fit
+    def fit(self) -> TrainState:
+        """Train for `cfg.epochs` (from the restored state, if `resume` was called), with evaluation, early
+        stopping and checkpoints. Returns the final state; `self.model` holds the selected weights."""
+        cfg, st = self.cfg, self.state
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        self._t_start = time.perf_counter() - getattr(self, "_elapsed_before", 0.0)
+        check_every_step = self.device.type == "cpu"  # a finiteness check syncs accelerators: do it at log points there
+        running = torch.zeros((), device=self.device)
+        running_n = 0
+        while st.epoch < cfg.epochs and not st.stopped_early:
+            self.model.train()
+            batches = iter(self.train_loader.epoch(st.epoch, start=st.batch_in_epoch))
+            while st.batch_in_epoch + self.accum <= self.steps_per_epoch * self.accum:
+                micro = [next(batches) for _ in range(self.accum)]
+                loss = self.train_step(micro)
+                st.step += 1
+                st.batch_in_epoch += self.accum
+                st.samples_seen += sum(int(b[1].shape[0]) for b in micro)
+                running += loss
+                running_n += 1
+                log_now = st.step % cfg.log_every == 0
+                if (check_every_step or log_now) and not torch.isfinite(loss):
+                    self._diverged(loss.item())
+                logged = None
+                if log_now:
+                    logged = running.item() / running_n
+                    self.log({"split": "train", "loss": logged, "lr": self.optimizer.param_groups[0]["lr"]})
+                    running.zero_()
+                    running_n = 0
+                for cb in self.callbacks:
+                    cb.on_step_end(self, logged)
+                end_of_epoch = st.batch_in_epoch + self.accum > self.steps_per_epoch * self.accum
+                if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and not end_of_epoch:
+                    self.save_checkpoint()
+                _fault("kill_after_step", st.step)
+            st.epoch += 1
+            st.batch_in_epoch = 0
+            if self.val_loader is not None and (st.epoch % cfg.eval_every == 0 or st.epoch == cfg.epochs):
+                metrics = self.evaluate(self.val_loader)
+                self._after_eval(metrics)
+            self.save_checkpoint()
+        if self.best_weights is not None and cfg.select_best:
+            self.model.load_state_dict(self.best_weights)
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return st
+
+    def _diverged(self, value: float) -> None:
+        where = f"{self.last_checkpoint}" if self.last_checkpoint else "none was written yet"
+        raise TrainingDiverged(
+            f"training stopped: the loss became {value} at step {self.state.step} (epoch {self.state.epoch + 1}); "
+            f"last good checkpoint: {where}; try a lower train.optimizer.lr or set train.grad_clip"
+        )
+
+    def _after_eval(self, metrics: dict[str, Any]) -> None:
+        cfg, st = self.cfg, self.state
+        scalars = {f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num_examples"}
+        st.last_eval = scalars
+        self.log({"split": "val", **{k.removeprefix("val_"): v for k, v in scalars.items()}})
+        value = scalars.get(cfg.monitor)
+        if value is None:
+            raise UserError(f"train.monitor {cfg.monitor!r} is not among the validation metrics {sorted(scalars)}")
+        min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
+        improved = st.best_value is None or (
+            value > st.best_value + min_delta if self._higher_better else value < st.best_value - min_delta
+        )
+        if improved:
+            st.best_value, st.best_step, st.best_epoch, st.bad_evals = value, st.step, st.epoch, 0
+            if cfg.select_best:
+                self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            st.bad_evals += 1
+            if cfg.early_stopping and st.bad_evals >= cfg.early_stopping.patience:
+                st.stopped_early = True
+                self.log({"split": "train", "event": "early_stop", "best_epoch": st.best_epoch, cfg.monitor: st.best_value})
+        for cb in self.callbacks:
+            cb.on_eval_end(self, scalars)
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    @torch.inference_mode()
+    def evaluate(self, loader: Any) -> dict[str, Any]:
+        """Streaming metrics of `self.model` over `loader` (eval mode, same autocast as training)."""
+        was_training = self.model.training
+        self.model.eval()
+        metrics = self.task.new_metrics(self.device)
+        for batch in loader.epoch(0):
+            with self.autocast():
+                self.task.eval_batch(self.model, batch, metrics)
+        self.model.train(was_training)
+        return metrics.compute()
+
+    # ------------------------------------------------------------------------------------------------- logging
+    def log(self, record: dict[str, Any]) -> None:
+        if self.run_dir is None or not is_main_process():
+            return
+        rec = {"step": self.state.step, "epoch": self.state.epoch, **record}
+        rec["time"] = round(time.perf_counter() - self._t_start, 3)
+        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return self.run_dir / "checkpoints" if self.run_dir is not None else None
+
+    def _rng_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"rng.torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                out[f"rng.cuda.{i}"] = s
+        return out
+
+    def save_checkpoint(self) -> Path | None:
+        if self.checkpoint_dir is None or not is_main_process():
+            return None
+        opt_tensors, opt_meta = ckpt.flatten_optimizer(self.optimizer.state_dict())
+        tensors = {f"optim.{k}": v for k, v in opt_tensors.items()}
+        tensors.update(self._rng_tensors())
+        if self.best_weights is not None:
+            tensors.update({f"best.{k}": v for k, v in self.best_weights.items()})
+        if self.scaler is not None:
+            opt_meta["scaler"] = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in self.scaler.state_dict().items()}
+        state = {
+            "train_state": asdict(self.state),
+            "optimizer": opt_meta,
+            "elapsed_s": time.perf_counter() - self._t_start,
+        }
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.checkpoint_dir, self.state.step, self.model.state_dict(), tensors, state, keep=self.cfg.keep_checkpoints
+        )
+        return self.last_checkpoint
+
+    def resume(self, folder: Path) -> None:
+        """Restore everything from a checkpoint folder; `fit()` then continues exactly where it stopped."""
+        model_state, extra, state = ckpt.load_checkpoint(folder)
+        self.model.load_state_dict(model_state)
+        opt_tensors = {k.removeprefix("optim."): v for k, v in extra.items() if k.startswith("optim.")}
+        opt_sd = ckpt.unflatten_optimizer(opt_tensors, state["optimizer"])
+        self.optimizer.load_state_dict(opt_sd)
+        # Keep optimizer moments in their parameter's memory format (channels_last kernels were saved contiguous).
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                        self.optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+        if self.scaler is not None and "scaler" in state["optimizer"]:
+            self.scaler.load_state_dict(state["optimizer"]["scaler"])
+        best = {k.removeprefix("best."): v for k, v in extra.items() if k.startswith("best.")}
+        self.best_weights = {k: v.to(self.device) for k, v in best.items()} or None
+        torch.set_rng_state(extra["rng.torch"])
+        if torch.cuda.is_available():
+            cuda_states = [extra[k] for k in sorted(extra) if k.startswith("rng.cuda.")]
+            if cuda_states:
+                torch.cuda.set_rng_state_all(cuda_states)
+        self.state = TrainState(**state["train_state"])
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.last_checkpoint = folder
+
+    @staticmethod
+    def truncate_log(run_dir: Path, step: int) -> None:
+        """Drop metrics.jsonl records written after checkpoint `step` (they will be written again)."""
+        path = run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+        ckpt.write_text_atomic(path, "".join(x + "\n" for x in keep))
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def bigmodel_home(tmp_path_factory, monkeypatch):
+    """Each test gets its own run index and download cache."""
+    home = tmp_path_factory.mktemp("bmhome")
+    monkeypatch.setenv("BIGMODEL_HOME", str(home))
+    return home
+
+
+def tiny_recipe(**over) -> dict:
+    """A recipe that trains in about a second: sklearn digits (8x8), a small cnn-small, 2 epochs."""
+    r = {
+        "name": "tiny",
+        "task": "image_classification",
+        "data": {"source": "digits", "val_fraction": 0.15, "test_fraction": 0.2},
+        "model": {"name": "cnn-small", "widths": [8, 16], "dropout": 0.1},
+        "train": {
+            "epochs": 2,
+            "batch_size": 64,
+            "optimizer": {"name": "adamw", "lr": 0.01},
+            "log_every": 5,
+        },
+        "seed": 0,
+    }
+    for key, value in over.items():
+        node = r
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return r
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    def write(data: dict, name: str = "recipe.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(yaml.safe_dump(data, sort_keys=False))
+        return p
+
+    return write
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bigmodel", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bigmodel {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class=12, size=(10, 12), mode="L", splits=("train",), seed=0):
+    """Write ROOT/<split>/<class>/*.png with a class-dependent pattern (so a model can learn it)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for ci, cls in enumerate(classes):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.zeros(size, dtype=np.float64)
+                base[:, ci * size[1] // len(classes) : (ci + 1) * size[1] // len(classes)] = 200
+                img = np.clip(base + rng.normal(0, 20, size), 0, 255).astype(np.uint8)
+                if mode == "RGB":
+                    img = np.stack([img, img // 2, 255 - img], axis=-1)
+                Image.fromarray(img, mode=None).save(d / f"{i:03d}.png")
+    return root

@@ -1,0 +1,222 @@
+"""Data: IDX files, Fashion-MNIST lookup and download (against a local HTTP server), image folders, splits, batching."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bigmodel.config import AugmentConfig, DataConfig
+from bigmodel.data import sources
+from bigmodel.data.download import download
+from bigmodel.data.idx import read_idx, write_idx
+from bigmodel.data.loader import BatchLoader, Normalizer
+from bigmodel.data.sources import ImageSplit, load_data
+from bigmodel.data.split import stratified_split
+from bigmodel.errors import UserError
+from conftest import make_image_folder
+
+
+# ------------------------------------------------------------------------------------------------------------ IDX
+@pytest.mark.parametrize("name", ["x.idx", "x.idx.gz"])
+def test_idx_round_trip(tmp_path, name):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / name, a)
+    np.testing.assert_array_equal(read_idx(tmp_path / name), a)
+
+
+def test_idx_errors_name_the_file(tmp_path):
+    (tmp_path / "junk").write_bytes(b"hello world")
+    with pytest.raises(UserError, match="junk: not an IDX file"):
+        read_idx(tmp_path / "junk")
+    write_idx(tmp_path / "short", np.zeros((4, 4), np.uint8))
+    (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-3])
+    with pytest.raises(UserError, match="short: IDX data is 13 bytes"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b\x08garbage")
+    with pytest.raises(UserError, match="bad.gz: cannot read a gzipped IDX"):
+        read_idx(tmp_path / "bad.gz")
+
+
+def write_fashion_fixture(folder: Path, n_train=60, n_test=20) -> dict[str, bytes]:
+    """Tiny Fashion-MNIST in the true on-disk format: the four gzipped IDX files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    out = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    for p in folder.iterdir():
+        out[p.name] = p.read_bytes()
+    return out
+
+
+def test_fashion_mnist_from_a_folder(tmp_path):
+    write_fashion_fixture(tmp_path / "fm")
+    ds = load_data(DataConfig(source="fashion_mnist", path=tmp_path / "fm", val_fraction=0.1), seed=0)
+    assert ds.input_shape == (1, 28, 28) and ds.labels[0] == "T-shirt/top"
+    assert len(ds.train) == 50 and len(ds.val) == 10 and len(ds.test) == 20  # 6 per class: round(0.6) = 1 each
+    with pytest.raises(UserError, match="expected the four Fashion-MNIST IDX files"):
+        load_data(DataConfig(source="fashion_mnist", path=tmp_path), seed=0)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve tmp_path/www on loopback (the real download code, a local server)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def test_fashion_mnist_download_with_checksums(tmp_path, http_server, monkeypatch):
+    www, url = http_server
+    files = write_fashion_fixture(www)
+    md5s = {name: hashlib.md5(data).hexdigest() for name, data in files.items()}
+    monkeypatch.setattr(sources, "FASHION_MNIST_FILES", md5s)
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    cfg = DataConfig(source="fashion_mnist", cache_dir=tmp_path / "cache")
+    train, test, _ = sources.load_fashion_mnist(cfg, mirrors=["http://127.0.0.1:9/", url])  # first mirror is dead
+    assert len(train) == 60 and len(test) == 20
+    cached = tmp_path / "cache" / "fashion_mnist"
+    assert sorted(p.name for p in cached.iterdir()) == sorted(files)
+    # A second load uses the cache: the server's copy may go away.
+    for p in www.iterdir():
+        p.unlink()
+    train2, _, _ = sources.load_fashion_mnist(cfg, mirrors=[url])
+    assert torch.equal(train.x, train2.x)
+
+
+def test_download_rejects_a_bad_checksum_and_leaves_nothing(tmp_path, http_server):
+    www, url = http_server
+    (www / "f.bin").write_bytes(b"tampered")
+    with pytest.raises(UserError, match="checksum mismatch"):
+        download([url + "f.bin"], tmp_path / "dl" / "f.bin", md5="0" * 32)
+    assert not any((tmp_path / "dl").iterdir())
+
+
+def test_offline_without_a_copy_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    cfg = DataConfig(source="fashion_mnist", cache_dir=tmp_path / "cache")
+    with pytest.raises(UserError, match=r"Fashion-MNIST: could not download .*apt-get install dataset-fashion-mnist"):
+        sources.load_fashion_mnist(cfg, mirrors=["http://127.0.0.1:9/"])
+    with pytest.raises(UserError, match="data.download is off"):
+        sources.load_fashion_mnist(DataConfig(source="fashion_mnist", cache_dir=tmp_path / "c", download=False))
+
+
+@pytest.mark.skipif(not sources._has_idx_files(sources.DEBIAN_FASHION_MNIST), reason="Debian dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_from_the_debian_package():
+    ds = load_data(DataConfig(source="fashion_mnist"), seed=0)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (54000, 6000, 10000)
+    assert torch.bincount(ds.val.y).tolist() == [600] * 10  # stratified
+
+
+# ---------------------------------------------------------------------------------------------------- image folder
+def test_image_folder_grey_with_val_carved_stratified(tmp_path):
+    make_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=10, splits=("train", "test"))
+    cfg = DataConfig(source="image_folder", path=tmp_path / "imgs", val_fraction=0.2)
+    ds = load_data(cfg, seed=3)
+    assert ds.labels == ["a", "b", "c"] and ds.input_shape == (1, 10, 12)
+    assert torch.bincount(ds.val.y).tolist() == [2, 2, 2] and len(ds.train) == 24 and len(ds.test) == 30
+    again = load_data(cfg, seed=3)
+    assert torch.equal(ds.val.x, again.val.x)  # seeded
+    other = load_data(cfg, seed=4)
+    assert not torch.equal(ds.val.x, other.val.x)
+
+
+def test_image_folder_rgb_and_resize(tmp_path):
+    make_image_folder(tmp_path / "imgs", mode="RGB", splits=("train", "val", "test"))
+    ds = load_data(DataConfig(source="image_folder", path=tmp_path / "imgs", image_size=16), seed=0)
+    assert ds.input_shape == (3, 16, 16) and len(ds.val) == 24
+    grey = load_data(DataConfig(source="image_folder", path=tmp_path / "imgs", channels=1), seed=0)
+    assert grey.input_shape == (1, 10, 12)
+
+
+def test_image_folder_corrupt_file_is_named(tmp_path):
+    make_image_folder(tmp_path / "imgs")
+    bad = tmp_path / "imgs" / "train" / "dog" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    with pytest.raises(UserError, match=r"broken.png: not a readable image"):
+        load_data(DataConfig(source="image_folder", path=tmp_path / "imgs"), seed=0)
+
+
+def test_image_folder_layout_errors(tmp_path):
+    with pytest.raises(UserError, match="folder not found"):
+        load_data(DataConfig(source="image_folder", path=tmp_path / "nope"), seed=0)
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(UserError, match="no train/ folder"):
+        load_data(DataConfig(source="image_folder", path=tmp_path / "flat"), seed=0)
+    make_image_folder(tmp_path / "x", splits=("train",))
+    (tmp_path / "x" / "test" / "bird").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"class folders \['bird'\] do not exist in train/"):
+        load_data(DataConfig(source="image_folder", path=tmp_path / "x"), seed=0)
+
+
+# ------------------------------------------------------------------------------------------------- splits, batches
+def test_stratified_split_is_seeded_and_stratified():
+    y = torch.arange(100) % 4
+    keep, held = stratified_split(y, 0.2, seed=1)
+    assert len(set(keep.tolist()) & set(held.tolist())) == 0 and len(keep) + len(held) == 100
+    assert torch.bincount(y[held]).tolist() == [5, 5, 5, 5]
+    assert torch.equal(held, stratified_split(y, 0.2, seed=1)[1])
+
+
+def test_digits_source_and_normalisation_stats():
+    ds = load_data(DataConfig(source="digits"), seed=0)
+    assert ds.input_shape == (1, 8, 8) and len(ds.train) + len(ds.val) + len(ds.test) == 1797
+    mean, std = ds.channel_stats()
+    x = ds.train.x.double() / 255
+    assert mean[0] == pytest.approx(x.mean().item()) and std[0] == pytest.approx(x.std(unbiased=False).item())
+
+
+def _split(n=50):
+    g = torch.Generator().manual_seed(0)
+    return ImageSplit(torch.randint(0, 256, (n, 1, 6, 6), dtype=torch.uint8, generator=g), torch.arange(n) % 5)
+
+
+def test_loader_normalises_orders_by_epoch_and_resumes_mid_epoch():
+    split = _split()
+    norm = Normalizer([0.5], [0.25])
+    loader = BatchLoader(split, 8, norm, shuffle=True, seed=7, drop_last=True, augment=AugmentConfig(horizontal_flip=True, random_crop_padding=1))
+    assert len(loader) == 6
+    e0 = list(loader.epoch(0))
+    e1 = list(loader.epoch(1))
+    assert not torch.equal(e0[0][1], e1[0][1])  # a new order each epoch
+    resumed = list(loader.epoch(0, start=3))
+    for a, b in zip(e0[3:], resumed, strict=True):  # mid-epoch resume gives the same batches, augmentation included
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    plain = BatchLoader(split, 50, norm, shuffle=False)
+    (x, y), = list(plain.epoch(0))
+    torch.testing.assert_close(x, (split.x.float() / 255 - 0.5) / 0.25)
+    assert torch.equal(y, split.y)
+
+
+def test_augmentation_crop_and_flip_are_real():
+    from bigmodel.data.augment import horizontal_flip, random_crop
+
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    out = random_crop(x, 2, g)
+    assert out.shape == x.shape
+    same = random_crop(x, 0, torch.Generator().manual_seed(0))
+    assert torch.equal(same, x)
+    flipped = horizontal_flip(x, torch.Generator().manual_seed(1))
+    for i in range(2):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
+    # Every crop is a shifted window of the zero-padded image.
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(padded[i, :, dy : dy + 4, dx : dx + 4], out[i])]
+        assert hits

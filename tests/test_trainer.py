@@ -1,0 +1,157 @@
+"""The Trainer: optimizers, schedules, L1, clipping, accumulation, early stopping, divergence, best-model selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bigmodel.api import build_experiment
+from bigmodel.config import ScheduleConfig, validate_recipe
+from bigmodel.errors import TrainingDiverged
+from bigmodel.training.optim import lr_factor
+from bigmodel.training.trainer import Trainer
+from conftest import tiny_recipe
+
+
+def make_trainer(run_dir=None, **over) -> Trainer:
+    recipe = validate_recipe(tiny_recipe(**{"train.precision": "fp32", **over}))
+    exp = build_experiment(recipe)
+    return Trainer(
+        recipe.train, exp.model, exp.task, exp.loader("train", train=True), exp.loader("val"),
+        device=exp.device, run_dir=run_dir, channels_last=exp.channels_last,
+    )
+
+
+@pytest.mark.parametrize(
+    ("opt", "cls"),
+    [
+        ({"name": "sgd", "lr": 0.05, "momentum": 0.9}, torch.optim.SGD),
+        ({"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True}, torch.optim.SGD),
+        ({"name": "adam", "lr": 0.01, "weight_decay": 1e-4}, torch.optim.Adam),
+        ({"name": "adamw", "lr": 0.01, "weight_decay": 0.05}, torch.optim.AdamW),
+    ],
+)
+def test_each_optimizer_trains(opt, cls):
+    t = make_trainer(**{"train.optimizer": opt, "train.epochs": 3})
+    assert type(t.optimizer) is cls
+    g0 = t.optimizer.param_groups[0]
+    if opt["name"] == "sgd":
+        assert g0["momentum"] == 0.9 and g0["nesterov"] == opt.get("nesterov", False)
+    assert g0["weight_decay"] == opt.get("weight_decay", 0.0)
+    assert t.optimizer.param_groups[1]["weight_decay"] == 0.0  # biases and norms are not decayed
+    before = t.evaluate(t.val_loader)["loss"]
+    t.fit()
+    after = t.evaluate(t.val_loader)
+    assert after["loss"] < before * 0.7 and after["accuracy"] > 0.5
+
+
+def test_schedules():
+    total, spe = 100, 10
+    const = ScheduleConfig(name="constant")
+    assert [lr_factor(const, s, total, spe) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    warm = ScheduleConfig(name="constant", warmup_steps=4)
+    assert [lr_factor(warm, s, total, spe) for s in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    step = ScheduleConfig(name="step", step_size=3, gamma=0.5)
+    assert [lr_factor(step, s, total, spe) for s in (0, 29, 30, 59, 60)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    cos = ScheduleConfig(name="cosine", min_lr_ratio=0.1)
+    assert lr_factor(cos, 0, total, spe) == pytest.approx(1.0)
+    assert lr_factor(cos, 50, total, spe) == pytest.approx(0.55)
+    assert lr_factor(cos, 100, total, spe) == pytest.approx(0.1)
+    one = ScheduleConfig(name="onecycle", pct_start=0.3, div_factor=10)
+    f = [lr_factor(one, s, total, spe) for s in range(total + 1)]
+    assert f[0] == pytest.approx(0.1) and max(f) == pytest.approx(1.0) and f.index(max(f)) == 30
+    assert f[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a <= b for a, b in zip(f[:30], f[1:31], strict=True)) and all(a >= b for a, b in zip(f[30:-1], f[31:], strict=True))
+
+
+def test_trainer_applies_the_schedule_each_step():
+    t = make_trainer(**{"train.schedule": {"name": "cosine"}, "train.optimizer.lr": 0.02})
+    batches = t.train_loader.epoch(0)
+    for step in range(3):
+        t.train_step([next(batches)])
+        t.state.step += 1
+        expected = 0.02 * lr_factor(t.cfg.schedule, step, t.total_steps, t.steps_per_epoch)
+        assert all(g["lr"] == pytest.approx(expected) for g in t.optimizer.param_groups)
+
+
+def test_l1_penalty_shrinks_weights_and_enters_the_loss():
+    plain = make_trainer(**{"train.epochs": 3, "model.dropout": 0.0})
+    l1 = make_trainer(**{"train.epochs": 3, "train.l1": 1e-3, "model.dropout": 0.0})
+    batch = next(iter(l1.train_loader.epoch(0)))
+    # With identical weights, the step's loss is the task loss plus l1 * sum|w| over weight tensors.
+    with torch.no_grad():
+        task_loss = l1.task.loss(l1.model, batch).item()
+        penalty = sum(p.abs().sum().item() for p in l1.model.parameters() if p.ndim >= 2)
+    got = l1.train_step([batch]).item()
+    assert got == pytest.approx(task_loss + 1e-3 * penalty, rel=1e-4)
+    plain.fit()
+    l1 = make_trainer(**{"train.epochs": 3, "train.l1": 1e-3, "model.dropout": 0.0})
+    l1.fit()
+    def norm1(m):
+        return sum(p.abs().sum().item() for p in m.parameters() if p.ndim >= 2)
+    assert norm1(l1.model) < 0.8 * norm1(plain.model)
+
+
+def test_gradient_clipping_bounds_the_global_norm():
+    t = make_trainer(**{"train.grad_clip": 0.01})
+    norms = []
+
+    def pre_hook(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    t.optimizer.register_step_pre_hook(pre_hook)
+    batches = t.train_loader.epoch(0)
+    for _ in range(3):
+        t.train_step([next(batches)])
+    assert norms and all(n <= 0.01 * (1 + 1e-5) for n in norms)
+    unclipped = make_trainer()
+    raw = []
+    unclipped.optimizer.register_step_pre_hook(lambda o, a, k: raw.append(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in o.param_groups for p in g["params"]])).item()))
+    unclipped.train_step([next(iter(unclipped.train_loader.epoch(0)))])
+    assert raw[0] > 0.1  # so the bound above really was enforced by clipping
+
+
+def test_accumulating_4_micro_batches_equals_one_big_batch():
+    over = {"model": {"name": "seed-cnn", "hidden": 32}, "train.optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}}
+    big = make_trainer(**over, **{"train.batch_size": 64})
+    acc = make_trainer(**over, **{"train.batch_size": 16, "train.grad_accum_steps": 4})
+    acc.model.load_state_dict(big.model.state_dict())
+    x, y = next(iter(big.train_loader.epoch(0)))
+    big.train_step([(x, y)])
+    acc.train_step([(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)])
+    for (name, a), b in zip(big.model.named_parameters(), acc.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # And the data path agrees: 4 micro-batches of B/4 are the same examples as one batch of B.
+    micro = list(acc.train_loader.epoch(0))[:4]
+    assert torch.equal(torch.cat([m[1] for m in micro]), y)
+    assert acc.steps_per_epoch == big.steps_per_epoch
+
+
+def test_early_stopping_and_best_model_selection(tmp_path):
+    # A zero learning rate cannot improve the monitored metric: patience 2 stops after 3 evaluations.
+    t = make_trainer(run_dir=tmp_path, **{"train.epochs": 10, "train.optimizer.lr": 1e-12,
+                                          "train.early_stopping": {"patience": 2}, "train.monitor": "val_loss"})
+    state = t.fit()
+    assert state.stopped_early and state.epoch == 3 and state.best_epoch == 1
+    good = make_trainer(**{"train.epochs": 4, "train.early_stopping": {"patience": 5}})
+    st = good.fit()
+    assert not st.stopped_early and st.epoch == 4
+    # select_best: the returned model's validation metric is the best one seen.
+    assert good.evaluate(good.val_loader)["accuracy"] == pytest.approx(st.best_value)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    t = make_trainer(run_dir=tmp_path, **{"train.optimizer": {"name": "sgd", "lr": 10.0, "momentum": 0.0},
+                                          "train.checkpoint_every": 1, "train.epochs": 5})
+    # Poison the data: a non-finite input makes a non-finite loss, the way a real data bug does.
+    orig = t.train_loader.normalizer
+    t.train_loader.normalizer = lambda xb: orig(xb) * (float("inf") if t.state.step >= 3 else 1.0)
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step 4 .*last good checkpoint: .*step-00000003"):
+        t.fit()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    weights = (tmp_path / "checkpoints" / "step-00000003" / "model.safetensors")
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(str(weights)).values())
