@@ -54,7 +54,9 @@ def write_recipe(tmp_path):
     return write
 
 
-def run_cli(*args: str, env: dict | None = None, check: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, check: bool = False, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "bigmodel", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600
@@ -64,7 +66,9 @@ def run_cli(*args: str, env: dict | None = None, check: bool = False, cwd: Path 
     return proc
 
 
-def make_image_folder(root: Path, classes=("cat", "dog"), per_class=12, size=(10, 12), mode="L", splits=("train",), seed=0):
+def make_image_folder(
+    root: Path, classes=("cat", "dog"), per_class=12, size=(10, 12), mode="L", splits=("train",), seed=0
+):
     """Write ROOT/<split>/<class>/*.png with a class-dependent pattern (so a model can learn it)."""
     from PIL import Image
 

@@ -21,8 +21,14 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     home = d / "home"
     make_image_folder(d / "imgs", classes=("left", "middle", "right"), per_class=16, splits=("train", "test"))
-    recipe = tiny_recipe(**{"data": {"source": "image_folder", "path": str(d / "imgs"), "val_fraction": 0.25},
-                            "train.batch_size": 8, "train.epochs": 4, "train.optimizer.lr": 0.02})
+    recipe = tiny_recipe(
+        **{
+            "data": {"source": "image_folder", "path": str(d / "imgs"), "val_fraction": 0.25},
+            "train.batch_size": 8,
+            "train.epochs": 4,
+            "train.optimizer.lr": 0.02,
+        }
+    )
     (d / "r.yaml").write_text(yaml.safe_dump(recipe))
     env = {"BIGMODEL_HOME": str(home)}
     proc = run_cli("train", str(d / "r.yaml"), "train.epochs=5", "--out", str(d / "run"), env=env, check=True)
@@ -33,8 +39,16 @@ def test_train_writes_a_complete_run_directory(trained):
     d, run, env, proc = trained
     assert proc.stdout.strip().splitlines()[-1] == str(run)
     assert "test accuracy" in proc.stdout
-    for name in ("recipe.yaml", "env.json", "metrics.jsonl", "summary.json", "model/model.safetensors",
-                 "model/config.json", "model/preprocess.json", "checkpoints/latest"):
+    for name in (
+        "recipe.yaml",
+        "env.json",
+        "metrics.jsonl",
+        "summary.json",
+        "model/model.safetensors",
+        "model/config.json",
+        "model/preprocess.json",
+        "checkpoints/latest",
+    ):
         assert (run / name).is_file(), name
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert resolved["train"]["epochs"] == 5 and resolved["train"]["optimizer"]["name"] == "adamw"  # override, defaults

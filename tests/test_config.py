@@ -19,8 +19,10 @@ MALFORMED = [
     ({"train.optimizer.lr": -1}, "train.optimizer.lr: Input should be greater than 0"),
     ({"train.optimizer.name": "adagrad"}, "train.optimizer.name: Input should be 'sgd', 'adam' or 'adamw'"),
     ({"train.optimizer.momentum": 0.9}, "train.optimizer.momentum only applies to sgd"),
-    ({"train.optimizer.name": "sgd", "train.optimizer.momentum": 0.0, "train.optimizer.nesterov": True},
-     "train.optimizer.nesterov needs train.optimizer.momentum > 0"),
+    (
+        {"train.optimizer.name": "sgd", "train.optimizer.momentum": 0.0, "train.optimizer.nesterov": True},
+        "train.optimizer.nesterov needs train.optimizer.momentum > 0",
+    ),
     ({"train.schedule.name": "exponential"}, "train.schedule.name: Input should be"),
     ({"train.schedule.name": "onecycle", "train.schedule.warmup_steps": 10}, "warmup_steps does not apply to onecycle"),
     ({"data.source": "cifar11"}, "data.source: Input should be"),
@@ -57,8 +59,16 @@ def test_missing_blocks_are_named():
 
 def test_overrides_parse_yaml_values_and_reach_nested_fields(tmp_path, write_recipe):
     p = write_recipe(tiny_recipe())
-    r = load_recipe(p, ["train.optimizer.lr=3e-3", "train.epochs=5", "data.augment.horizontal_flip=true",
-                        "model.widths=[4, 8]", "train.early_stopping.patience=2"])
+    r = load_recipe(
+        p,
+        [
+            "train.optimizer.lr=3e-3",
+            "train.epochs=5",
+            "data.augment.horizontal_flip=true",
+            "model.widths=[4, 8]",
+            "train.early_stopping.patience=2",
+        ],
+    )
     assert r.train.optimizer.lr == 0.003 and r.train.epochs == 5
     assert r.data.augment.horizontal_flip is True
     assert r.model.options["widths"] == [4, 8]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import http.server
 import threading
@@ -116,7 +115,9 @@ def test_offline_without_a_copy_says_how_to_get_it(tmp_path, monkeypatch):
         sources.load_fashion_mnist(DataConfig(source="fashion_mnist", cache_dir=tmp_path / "c", download=False))
 
 
-@pytest.mark.skipif(not sources._has_idx_files(sources.DEBIAN_FASHION_MNIST), reason="Debian dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not sources._has_idx_files(sources.DEBIAN_FASHION_MNIST), reason="Debian dataset-fashion-mnist not installed"
+)
 def test_real_fashion_mnist_from_the_debian_package():
     ds = load_data(DataConfig(source="fashion_mnist"), seed=0)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (54000, 6000, 10000)
@@ -189,7 +190,15 @@ def _split(n=50):
 def test_loader_normalises_orders_by_epoch_and_resumes_mid_epoch():
     split = _split()
     norm = Normalizer([0.5], [0.25])
-    loader = BatchLoader(split, 8, norm, shuffle=True, seed=7, drop_last=True, augment=AugmentConfig(horizontal_flip=True, random_crop_padding=1))
+    loader = BatchLoader(
+        split,
+        8,
+        norm,
+        shuffle=True,
+        seed=7,
+        drop_last=True,
+        augment=AugmentConfig(horizontal_flip=True, random_crop_padding=1),
+    )
     assert len(loader) == 6
     e0 = list(loader.epoch(0))
     e1 = list(loader.epoch(1))
@@ -198,7 +207,7 @@ def test_loader_normalises_orders_by_epoch_and_resumes_mid_epoch():
     for a, b in zip(e0[3:], resumed, strict=True):  # mid-epoch resume gives the same batches, augmentation included
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     plain = BatchLoader(split, 50, norm, shuffle=False)
-    (x, y), = list(plain.epoch(0))
+    ((x, y),) = list(plain.epoch(0))
     torch.testing.assert_close(x, (split.x.float() / 255 - 0.5) / 0.25)
     assert torch.equal(y, split.y)
 
@@ -218,5 +227,10 @@ def test_augmentation_crop_and_flip_are_real():
     # Every crop is a shifted window of the zero-padded image.
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for i in range(2):
-        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(padded[i, :, dy : dy + 4, dx : dx + 4], out[i])]
+        hits = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(padded[i, :, dy : dy + 4, dx : dx + 4], out[i])
+        ]
         assert hits

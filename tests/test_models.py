@@ -21,11 +21,12 @@ def test_seed_cnn_flatten_size_follows_the_input(shape):
 
 def test_seed_cnn_is_the_documents_architecture():
     m = build_model("seed-cnn", {}, (3, 32, 32), 10)
-    convs = [l for l in m.features if isinstance(l, torch.nn.Conv2d)]
+    convs = [layer for layer in m.features if isinstance(layer, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
-        (3, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))
+        (3, 32, (3, 3), (1, 1)),
+        (32, 64, (3, 3), (1, 1)),
     ]
-    assert [l.out_features for l in m.head if isinstance(l, torch.nn.Linear)] == [128, 10]
+    assert [layer.out_features for layer in m.head if isinstance(layer, torch.nn.Linear)] == [128, 10]
 
 
 @pytest.mark.parametrize("name", ["seed-cnn", "cnn-small"])
@@ -46,7 +47,7 @@ def test_contract_and_every_parameter_gets_a_gradient(name):
 def test_cnn_small_options_and_registry():
     m = build_model("cnn-small", {"widths": [4, 8, 16, 32], "dropout": 0.0, "batchnorm": False}, (3, 40, 40), 3)
     assert m(torch.randn(2, 3, 40, 40)).shape == (2, 3)
-    assert not any(isinstance(l, torch.nn.BatchNorm2d) for l in m.modules())
+    assert not any(isinstance(layer, torch.nn.BatchNorm2d) for layer in m.modules())
     assert {"seed-cnn", "cnn-small"} <= set(model_names())
     with pytest.raises(KeyError, match="unknown model"):
         get_model("nope")
@@ -63,3 +64,9 @@ def test_cnn_small_overfits_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
+
+
+def test_cnn_small_rejects_images_too_small_for_its_stages():
+    with pytest.raises(ValueError, match=r"halves the image 3 times; 4x4 is too small"):
+        build_model("cnn-small", {}, (1, 4, 4), 10)
+    assert build_model("cnn-small", {"pool_first": False}, (1, 4, 4), 10)(torch.randn(2, 1, 4, 4)).shape == (2, 10)

@@ -14,13 +14,19 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_recipe
 
-# 3 epochs of digits in batches of 64, a checkpoint every 4 steps. Dropout, flip and crop augmentation are on, so RNG and data-order restoration are both exercised.
-RECIPE = tiny_recipe(**{
-    "train.epochs": 3, "train.batch_size": 64, "train.checkpoint_every": 4,
-    "train.schedule": {"name": "onecycle"}, "train.early_stopping": {"patience": 5},
-    "data.augment": {"horizontal_flip": True, "random_crop_padding": 1},
-    "model.dropout": 0.3,
-})
+# 3 epochs of digits in batches of 64, a checkpoint every 4 steps. Dropout, flip and crop augmentation are on,
+# so RNG and data-order restoration are both exercised.
+RECIPE = tiny_recipe(
+    **{
+        "train.epochs": 3,
+        "train.batch_size": 64,
+        "train.checkpoint_every": 4,
+        "train.schedule": {"name": "onecycle"},
+        "train.early_stopping": {"patience": 5},
+        "data.augment": {"horizontal_flip": True, "random_crop_padding": 1},
+        "model.dropout": 0.3,
+    }
+)
 
 
 def weights(path: Path) -> dict:
@@ -85,6 +91,7 @@ def test_resume_after_hard_kill_is_bit_identical(reference, tmp_path, case):
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert_identical(last_ckpt(ref_run) / "model.safetensors", last_ckpt(run) / "model.safetensors")
     assert_identical(ref_run / "model" / "model.safetensors", run / "model" / "model.safetensors")
+
     # The metrics log is the uninterrupted one again (no duplicated or missing steps).
     def records(r):
         import json

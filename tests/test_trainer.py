@@ -17,8 +17,14 @@ def make_trainer(run_dir=None, **over) -> Trainer:
     recipe = validate_recipe(tiny_recipe(**{"train.precision": "fp32", **over}))
     exp = build_experiment(recipe)
     return Trainer(
-        recipe.train, exp.model, exp.task, exp.loader("train", train=True), exp.loader("val"),
-        device=exp.device, run_dir=run_dir, channels_last=exp.channels_last,
+        recipe.train,
+        exp.model,
+        exp.task,
+        exp.loader("train", train=True),
+        exp.loader("val"),
+        device=exp.device,
+        run_dir=run_dir,
+        channels_last=exp.channels_last,
     )
 
 
@@ -61,7 +67,9 @@ def test_schedules():
     f = [lr_factor(one, s, total, spe) for s in range(total + 1)]
     assert f[0] == pytest.approx(0.1) and max(f) == pytest.approx(1.0) and f.index(max(f)) == 30
     assert f[-1] == pytest.approx(0.0, abs=1e-9)
-    assert all(a <= b for a, b in zip(f[:30], f[1:31], strict=True)) and all(a >= b for a, b in zip(f[30:-1], f[31:], strict=True))
+    assert all(a <= b for a, b in zip(f[:30], f[1:31], strict=True)) and all(
+        a >= b for a, b in zip(f[30:-1], f[31:], strict=True)
+    )
 
 
 def test_trainer_applies_the_schedule_each_step():
@@ -87,8 +95,10 @@ def test_l1_penalty_shrinks_weights_and_enters_the_loss():
     plain.fit()
     l1 = make_trainer(**{"train.epochs": 3, "train.l1": 1e-3, "model.dropout": 0.0})
     l1.fit()
+
     def norm1(m):
         return sum(p.abs().sum().item() for p in m.parameters() if p.ndim >= 2)
+
     assert norm1(l1.model) < 0.8 * norm1(plain.model)
 
 
@@ -107,8 +117,11 @@ def test_gradient_clipping_bounds_the_global_norm():
     assert norms and all(n <= 0.01 * (1 + 1e-5) for n in norms)
     unclipped = make_trainer()
     raw = []
-    unclipped.optimizer.register_step_pre_hook(lambda o, a, k: raw.append(
-        torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in o.param_groups for p in g["params"]])).item()))
+    unclipped.optimizer.register_step_pre_hook(
+        lambda o, a, k: raw.append(
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in o.param_groups for p in g["params"]])).item()
+        )
+    )
     unclipped.train_step([next(iter(unclipped.train_loader.epoch(0)))])
     assert raw[0] > 0.1  # so the bound above really was enforced by clipping
 
@@ -131,8 +144,15 @@ def test_accumulating_4_micro_batches_equals_one_big_batch():
 
 def test_early_stopping_and_best_model_selection(tmp_path):
     # A zero learning rate cannot improve the monitored metric: patience 2 stops after 3 evaluations.
-    t = make_trainer(run_dir=tmp_path, **{"train.epochs": 10, "train.optimizer.lr": 1e-12,
-                                          "train.early_stopping": {"patience": 2}, "train.monitor": "val_loss"})
+    t = make_trainer(
+        run_dir=tmp_path,
+        **{
+            "train.epochs": 10,
+            "train.optimizer.lr": 1e-12,
+            "train.early_stopping": {"patience": 2},
+            "train.monitor": "val_loss",
+        },
+    )
     state = t.fit()
     assert state.stopped_early and state.epoch == 3 and state.best_epoch == 1
     good = make_trainer(**{"train.epochs": 4, "train.early_stopping": {"patience": 5}})
@@ -143,15 +163,23 @@ def test_early_stopping_and_best_model_selection(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
-    t = make_trainer(run_dir=tmp_path, **{"train.optimizer": {"name": "sgd", "lr": 10.0, "momentum": 0.0},
-                                          "train.checkpoint_every": 1, "train.epochs": 5})
+    t = make_trainer(
+        run_dir=tmp_path,
+        **{
+            "train.optimizer": {"name": "sgd", "lr": 10.0, "momentum": 0.0},
+            "train.checkpoint_every": 1,
+            "train.epochs": 5,
+        },
+    )
     # Poison the data: a non-finite input makes a non-finite loss, the way a real data bug does.
     orig = t.train_loader.normalizer
     t.train_loader.normalizer = lambda xb: orig(xb) * (float("inf") if t.state.step >= 3 else 1.0)
-    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step 4 .*last good checkpoint: .*step-00000003"):
+    with pytest.raises(
+        TrainingDiverged, match=r"loss became (nan|inf) at step 4 .*last good checkpoint: .*step-00000003"
+    ):
         t.fit()
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000003"
-    weights = (tmp_path / "checkpoints" / "step-00000003" / "model.safetensors")
+    weights = tmp_path / "checkpoints" / "step-00000003" / "model.safetensors"
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(v).all() for v in load_file(str(weights)).values())

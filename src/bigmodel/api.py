@@ -1,6 +1,6 @@
 """The Python API behind the CLI: train, resume, evaluate, predict.
 
-    recipe ─► data ─► model ─► task ─► Trainer.fit ─► run directory (recipe, env, metrics, checkpoints, model/)
+recipe ─► data ─► model ─► task ─► Trainer.fit ─► run directory (recipe, env, metrics, checkpoints, model/)
 """
 
 from __future__ import annotations
@@ -128,8 +128,15 @@ def train(
     index = RunIndex() if is_main_process() else None
     data_name = recipe.data.source + (f":{recipe.data.path}" if recipe.data.path else "")
     if index:
-        index.upsert(run_dir, name=recipe.name, task=recipe.task, model=recipe.model.name, data=data_name,
-                     seed=recipe.seed, status="running")
+        index.upsert(
+            run_dir,
+            name=recipe.name,
+            task=recipe.task,
+            model=recipe.model.name,
+            data=data_name,
+            seed=recipe.seed,
+            status="running",
+        )
 
     cbs = list(callbacks or [])
     cbs.append(ProgressCallback(enabled=progress))
@@ -164,7 +171,13 @@ def train(
 
     # The artifact, then the final evaluation with exactly what the artifact will reproduce.
     if is_main_process():
-        save_artifact(run_dir / "model", trainer.model, recipe.task, {"name": recipe.model.name, **recipe.model.options}, exp.preprocess)
+        save_artifact(
+            run_dir / "model",
+            trainer.model,
+            recipe.task,
+            {"name": recipe.model.name, **recipe.model.options},
+            exp.preprocess,
+        )
     # Final metrics through the same path as `bigmodel evaluate`: the saved artifact, fp32, so the numbers match.
     split = recipe.eval.split
     metrics = evaluate(run_dir, split) if is_main_process() else {}
@@ -184,7 +197,12 @@ def train(
         write_json_atomic(run_dir / "summary.json", summary)
         if index:
             short = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            index.upsert(run_dir, status="finished", train_time_s=round(train_time, 3), metrics={f"{split}_{k}": v for k, v in short.items()})
+            index.upsert(
+                run_dir,
+                status="finished",
+                train_time_s=round(train_time, 3),
+                metrics={f"{split}_{k}": v for k, v in short.items()},
+            )
     return TrainResult(run_dir, metrics, train_time, state.step, state.stopped_early)
 
 
@@ -212,7 +230,9 @@ def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = 
     if split not in ("train", "val", "test"):
         raise UserError(f"--split {split!r}: expected test, val or train")
     part = data.split(split)
-    loader = BatchLoader(part, batch_size or recipe.eval.batch_size, Normalizer(art.preprocess.mean, art.preprocess.std), shuffle=False)
+    loader = BatchLoader(
+        part, batch_size or recipe.eval.batch_size, Normalizer(art.preprocess.mean, art.preprocess.std), shuffle=False
+    )
     task = ClassificationTask(len(art.labels), art.labels)
     metrics = task.new_metrics()
     with torch.inference_mode():

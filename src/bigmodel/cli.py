@@ -43,9 +43,15 @@ def _fmt(v: Any) -> str:
 # -------------------------------------------------------------------------------------------------------- train
 @app.command()
 def train(
-    recipe: Annotated[str | None, typer.Argument(help="Recipe YAML (optional with --resume).", show_default=False)] = None,
-    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.optimizer.lr=3e-3")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Run directory to create (default runs/<name>-<time>).")] = None,
+    recipe: Annotated[
+        str | None, typer.Argument(help="Recipe YAML (optional with --resume).", show_default=False)
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.optimizer.lr=3e-3")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory to create (default runs/<name>-<time>).")
+    ] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run from its last checkpoint.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress output.")] = False,
 ) -> None:
@@ -58,15 +64,14 @@ def train(
         overrides.insert(0, recipe)
         recipe = None
     if recipe is None and resume is None:
-        raise UserError("bigmodel train: give a recipe file (bigmodel train recipes/quickstart.yaml) or --resume RUN_DIR")
+        raise UserError(
+            "bigmodel train: give a recipe file (bigmodel train recipes/quickstart.yaml) or --resume RUN_DIR"
+        )
     if overrides and recipe is None:
         raise UserError("bigmodel train --resume: overrides need the recipe file too (the run's recipe must match)")
     if out is not None and resume is not None:
         raise UserError("bigmodel train: --out and --resume exclude each other (a resumed run stays in its folder)")
     rec = load_recipe(recipe, overrides) if recipe is not None else None
-    if rec is not None and resume is not None and rec.name is not None:
-        # load_recipe names a recipe after its file; the saved recipe already carries that name.
-        pass
     result = api.train(rec, out=out, resume=resume, progress=False if no_progress else None)
     m = result.metrics
     typer.echo(
@@ -144,8 +149,16 @@ def runs_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     t = Table("run", "model", "data", "seed", "status", "test acc", "train s", "created")
     for r in rows:
         acc = r["metrics"].get("test_accuracy")
-        t.add_row(r["run_dir"], r["model"], r["data"], str(r["seed"]), r["status"], _fmt(acc) if acc is not None else "",
-                  _fmt(r["train_time_s"]) if r["train_time_s"] is not None else "", r["created"])
+        t.add_row(
+            r["run_dir"],
+            r["model"],
+            r["data"],
+            str(r["seed"]),
+            r["status"],
+            _fmt(acc) if acc is not None else "",
+            _fmt(r["train_time_s"]) if r["train_time_s"] is not None else "",
+            r["created"],
+        )
     Console(width=200).print(t)
 
 

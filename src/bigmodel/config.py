@@ -180,7 +180,8 @@ class TrainConfig(Strict):
     select_best: bool = True
     """Keep the weights of the best evaluation of `monitor` (else the last)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 autocast on CPUs with native bf16 and on CUDA GPUs that support it, else fp32 (fp16 AMP on older GPUs)."""
+    """auto: bf16 autocast on CPUs with native bf16 and on CUDA GPUs that support it (fp16 AMP on older GPUs),
+    else fp32."""
     channels_last: Literal["auto"] | bool = "auto"
     """auto: on for convnets."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -233,10 +234,9 @@ class Recipe(Strict):
         entry = get_model(self.model.name)
         if self.task not in entry.tasks:
             raise ValueError(f"model.name {self.model.name!r} does not do task {self.task!r}")
-        if self.train.monitor != "val_loss" and self.data.val_fraction == 0 and self.data.source != "image_folder":
-            # fashion_mnist and digits carve val from train; without it there is nothing to monitor.
-            if self.train.early_stopping is not None:
-                raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
+        # fashion_mnist and digits carve val from train; without it there is nothing to monitor.
+        if self.train.early_stopping is not None and self.data.val_fraction == 0 and self.data.source != "image_folder":
+            raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

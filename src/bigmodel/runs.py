@@ -55,7 +55,6 @@ def environment(device: str, seed: int) -> dict[str, Any]:
     import torch
 
     import bigmodel
-
     from bigmodel.training.trainer import cpu_has_native_bf16
 
     return {
@@ -88,7 +87,9 @@ def require_run_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise UserError(f"{path}: run directory not found")
     if not is_run_dir(path):
-        raise UserError(f"{path}: not a bigmodel run directory (no recipe.yaml); pass the folder `bigmodel train` printed")
+        raise UserError(
+            f"{path}: not a bigmodel run directory (no recipe.yaml); pass the folder `bigmodel train` printed"
+        )
     return path
 
 
@@ -119,7 +120,12 @@ class Preprocess:
 
 
 def save_artifact(
-    folder: Path, model: Any, task: str, model_cfg: dict[str, Any], preprocess: Preprocess, extra: dict[str, Any] | None = None
+    folder: Path,
+    model: Any,
+    task: str,
+    model_cfg: dict[str, Any],
+    preprocess: Preprocess,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the model artifact into `folder` atomically (a temporary folder renamed into place)."""
     from safetensors.torch import save_file
@@ -215,7 +221,11 @@ class Artifact:
 
         C, H, W = self.preprocess.input_shape
         arrays = [read_image(f, C, (H, W)) for f in files]
-        return self._torch.from_numpy(np.stack(arrays)) if arrays else self._torch.zeros((0, C, H, W), dtype=self._torch.uint8)
+        return (
+            self._torch.from_numpy(np.stack(arrays))
+            if arrays
+            else self._torch.zeros((0, C, H, W), dtype=self._torch.uint8)
+        )
 
     def predict_files(self, files: list[str | Path], top_k: int = 1) -> list[dict[str, Any]]:
         probs = self.predict_proba(self.load_images(files))
@@ -223,7 +233,10 @@ class Artifact:
         results = []
         for f, p in zip(files, probs, strict=True):
             scores, idx = p.topk(k)
-            top = [{"label": self.labels[i], "score": round(s, 6)} for s, i in zip(scores.tolist(), idx.tolist(), strict=True)]
+            top = [
+                {"label": self.labels[i], "score": round(s, 6)}
+                for s, i in zip(scores.tolist(), idx.tolist(), strict=True)
+            ]
             results.append({"file": str(f), "label": top[0]["label"], "score": top[0]["score"], "top_k": top})
         return results
 

@@ -12,8 +12,8 @@ import torch
 
 from bigmodel.config import AugmentConfig
 from bigmodel.data.augment import augment_batch, is_identity
-from bigmodel.data.split import mix_seed
 from bigmodel.data.sources import ImageSplit
+from bigmodel.data.split import mix_seed
 
 
 class Normalizer:

@@ -84,11 +84,15 @@ def _has_idx_files(folder: Path) -> bool:
     return all((folder / n).is_file() or (folder / n.removesuffix(".gz")).is_file() for n in FASHION_MNIST_FILES)
 
 
-def find_fashion_mnist(path: Path | None, cache_dir: Path | None, allow_download: bool, mirrors: list[str] | None = None) -> Path:
+def find_fashion_mnist(
+    path: Path | None, cache_dir: Path | None, allow_download: bool, mirrors: list[str] | None = None
+) -> Path:
     """The folder holding the four Fashion-MNIST IDX files: `path`, the Debian copy, the cache, or a download."""
     if path is not None:
         if not _has_idx_files(path):
-            raise UserError(f"data.path {path}: expected the four Fashion-MNIST IDX files ({', '.join(FASHION_MNIST_FILES)})")
+            raise UserError(
+                f"data.path {path}: expected the four Fashion-MNIST IDX files ({', '.join(FASHION_MNIST_FILES)})"
+            )
         return path
     if _has_idx_files(DEBIAN_FASHION_MNIST):
         return DEBIAN_FASHION_MNIST

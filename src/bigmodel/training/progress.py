@@ -48,7 +48,9 @@ class ProgressCallback(Callback):
                 transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task("train", total=trainer.total_steps, completed=trainer.state.step, info="")
+            self._task = self._progress.add_task(
+                "train", total=trainer.total_steps, completed=trainer.state.step, info=""
+            )
         else:
             print(
                 f"training: {trainer.total_steps} steps ({trainer.cfg.epochs} epochs x {trainer.steps_per_epoch}), "

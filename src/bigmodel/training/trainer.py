@@ -14,7 +14,6 @@ resumed run therefore ends bit-identical (on CPU) to an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +48,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 matmuls/convs run natively (here ~2x fp32 for convnets); else bf16 is emulated."""
     cpu = torch.cpu
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return bool(
+        getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    )
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -121,6 +123,8 @@ class Trainer:
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None and is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.callbacks = list(callbacks or [])
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -143,7 +147,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- one step
     def autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None)
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
 
     def set_lr(self, step: int) -> float:
         factor = lr_factor(self.cfg.schedule, step, self.total_steps, self.steps_per_epoch)
@@ -255,7 +261,9 @@ class Trainer:
             st.bad_evals += 1
             if cfg.early_stopping and st.bad_evals >= cfg.early_stopping.patience:
                 st.stopped_early = True
-                self.log({"split": "train", "event": "early_stop", "best_epoch": st.best_epoch, cfg.monitor: st.best_value})
+                self.log(
+                    {"split": "train", "event": "early_stop", "best_epoch": st.best_epoch, cfg.monitor: st.best_value}
+                )
         for cb in self.callbacks:
             cb.on_eval_end(self, scalars)
 
@@ -302,14 +310,21 @@ class Trainer:
         if self.best_weights is not None:
             tensors.update({f"best.{k}": v for k, v in self.best_weights.items()})
         if self.scaler is not None:
-            opt_meta["scaler"] = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in self.scaler.state_dict().items()}
+            opt_meta["scaler"] = {
+                k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in self.scaler.state_dict().items()
+            }
         state = {
             "train_state": asdict(self.state),
             "optimizer": opt_meta,
             "elapsed_s": time.perf_counter() - self._t_start,
         }
         self.last_checkpoint = ckpt.save_checkpoint(
-            self.checkpoint_dir, self.state.step, self.model.state_dict(), tensors, state, keep=self.cfg.keep_checkpoints
+            self.checkpoint_dir,
+            self.state.step,
+            self.model.state_dict(),
+            tensors,
+            state,
+            keep=self.cfg.keep_checkpoints,
         )
         return self.last_checkpoint
 
@@ -353,7 +368,3 @@ class Trainer:
             except json.JSONDecodeError:
                 continue  # a line cut by the kill
         ckpt.write_text_atomic(path, "".join(x + "\n" for x in keep))
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None

@@ -1,0 +1,67 @@
+"""Quickstart benchmark: test accuracy and training wall time of recipes/quickstart.yaml over several seeds.
+
+    python benchmarks/quickstart.py [--seeds 0 1 2] [--json] [key=value ...]
+
+Training time is `Trainer.fit` wall time (per-epoch validation included; data loading and the final test
+evaluation excluded), as `bigmodel train` reports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit_json, environment, print_env, print_table  # noqa: E402
+from bigmodel.api import train  # noqa: E402
+from bigmodel.config import load_recipe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    env = environment()
+    rows, accs, times = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            recipe = load_recipe(args.recipe, [*args.overrides, f"seed={seed}"])
+            result = train(recipe, out=Path(tmp) / f"seed{seed}", progress=False)
+            accs.append(result.metrics["accuracy"])
+            times.append(result.train_time_s)
+            rows.append([seed, result.metrics["accuracy"], result.train_time_s, result.steps])
+            print(f"seed {seed}: test accuracy {accs[-1]:.4f} in {times[-1]:.1f}s", file=sys.stderr, flush=True)
+    figures = {
+        "recipe": Path(args.recipe).name,
+        "overrides": args.overrides,
+        "seeds": args.seeds,
+        "test_accuracy_mean": statistics.mean(accs),
+        "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "test_accuracy_min": min(accs),
+        "train_time_s_mean": statistics.mean(times),
+        "train_time_s_max": max(times),
+        "environment": env,
+    }
+    if args.json:
+        emit_json(figures)
+        return
+    print_env(env)
+    print_table(["seed", "test accuracy", "train time (s)", "steps"], rows)
+    print(
+        f"mean test accuracy {figures['test_accuracy_mean']:.4f} ± {figures['test_accuracy_std']:.4f}, "
+        f"mean train time {figures['train_time_s_mean']:.1f}s (max {figures['train_time_s_max']:.1f}s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Trainer overhead: the same model, data, batch size and steps through bigmodel's Trainer and through a
+hand-written PyTorch loop, in the same process, alternating rounds; prints samples/s of each and the ratio.
+
+    python benchmarks/trainer_overhead.py [--steps 200] [--rounds 3] [--json]
+
+Both sides: cnn-small on Fashion-MNIST (random uint8 images of the same shape when it is not installed), batch 256,
+AdamW + one-cycle, bf16 autocast and channels_last where the CPU supports them, flip augmentation. The Trainer side
+includes everything a real run does (schedule, finiteness checks, logging to metrics.jsonl, the epoch-end
+checkpoint); evaluation is off on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit_json, environment, median, print_env, print_table  # noqa: E402
+from bigmodel.api import build_experiment  # noqa: E402
+from bigmodel.config import load_recipe  # noqa: E402
+from bigmodel.data import sources  # noqa: E402
+from bigmodel.data.split import mix_seed  # noqa: E402
+from bigmodel.models import build_model  # noqa: E402
+from bigmodel.training.trainer import Trainer, cpu_has_native_bf16  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_experiment(steps: int, batch: int):
+    overrides = [
+        f"data.limit_train={steps * batch}",
+        "train.epochs=1",
+        f"train.batch_size={batch}",
+        "train.log_every=50",
+    ]
+    if not sources._has_idx_files(sources.DEBIAN_FASHION_MNIST):
+        overrides += ["data.source=digits"]  # shape differs, but both sides still run the same work
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+    return recipe, build_experiment(recipe)
+
+
+def run_trainer(recipe, exp, run_dir: Path) -> float:
+    torch.manual_seed(0)
+    model = build_model(recipe.model.name, recipe.model.options, exp.data.input_shape, len(exp.data.labels))
+    trainer = Trainer(
+        recipe.train,
+        model,
+        exp.task,
+        exp.loader("train", train=True),
+        None,
+        device=exp.device,
+        run_dir=run_dir,
+        channels_last=exp.channels_last,
+    )
+    t0 = time.perf_counter()
+    state = trainer.fit()
+    return state.samples_seen / (time.perf_counter() - t0)
+
+
+def run_hand_loop(recipe, exp) -> float:
+    """What a careful user writes by hand: index, normalise, flip, autocast, step, schedule."""
+    torch.manual_seed(0)
+    model = build_model(recipe.model.name, recipe.model.options, exp.data.input_shape, len(exp.data.labels))
+    model = model.to(memory_format=torch.channels_last)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    cfg = recipe.train
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optimizer.lr,
+        foreach=True,
+    )
+    x_all, y_all = exp.data.train.x, exp.data.train.y
+    B = cfg.batch_size
+    steps = len(y_all) // B
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.optimizer.lr, total_steps=steps, pct_start=cfg.schedule.pct_start
+    )
+    mean = torch.tensor(exp.preprocess.mean).view(1, -1, 1, 1)
+    std = torch.tensor(exp.preprocess.std).view(1, -1, 1, 1)
+    use_bf16 = exp.device.type == "cpu" and cpu_has_native_bf16()
+    model.train()
+    t0 = time.perf_counter()
+    perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(0))
+    for i in range(steps):
+        idx = perm[i * B : (i + 1) * B]
+        x, y = x_all[idx], y_all[idx]
+        g = torch.Generator().manual_seed(mix_seed(0, 0, i))
+        flip = torch.rand(B, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        x = ((x.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    return steps * B / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    recipe, exp = make_experiment(args.steps, args.batch_size)
+    run_hand_loop(recipe, exp)  # warm-up: oneDNN primitive caches, allocator
+    trainer_rates, hand_rates = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            hand_rates.append(run_hand_loop(recipe, exp))
+            trainer_rates.append(run_trainer(recipe, exp, Path(tmp) / f"run{r}"))
+            print(
+                f"round {r}: trainer {trainer_rates[-1]:,.0f} samples/s, hand loop {hand_rates[-1]:,.0f}",
+                file=sys.stderr,
+            )
+    ratios = [t / h for t, h in zip(trainer_rates, hand_rates, strict=True)]
+    figures = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "data": recipe.data.source,
+        "trainer_samples_per_s": median(trainer_rates),
+        "hand_loop_samples_per_s": median(hand_rates),
+        "trainer_vs_hand_loop_ratio": median(ratios),
+        "environment": environment(),
+    }
+    if args.json:
+        emit_json(figures)
+        return
+    print_env(figures["environment"])
+    print_table(
+        ["loop", "samples/s (median)", "per round"],
+        [
+            ["bigmodel Trainer", figures["trainer_samples_per_s"], " ".join(f"{x:,.0f}" for x in trainer_rates)],
+            ["hand-written", figures["hand_loop_samples_per_s"], " ".join(f"{x:,.0f}" for x in hand_rates)],
+        ],
+    )
+    print(f"trainer / hand-written = {figures['trainer_vs_hand_loop_ratio']:.3f} (median of per-round ratios)")
+
+
+if __name__ == "__main__":
+    main()
