@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit_json, environment, median, print_env, print_table  # noqa: E402
 from bigmodel.api import build_experiment  # noqa: E402
 from bigmodel.config import load_recipe  # noqa: E402
-from bigmodel.data import sources  # noqa: E402
+from bigmodel.data import standard  # noqa: E402
 from bigmodel.data.split import mix_seed  # noqa: E402
 from bigmodel.models import build_model  # noqa: E402
 from bigmodel.training.trainer import Trainer, cpu_has_native_bf16  # noqa: E402
@@ -40,7 +40,7 @@ def make_experiment(steps: int, batch: int):
         f"train.batch_size={batch}",
         "train.log_every=50",
     ]
-    if not sources._has_idx_files(sources.DEBIAN_FASHION_MNIST):
+    if not standard.has_idx_files(standard.IDX_SETS["fashion_mnist"].local_dirs[0]):
         overrides += ["data.source=digits"]  # shape differs, but both sides still run the same work
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
     return recipe, build_experiment(recipe)

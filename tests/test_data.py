@@ -1,10 +1,13 @@
-"""Data: IDX files, Fashion-MNIST lookup and download (against a local HTTP server), image folders, splits, batching."""
+"""Data: IDX and CIFAR-binary files, lookup and download (against a local HTTP server), image folders and CSVs,
+splits, batching."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.server
+import tarfile
 import threading
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 from bigmodel.config import AugmentConfig, DataConfig
-from bigmodel.data import sources
+from bigmodel.data import sources, standard
 from bigmodel.data.download import download
 from bigmodel.data.idx import read_idx, write_idx
 from bigmodel.data.loader import BatchLoader, Normalizer
@@ -80,21 +83,27 @@ def http_server(tmp_path):
     server.shutdown()
 
 
-def test_fashion_mnist_download_with_checksums(tmp_path, http_server, monkeypatch):
+def patch_spec(monkeypatch, key, **changes):
+    spec = standard.IDX_SETS[key]
+    monkeypatch.setitem(standard.IDX_SETS, key, dataclasses.replace(spec, **changes))
+
+
+@pytest.mark.parametrize("key", ["fashion_mnist", "mnist", "kmnist"])
+def test_idx_set_download_with_checksums(tmp_path, http_server, monkeypatch, key):
     www, url = http_server
     files = write_fashion_fixture(www)
     md5s = {name: hashlib.md5(data).hexdigest() for name, data in files.items()}
-    monkeypatch.setattr(sources, "FASHION_MNIST_FILES", md5s)
-    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
-    cfg = DataConfig(source="fashion_mnist", cache_dir=tmp_path / "cache")
-    train, test, _ = sources.load_fashion_mnist(cfg, mirrors=["http://127.0.0.1:9/", url])  # first mirror is dead
+    patch_spec(monkeypatch, key, files=md5s, local_dirs=[])
+    cfg = DataConfig(source=key, cache_dir=tmp_path / "cache")
+    train, test, labels = sources.load_standard(cfg, mirrors=["http://127.0.0.1:9/", url])  # first mirror is dead
+    assert labels == standard.IDX_SETS[key].labels
     assert len(train) == 60 and len(test) == 20
-    cached = tmp_path / "cache" / "fashion_mnist"
+    cached = tmp_path / "cache" / key
     assert sorted(p.name for p in cached.iterdir()) == sorted(files)
     # A second load uses the cache: the server's copy may go away.
     for p in www.iterdir():
         p.unlink()
-    train2, _, _ = sources.load_fashion_mnist(cfg, mirrors=[url])
+    train2, _, _ = sources.load_standard(cfg, mirrors=[url])
     assert torch.equal(train.x, train2.x)
 
 
@@ -107,17 +116,107 @@ def test_download_rejects_a_bad_checksum_and_leaves_nothing(tmp_path, http_serve
 
 
 def test_offline_without_a_copy_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    patch_spec(monkeypatch, "fashion_mnist", local_dirs=[])
     cfg = DataConfig(source="fashion_mnist", cache_dir=tmp_path / "cache")
     with pytest.raises(UserError, match=r"Fashion-MNIST: could not download .*apt-get install dataset-fashion-mnist"):
-        sources.load_fashion_mnist(cfg, mirrors=["http://127.0.0.1:9/"])
+        sources.load_standard(cfg, mirrors=["http://127.0.0.1:9/"])
     with pytest.raises(UserError, match="data.download is off"):
-        sources.load_fashion_mnist(DataConfig(source="fashion_mnist", cache_dir=tmp_path / "c", download=False))
+        sources.load_standard(DataConfig(source="fashion_mnist", cache_dir=tmp_path / "c", download=False))
+    monkeypatch.setenv("BIGMODEL_OFFLINE", "1")
+    with pytest.raises(UserError, match="CIFAR-10 not found and data.download is off"):
+        sources.load_standard(DataConfig(source="cifar10", cache_dir=tmp_path / "c"))
 
 
-@pytest.mark.skipif(
-    not sources._has_idx_files(sources.DEBIAN_FASHION_MNIST), reason="Debian dataset-fashion-mnist not installed"
-)
+# -------------------------------------------------------------------------------------------------- CIFAR binary
+def write_cifar_fixture(folder: Path, key: str, n_train=30, n_test=10) -> np.ndarray:
+    """CIFAR in the binary distribution's exact layout: fixed-size records of label byte(s) + 3,072 pixel bytes."""
+    spec = standard.CIFAR_SETS[key]
+    d = folder / spec.folder
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    first = None
+    for i, name in enumerate([*spec.train_files, *spec.test_files]):
+        n = n_train // len(spec.train_files) if name in spec.train_files else n_test
+        pixels = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = ((np.arange(n) + i) % (100 if key == "cifar100" else 10)).astype(np.uint8)
+        labels = [fine[:, None]] if spec.label_bytes == 1 else [(fine // 5)[:, None], fine[:, None]]
+        np.concatenate([*labels, pixels], axis=1).tofile(d / name)
+        if first is None:
+            first = pixels[0]
+    if key == "cifar10":
+        (d / "batches.meta.txt").write_text("\n".join(standard.CIFAR10_LABELS) + "\n\n")
+    else:
+        (d / "fine_label_names.txt").write_text("\n".join(f"fine{i}" for i in range(100)) + "\n")
+        (d / "coarse_label_names.txt").write_text("\n".join(f"coarse{i}" for i in range(20)) + "\n")
+    return first
+
+
+@pytest.mark.parametrize("key", ["cifar10", "cifar100"])
+def test_cifar_binary_from_folder_and_archive(tmp_path, key):
+    first = write_cifar_fixture(tmp_path / "raw", key)
+    spec = standard.CIFAR_SETS[key]
+    ds = load_data(DataConfig(source=key, path=tmp_path / "raw", val_fraction=0.0), seed=0)
+    assert ds.input_shape == (3, 32, 32) and len(ds.train) + len(ds.test) == 40
+    # Channel planes: the first 1,024 bytes of a record are red, row-major; the last 1,024 blue.
+    x0 = standard.read_cifar_binary([tmp_path / "raw" / spec.folder / spec.train_files[0]], spec.label_bytes, 0)[0][0]
+    assert torch.equal(x0[0].flatten(), torch.from_numpy(first[:1024]))
+    assert torch.equal(x0[2].flatten(), torch.from_numpy(first[2048:]))
+    assert ds.labels[0] == ("airplane" if key == "cifar10" else "fine0")
+    archive = tmp_path / spec.archive
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "raw" / spec.folder, arcname=spec.folder)
+    ds2 = load_data(DataConfig(source=key, path=archive, cache_dir=tmp_path / "cache", val_fraction=0.0), seed=0)
+    assert torch.equal(ds.train.x, ds2.train.x) and torch.equal(ds.test.y, ds2.test.y)
+    if key == "cifar100":
+        coarse = load_data(DataConfig(source=key, path=tmp_path / "raw", label_set="coarse", val_fraction=0.0), seed=0)
+        assert coarse.labels[0] == "coarse0" and int(coarse.train.y.max()) < 20
+
+
+def test_cifar_download_checksum_and_truncated_records(tmp_path, http_server, monkeypatch):
+    www, url = http_server
+    write_cifar_fixture(tmp_path / "raw", "cifar10")
+    spec = standard.CIFAR_SETS["cifar10"]
+    with tarfile.open(www / spec.archive, "w:gz") as tar:
+        tar.add(tmp_path / "raw" / spec.folder, arcname=spec.folder)
+    md5 = hashlib.md5((www / spec.archive).read_bytes()).hexdigest()
+    monkeypatch.setitem(standard.CIFAR_SETS, "cifar10", dataclasses.replace(spec, md5=md5, mirrors=[url]))
+    ds = load_data(DataConfig(source="cifar10", cache_dir=tmp_path / "cache"), seed=0)
+    assert len(ds.test) == 10
+    assert not (tmp_path / "cache" / "cifar10" / spec.archive).exists()  # extracted, then the archive removed
+    monkeypatch.setitem(standard.CIFAR_SETS, "cifar10", dataclasses.replace(spec, md5="0" * 32, mirrors=[url]))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        load_data(DataConfig(source="cifar10", cache_dir=tmp_path / "cache2"), seed=0)
+    assert not any((tmp_path / "cache2" / "cifar10").iterdir())  # no partial file left in the cache
+    bad = tmp_path / "raw" / spec.folder / "test_batch.bin"
+    bad.write_bytes(bad.read_bytes()[:-5])
+    with pytest.raises(UserError, match=r"test_batch.bin: .* is not a whole number of 3073-byte CIFAR records"):
+        load_data(DataConfig(source="cifar10", path=tmp_path / "raw"), seed=0)
+
+
+# ------------------------------------------------------------------------------------------------------ image CSV
+def test_image_csv_with_and_without_split_column(tmp_path):
+    make_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=6, splits=("train", "test"))
+    rows = ["path,label,split"]
+    for f in sorted((tmp_path / "imgs").rglob("*.png")):
+        rows.append(f"{f.relative_to(tmp_path)},{f.parent.name},{f.parent.parent.name}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    ds = load_data(DataConfig(source="image_csv", path=tmp_path / "data.csv", val_fraction=0.25), seed=0)
+    assert ds.labels == ["a", "b"] and len(ds.test) == 12 and len(ds.val) == 4 and len(ds.train) == 8
+    plain = tmp_path / "plain.csv"
+    plain.write_text("file,cls\n" + "\n".join(",".join(r.split(",")[:2]) for r in rows[1:]) + "\n")
+    with pytest.raises(UserError, match=r"no column 'path' \(columns: file, cls\)"):
+        load_data(DataConfig(source="image_csv", path=plain), seed=0)
+    ds2 = load_data(DataConfig(source="image_csv", path=plain, path_column="file", label_column="cls"), seed=0)
+    assert len(ds2.train) + len(ds2.val) + len(ds2.test) == 24
+    (tmp_path / "missing.csv").write_text("path,label\nnope.png,a\n")
+    with pytest.raises(UserError, match="nope.png: image file not found"):
+        load_data(DataConfig(source="image_csv", path=tmp_path / "missing.csv"), seed=0)
+
+
+FASHION_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not standard.has_idx_files(FASHION_DEBIAN), reason="Debian dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_from_the_debian_package():
     ds = load_data(DataConfig(source="fashion_mnist"), seed=0)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (54000, 6000, 10000)

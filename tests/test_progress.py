@@ -20,8 +20,16 @@ def fit_with(stream, monkeypatch=None) -> str:
     recipe = validate_recipe(tiny_recipe(**{"train.epochs": 2}))
     exp = build_experiment(recipe)
     cb = ProgressCallback(stream=stream)
-    t = Trainer(recipe.train, exp.model, exp.task, exp.loader("train", train=True), exp.loader("val"),
-                device=exp.device, callbacks=[cb], channels_last=exp.channels_last)
+    t = Trainer(
+        recipe.train,
+        exp.model,
+        exp.task,
+        exp.loader("train", train=True),
+        exp.loader("val"),
+        device=exp.device,
+        callbacks=[cb],
+        channels_last=exp.channels_last,
+    )
     t.fit()
     return stream.getvalue()
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bigmodel.config import load_recipe
-from bigmodel.data import sources
+from bigmodel.data import standard
 from conftest import ROOT, run_cli
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -19,7 +19,7 @@ def test_recipe_debug_size_trains(path, tmp_path):
     if (
         recipe.data.source == "fashion_mnist"
         and recipe.data.path is None
-        and not (sources._has_idx_files(sources.DEBIAN_FASHION_MNIST))
+        and not standard.has_idx_files(standard.IDX_SETS["fashion_mnist"].local_dirs[0])
     ):
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     out = tmp_path / "run"

@@ -37,10 +37,12 @@ class AugmentConfig(Strict):
 
 
 class DataConfig(Strict):
-    source: Literal["fashion_mnist", "digits", "image_folder"]
-    """Where the data comes from: `fashion_mnist` (IDX files), `digits` (scikit-learn), `image_folder`."""
+    source: Literal["fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "digits", "image_folder", "image_csv"]
+    """Where the data comes from: the standard sets (IDX / CIFAR binary), `digits` (scikit-learn), an image folder,
+    or a CSV of image paths and labels."""
     path: Path | None = None
-    """`image_folder`: the ROOT of `ROOT/<split>/<class>/*.png`; `fashion_mnist`: a folder with the four IDX files."""
+    """`image_folder`: the ROOT of `ROOT/<split>/<class>/*.png`; `image_csv`: the CSV file; the standard sets: a folder
+    with their files (CIFAR: or the .tar.gz), instead of the OS package copy / cache / download."""
     download: bool = True
     """`fashion_mnist`: download the official files into the cache when no local copy is found."""
     cache_dir: Path | None = None
@@ -48,7 +50,15 @@ class DataConfig(Strict):
     image_size: Annotated[list[Annotated[int, Field(ge=4, le=4096)]], Field(min_length=2, max_length=2)] | None = None
     """`[height, width]` to resize every image to (`image_folder`); default: the size of the first training image."""
     channels: Literal[1, 3] | None = None
-    """`image_folder`: 1 (grey) or 3 (RGB); default: 1 when every training image is grey, else 3."""
+    """`image_folder`, `image_csv`: 1 (grey) or 3 (RGB); default: 1 when every training image is grey, else 3."""
+    path_column: str = "path"
+    """`image_csv`: the column of image paths (relative to the CSV's folder, or absolute)."""
+    label_column: str = "label"
+    """`image_csv`: the column of labels."""
+    split_column: str = "split"
+    """`image_csv`: the column naming each row's split (train / val / test), used when the CSV has it."""
+    label_set: Literal["fine", "coarse"] = "fine"
+    """`cifar100`: the 100 fine labels or the 20 coarse super-classes."""
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     """When the source has no validation split, carve this fraction from train (seeded, stratified)."""
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
@@ -66,10 +76,18 @@ class DataConfig(Strict):
     def _cross(self) -> DataConfig:
         if self.source == "image_folder" and self.path is None:
             raise ValueError("data.path is required when data.source is 'image_folder' (ROOT/<split>/<class>/*.png)")
-        if self.source != "image_folder":
+        if self.source == "image_csv" and self.path is None:
+            raise ValueError(
+                "data.path is required when data.source is 'image_csv' (a CSV with path and label columns)"
+            )
+        if self.source not in ("image_folder", "image_csv"):
             for name in ("image_size", "channels"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"data.{name} only applies to data.source 'image_folder', not {self.source!r}")
+                    raise ValueError(
+                        f"data.{name} only applies to data.source 'image_folder' or 'image_csv', not {self.source!r}"
+                    )
+        if self.label_set != "fine" and self.source != "cifar100":
+            raise ValueError(f"data.label_set only applies to data.source 'cifar100', not {self.source!r}")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError(
                 f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} leaves too "
@@ -235,7 +253,11 @@ class Recipe(Strict):
         if self.task not in entry.tasks:
             raise ValueError(f"model.name {self.model.name!r} does not do task {self.task!r}")
         # fashion_mnist and digits carve val from train; without it there is nothing to monitor.
-        if self.train.early_stopping is not None and self.data.val_fraction == 0 and self.data.source != "image_folder":
+        if (
+            self.train.early_stopping is not None
+            and self.data.val_fraction == 0
+            and self.data.source not in ("image_folder", "image_csv")
+        ):
             raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
         return self
 

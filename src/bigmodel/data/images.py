@@ -42,5 +42,7 @@ def is_grey(path: Path) -> bool:
     try:
         with Image.open(path) as img:
             return img.mode in ("1", "L", "I", "I;16", "F")
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None

@@ -1,4 +1,5 @@
-"""Image data sources: Fashion-MNIST (IDX), scikit-learn digits, and image folders.
+"""Image data sources: the standard sets (MNIST family, CIFAR; see `standard.py`), scikit-learn digits, image
+folders and CSV files of image paths.
 
 Every source returns an `ImageDataset`: uint8 tensors (N, C, H, W) per split, int64 labels and label names. Splits
 a source lacks are carved from train, seeded and stratified, so the same recipe and seed always see the same data.
@@ -6,7 +7,6 @@ a source lacks are carved from train, seeded and stratified, so the same recipe 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from bigmodel.config import DataConfig
-from bigmodel.data.download import default_cache_dir, download
-from bigmodel.data.idx import read_idx
+from bigmodel.data import standard
 from bigmodel.data.images import IMAGE_SUFFIXES, is_grey, read_image
 from bigmodel.data.split import mix_seed, stratified_split
 from bigmodel.errors import UserError
@@ -63,73 +62,21 @@ class ImageDataset:
         return mean, std
 
 
-# ---------------------------------------------------------------------------------------------------- Fashion-MNIST
-FASHION_MNIST_LABELS = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
-]  # fmt: skip
-FASHION_MNIST_FILES = {  # official MD5s of the published .gz files (zalandoresearch/fashion-mnist README)
-    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
-}
-FASHION_MNIST_MIRRORS = [
-    "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
-]
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian package `dataset-fashion-mnist`
+# ------------------------------------------------------------------------------------------------ standard sets
+IDX_SOURCES = ("fashion_mnist", "mnist", "kmnist")
+CIFAR_SOURCES = ("cifar10", "cifar100")
 
 
-def _has_idx_files(folder: Path) -> bool:
-    return all((folder / n).is_file() or (folder / n.removesuffix(".gz")).is_file() for n in FASHION_MNIST_FILES)
-
-
-def find_fashion_mnist(
-    path: Path | None, cache_dir: Path | None, allow_download: bool, mirrors: list[str] | None = None
-) -> Path:
-    """The folder holding the four Fashion-MNIST IDX files: `path`, the Debian copy, the cache, or a download."""
-    if path is not None:
-        if not _has_idx_files(path):
-            raise UserError(
-                f"data.path {path}: expected the four Fashion-MNIST IDX files ({', '.join(FASHION_MNIST_FILES)})"
-            )
-        return path
-    if _has_idx_files(DEBIAN_FASHION_MNIST):
-        return DEBIAN_FASHION_MNIST
-    cache = (cache_dir or default_cache_dir()) / "fashion_mnist"
-    if _has_idx_files(cache):
-        return cache
-    hint = (
-        "install the Debian package (apt-get install dataset-fashion-mnist), or put the four IDX files in a folder "
-        "and set data.path"
-    )
-    if not allow_download or os.environ.get("BIGMODEL_OFFLINE") == "1":
-        raise UserError(f"Fashion-MNIST not found and data.download is off: {hint}")
-    for name, md5 in FASHION_MNIST_FILES.items():
-        try:
-            download([m + name for m in (mirrors or FASHION_MNIST_MIRRORS)], cache / name, md5=md5)
-        except UserError as e:
-            raise UserError(f"Fashion-MNIST: {e}; offline? {hint}") from None
-    return cache
-
-
-def _idx(folder: Path, name: str) -> np.ndarray:
-    p = folder / name
-    return read_idx(p if p.is_file() else folder / name.removesuffix(".gz"))
-
-
-def load_fashion_mnist(cfg: DataConfig, mirrors: list[str] | None = None) -> tuple[ImageSplit, ImageSplit, list[str]]:
-    folder = find_fashion_mnist(cfg.path, cfg.cache_dir, cfg.download, mirrors)
-    splits = []
-    for prefix in ("train", "t10k"):
-        images = _idx(folder, f"{prefix}-images-idx3-ubyte.gz")
-        labels = _idx(folder, f"{prefix}-labels-idx1-ubyte.gz")
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or images.dtype != np.uint8:
-            raise UserError(f"{folder}: {prefix} images {images.shape} and labels {labels.shape} do not match")
-        if labels.size and (labels.min() < 0 or labels.max() >= 10):
-            raise UserError(f"{folder}: {prefix} labels must be 0..9, found {labels.min()}..{labels.max()}")
-        splits.append(ImageSplit(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))))
-    return splits[0], splits[1], list(FASHION_MNIST_LABELS)
+def load_standard(cfg: DataConfig, mirrors: list[str] | None = None) -> tuple[ImageSplit, ImageSplit, list[str]]:
+    """MNIST-family (IDX) and CIFAR (binary) sets: (train, test, label names)."""
+    if cfg.source in IDX_SOURCES:
+        folder = standard.find_idx_set(cfg.source, cfg.path, cfg.cache_dir, cfg.download, mirrors)
+        (xtr, ytr), (xte, yte) = standard.load_idx_set(folder)
+        labels = list(standard.IDX_SETS[cfg.source].labels)
+    else:
+        folder = standard.find_cifar(cfg.source, cfg.path, cfg.cache_dir, cfg.download, mirrors)
+        (xtr, ytr), (xte, yte), labels = standard.load_cifar(cfg.source, folder, cfg.label_set)
+    return ImageSplit(xtr, ytr), ImageSplit(xte, yte), labels
 
 
 # ---------------------------------------------------------------------------------------------------------- digits
@@ -165,39 +112,89 @@ def load_image_folder(cfg: DataConfig) -> tuple[ImageSplit, ImageSplit | None, I
         if not files:
             raise UserError(f"{root / 'train' / name}: class folder has no images ({', '.join(IMAGE_SUFFIXES)})")
     labels = list(train_files)
-    all_train = [f for files in train_files.values() for f in files]
-    channels = cfg.channels or (1 if all(is_grey(f) for f in all_train) else 3)
-    size = tuple(cfg.image_size) if cfg.image_size else tuple(read_image(all_train[0], channels).shape[1:])
+    splits = {"train": [(f, labels.index(c)) for c, fs in train_files.items() for f in fs]}
+    for split in ("val", "test"):
+        if (root / split).is_dir():
+            files = _list_split(root, split)
+            unknown = sorted(set(files) - set(labels))
+            if unknown:
+                raise UserError(f"{root / split}: class folders {unknown} do not exist in train/ (classes: {labels})")
+            splits[split] = [(f, labels.index(c)) for c, fs in files.items() for f in fs]
+    return _read_splits(splits, cfg, labels)
 
-    def read(split: str) -> ImageSplit | None:
-        if not (root / split).is_dir():
+
+def _read_splits(
+    splits: dict[str, list[tuple[Path, int]]], cfg: DataConfig, labels: list[str]
+) -> tuple[ImageSplit, ImageSplit | None, ImageSplit | None, list[str]]:
+    """Decode every listed file at one channel count and size (from the recipe, else from the training images)."""
+    train_paths = [p for p, _ in splits["train"]]
+    channels = cfg.channels or (1 if all(is_grey(f) for f in train_paths) else 3)
+    size = tuple(cfg.image_size) if cfg.image_size else tuple(read_image(train_paths[0], channels).shape[1:])
+
+    def read(items: list[tuple[Path, int]] | None) -> ImageSplit | None:
+        if items is None:
             return None
-        files = _list_split(root, split) if split != "train" else train_files
-        unknown = sorted(set(files) - set(labels))
-        if unknown:
-            raise UserError(f"{root / split}: class folders {unknown} do not exist in train/ (classes: {labels})")
-        xs, ys = [], []
-        for cls, paths in files.items():
-            for p in paths:
-                xs.append(read_image(p, channels, size))  # type: ignore[arg-type]
-                ys.append(labels.index(cls))
-        if not xs:
+        if not items:
             return ImageSplit(torch.zeros((0, channels, *size), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
-        return ImageSplit(torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64))
+        x = np.stack([read_image(p, channels, size) for p, _ in items])  # type: ignore[arg-type]
+        return ImageSplit(torch.from_numpy(x), torch.tensor([y for _, y in items], dtype=torch.int64))
 
-    return read("train"), read("val"), read("test"), labels  # type: ignore[return-value]
+    return read(splits["train"]), read(splits.get("val")), read(splits.get("test")), labels  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------------ image CSV
+def load_image_csv(cfg: DataConfig) -> tuple[ImageSplit, ImageSplit | None, ImageSplit | None, list[str]]:
+    """A CSV with a header: image path (relative to the CSV's folder or absolute), label, optional split."""
+    import csv
+
+    path = cfg.path
+    assert path is not None
+    if not path.is_file():
+        raise UserError(f"data.path {path}: CSV file not found")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+            header = rows[0].keys() if rows else []
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: not a readable CSV file ({e})") from None
+    for col in (cfg.path_column, cfg.label_column):
+        if col not in header:
+            raise UserError(
+                f"{path}: no column {col!r} (columns: {', '.join(header) or 'none'}); "
+                "set data.path_column / data.label_column"
+            )
+    has_split = cfg.split_column in header
+    labels = sorted({r[cfg.label_column] for r in rows if not has_split or r[cfg.split_column] == "train"})
+    if not labels:
+        raise UserError(f"{path}: no training rows")
+    splits: dict[str, list[tuple[Path, int]]] = {"train": []}
+    for i, r in enumerate(rows, start=2):
+        split = r[cfg.split_column].strip() if has_split else "train"
+        if split not in ("train", "val", "test"):
+            raise UserError(f"{path}: line {i}: split {split!r}, expected train, val or test")
+        if r[cfg.label_column] not in labels:
+            raise UserError(f"{path}: line {i}: label {r[cfg.label_column]!r} does not occur in the train rows")
+        image = Path(r[cfg.path_column])
+        splits.setdefault(split, []).append(
+            (image if image.is_absolute() else path.parent / image, labels.index(r[cfg.label_column]))
+        )
+    if not splits["train"]:
+        raise UserError(f"{path}: no training rows")
+    return _read_splits(splits, cfg, labels)
 
 
 # ---------------------------------------------------------------------------------------------------------- entry
 def load_data(cfg: DataConfig, seed: int) -> ImageDataset:
     """Load the recipe's data with train/val/test splits; carved splits depend only on `seed`."""
     val = test = None
-    if cfg.source == "fashion_mnist":
-        train, test, labels = load_fashion_mnist(cfg)
+    if cfg.source in IDX_SOURCES or cfg.source in CIFAR_SOURCES:
+        train, test, labels = load_standard(cfg)
     elif cfg.source == "digits":
         train, labels = load_digits_data()
     elif cfg.source == "image_folder":
         train, val, test, labels = load_image_folder(cfg)
+    elif cfg.source == "image_csv":
+        train, val, test, labels = load_image_csv(cfg)
     else:  # pragma: no cover - the schema allows only the sources above
         raise UserError(f"data.source {cfg.source!r} is not supported")
     if test is None:
