@@ -111,29 +111,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides for both sides, e.g. model.name=resnet-8")
     args = ap.parse_args()
-    recipe, exp = make_experiment(args.steps, args.batch_size)
-    run_hand_loop(recipe, exp)  # warm-up: oneDNN primitive caches, allocator
-    trainer_rates, hand_rates = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            hand_rates.append(run_hand_loop(recipe, exp))
-            trainer_rates.append(run_trainer(recipe, exp, Path(tmp) / f"run{r}"))
-            print(
-                f"round {r}: trainer {trainer_rates[-1]:,.0f} samples/s, hand loop {hand_rates[-1]:,.0f}",
-                file=sys.stderr,
-            )
-    ratios = [t / h for t, h in zip(trainer_rates, hand_rates, strict=True)]
-    figures = {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "rounds": args.rounds,
-        "data": recipe.data.source,
-        "trainer_samples_per_s": median(trainer_rates),
-        "hand_loop_samples_per_s": median(hand_rates),
-        "trainer_vs_hand_loop_ratio": median(ratios),
-        "environment": environment(),
-    }
+    figures = compare(args.steps, args.batch_size, args.rounds, args.overrides)
     if args.json:
         emit_json(figures)
         return
@@ -141,11 +121,44 @@ def main() -> None:
     print_table(
         ["loop", "samples/s (median)", "per round"],
         [
-            ["bigmodel Trainer", figures["trainer_samples_per_s"], " ".join(f"{x:,.0f}" for x in trainer_rates)],
-            ["hand-written", figures["hand_loop_samples_per_s"], " ".join(f"{x:,.0f}" for x in hand_rates)],
+            [
+                "bigmodel Trainer",
+                figures["trainer_samples_per_s"],
+                " ".join(f"{x:,.0f}" for x in figures["trainer_rounds"]),
+            ],
+            ["hand-written", figures["hand_loop_samples_per_s"], " ".join(f"{x:,.0f}" for x in figures["hand_rounds"])],
         ],
     )
     print(f"trainer / hand-written = {figures['trainer_vs_hand_loop_ratio']:.3f} (median of per-round ratios)")
+
+
+def compare(steps: int, batch_size: int, rounds: int, overrides: list[str] | None = None) -> dict:
+    """Alternating rounds of the hand loop and the Trainer; medians and the median per-round ratio."""
+    recipe, exp = make_experiment(steps, batch_size, overrides)
+    run_hand_loop(recipe, exp)  # warm-up: oneDNN primitive caches, allocator
+    trainer_rates, hand_rates = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            hand_rates.append(run_hand_loop(recipe, exp))
+            trainer_rates.append(run_trainer(recipe, exp, Path(tmp) / f"run{r}"))
+            print(
+                f"round {r}: trainer {trainer_rates[-1]:,.0f} samples/s, hand loop {hand_rates[-1]:,.0f}",
+                file=sys.stderr,
+            )
+    ratios = [t / h for t, h in zip(trainer_rates, hand_rates, strict=True)]
+    return {
+        "model": recipe.model.name,
+        "steps": steps,
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "data": recipe.data.source,
+        "trainer_samples_per_s": median(trainer_rates),
+        "hand_loop_samples_per_s": median(hand_rates),
+        "trainer_vs_hand_loop_ratio": median(ratios),
+        "trainer_rounds": trainer_rates,
+        "hand_rounds": hand_rates,
+        "environment": environment(),
+    }
 
 
 if __name__ == "__main__":

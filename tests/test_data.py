@@ -23,7 +23,7 @@ from bigmodel.data.loader import BatchLoader, Normalizer
 from bigmodel.data.sources import ImageSplit, load_data
 from bigmodel.data.split import stratified_split
 from bigmodel.errors import UserError
-from conftest import make_image_folder
+from conftest import make_image_folder, write_cifar_fixture, write_fashion_fixture
 
 
 # ------------------------------------------------------------------------------------------------------------ IDX
@@ -45,19 +45,6 @@ def test_idx_errors_name_the_file(tmp_path):
     (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b\x08garbage")
     with pytest.raises(UserError, match="bad.gz: cannot read a gzipped IDX"):
         read_idx(tmp_path / "bad.gz")
-
-
-def write_fashion_fixture(folder: Path, n_train=60, n_test=20) -> dict[str, bytes]:
-    """Tiny Fashion-MNIST in the true on-disk format: the four gzipped IDX files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    out = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
-    for p in folder.iterdir():
-        out[p.name] = p.read_bytes()
-    return out
 
 
 def test_fashion_mnist_from_a_folder(tmp_path):
@@ -128,29 +115,6 @@ def test_offline_without_a_copy_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 # -------------------------------------------------------------------------------------------------- CIFAR binary
-def write_cifar_fixture(folder: Path, key: str, n_train=30, n_test=10) -> np.ndarray:
-    """CIFAR in the binary distribution's exact layout: fixed-size records of label byte(s) + 3,072 pixel bytes."""
-    spec = standard.CIFAR_SETS[key]
-    d = folder / spec.folder
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    first = None
-    for i, name in enumerate([*spec.train_files, *spec.test_files]):
-        n = n_train // len(spec.train_files) if name in spec.train_files else n_test
-        pixels = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        fine = ((np.arange(n) + i) % (100 if key == "cifar100" else 10)).astype(np.uint8)
-        labels = [fine[:, None]] if spec.label_bytes == 1 else [(fine // 5)[:, None], fine[:, None]]
-        np.concatenate([*labels, pixels], axis=1).tofile(d / name)
-        if first is None:
-            first = pixels[0]
-    if key == "cifar10":
-        (d / "batches.meta.txt").write_text("\n".join(standard.CIFAR10_LABELS) + "\n\n")
-    else:
-        (d / "fine_label_names.txt").write_text("\n".join(f"fine{i}" for i in range(100)) + "\n")
-        (d / "coarse_label_names.txt").write_text("\n".join(f"coarse{i}" for i in range(20)) + "\n")
-    return first
-
-
 @pytest.mark.parametrize("key", ["cifar10", "cifar100"])
 def test_cifar_binary_from_folder_and_archive(tmp_path, key):
     first = write_cifar_fixture(tmp_path / "raw", key)

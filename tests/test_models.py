@@ -70,3 +70,25 @@ def test_cnn_small_rejects_images_too_small_for_its_stages():
     with pytest.raises(ValueError, match=r"halves the image 3 times; 4x4 is too small"):
         build_model("cnn-small", {}, (1, 4, 4), 10)
     assert build_model("cnn-small", {"pool_first": False}, (1, 4, 4), 10)(torch.randn(2, 1, 4, 4)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet", "resnet-8", "resnet-14", "resnet-20"])
+def test_resnet_family(name):
+    torch.manual_seed(0)
+    m = build_model(name, {"widths": [8, 16, 32]}, (3, 32, 32), 10)
+    x = torch.randn(2, 3, 32, 32)
+    assert m(x).shape == (2, 10) and m.forward_features(x).shape == (2, 32)
+    m(x).logsumexp(1).sum().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not missing
+    blocks = {"resnet": 3, "resnet-8": 3, "resnet-14": 6, "resnet-20": 9}[name]
+    from bigmodel.models.resnet import BasicBlock
+
+    assert sum(isinstance(mod, BasicBlock) for mod in m.modules()) == blocks
+
+
+def test_resnet_config_errors():
+    with pytest.raises(ValueError, match="model.blocks has 2 stages but model.widths has 3"):
+        build_model("resnet", {"blocks": [1, 1]}, (1, 28, 28), 10)
+    with pytest.raises(ValueError, match="too small"):
+        build_model("resnet", {}, (1, 2, 2), 10)

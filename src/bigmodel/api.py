@@ -64,6 +64,8 @@ class Experiment:
             drop_last=train,
             channels_last=self.channels_last,
             device=self.device,
+            num_classes=len(self.data.labels),
+            sampling=r.data.balance if train and r.data.balance in ("oversample", "undersample") else "none",
         )
 
 
@@ -78,7 +80,9 @@ def build_experiment(recipe: Recipe) -> Experiment:
     device = resolve_device(recipe.train.device)
     data = load_data(recipe.data, recipe.seed)
     mean, std = data.channel_stats()
-    pre = Preprocess(labels=data.labels, mean=mean, std=std, input_shape=list(data.input_shape))
+    pre = Preprocess(
+        labels=data.labels, mean=mean, std=std, input_shape=list(data.input_shape), tta_flip=recipe.eval.tta_flip
+    )
     torch.manual_seed(recipe.seed)  # weight init depends on the seed only
     try:
         model = build_model(recipe.model.name, recipe.model.options, data.input_shape, len(data.labels))
@@ -86,7 +90,21 @@ def build_experiment(recipe: Recipe) -> Experiment:
         raise UserError(f"model.name {recipe.model.name!r}: {e}") from None
     cl = recipe.train.channels_last
     channels_last = bool(getattr(model, "is_convnet", False)) if cl == "auto" else bool(cl)
-    task = ClassificationTask(len(data.labels), data.labels, recipe.train.label_smoothing)
+    weights = None
+    if recipe.data.balance == "class_weights":
+        counts = torch.bincount(data.train.y, minlength=len(data.labels)).to(torch.float32)
+        # N / (K * n_k): each class contributes equally to the loss; absent classes get weight 0.
+        weights = torch.where(
+            counts > 0, counts.sum() / (len(data.labels) * counts.clamp(min=1)), torch.zeros_like(counts)
+        )
+    task = ClassificationTask(
+        len(data.labels),
+        data.labels,
+        recipe.train.label_smoothing,
+        loss=recipe.train.loss,
+        focal_gamma=recipe.train.focal_gamma,
+        class_weights=weights,
+    )
     return Experiment(recipe, data, pre, model, task, device, channels_last and device.type != "mps")
 
 
@@ -237,7 +255,7 @@ def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = 
     metrics = task.new_metrics()
     with torch.inference_mode():
         for batch in loader.epoch(0):
-            task.eval_batch(art.model, batch, metrics)
+            task.eval_batch(art.inference_model, batch, metrics)
     return {"run_dir": str(run_dir), "split": split, **metrics.compute()}
 
 

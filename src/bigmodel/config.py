@@ -34,6 +34,37 @@ class AugmentConfig(Strict):
     """Pad by this many pixels (zeros), then crop back to the input size at a random offset per image."""
     horizontal_flip: bool = False
     """Flip each image left-right with probability 0.5."""
+    rotation_degrees: Annotated[float, Field(ge=0.0, le=180.0)] = 0.0
+    """Rotate each image by an angle drawn from U(-d, d)."""
+    translate: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    """Shift each image by U(-t, t) of its height and width (bilinear, zero fill; with rotation in one resampling)."""
+    erasing_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Cutout / random erasing: zero one random rectangle per image with this probability."""
+    erasing_scale: tuple[Annotated[float, Field(gt=0.0, le=1.0)], Annotated[float, Field(gt=0.0, le=1.0)]] = (0.02, 0.2)
+    """Area of the erased rectangle as a fraction of the image, drawn uniformly from this range."""
+    mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    """Mixup: blend pairs of images and their targets with lam ~ Beta(alpha, alpha); 0 = off."""
+    cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    """CutMix: paste a box from another image, targets mixed by the pasted area; 0 = off."""
+    mix_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    """Probability of mixing a batch (with both mixup and cutmix on, each mixed batch picks one at random)."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> AugmentConfig:
+        if self.erasing_scale[0] > self.erasing_scale[1]:
+            raise ValueError(
+                f"data.augment.erasing_scale {list(self.erasing_scale)}: expected [low, high] with low <= high"
+            )
+        return self
+
+
+class ImbalanceConfig(Strict):
+    """Make the training split imbalanced on purpose (seeded), to measure what balancing buys."""
+
+    classes: Annotated[list[int | str], Field(min_length=1)]
+    """The minority classes, by index or label name."""
+    keep: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    """Fraction of each minority class's training examples to keep (0.1 = a 10:1 imbalance)."""
 
 
 class DataConfig(Strict):
@@ -66,6 +97,10 @@ class DataConfig(Strict):
     limit_train: Annotated[int, Field(ge=1)] | None = None
     """Keep only the first N training examples after the seeded shuffle (quick experiments, debug recipes)."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    imbalance: ImbalanceConfig | None = None
+    balance: Literal["none", "oversample", "undersample", "class_weights"] = "none"
+    """Counter class imbalance: sample every class equally often (over- or under-sampling, per epoch, seeded), or
+    weight the loss by N / (K * n_class)."""
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -188,6 +223,9 @@ class TrainConfig(Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    """`focal`: the focal loss (Lin et al. 2017), which down-weights easy examples: -(1 - p_t)^gamma log p_t."""
+    focal_gamma: Annotated[float, Field(ge=0.0, le=10.0)] = 2.0
     l1: Annotated[float, Field(ge=0.0)] = 0.0
     """L1 penalty: adds l1 * sum(|w|) over weight matrices and kernels (not biases or norms) to the loss."""
     grad_clip: Annotated[float, Field(gt=0.0)] | None = None
@@ -228,6 +266,9 @@ class TrainConfig(Strict):
 
 class EvalConfig(Strict):
     batch_size: Annotated[int, Field(ge=1)] = 1024
+    tta_flip: bool = False
+    """Test-time augmentation: average the logits of each image and its mirror image (stored with the model, so
+    `evaluate`, `predict` and serving do the same)."""
     split: Literal["test", "val", "train"] = "test"
     """The split evaluated at the end of `bigmodel train`."""
 

@@ -114,9 +114,16 @@ class Preprocess:
     mean: list[float]
     std: list[float]
     input_shape: list[int]  # [C, H, W]
+    tta_flip: bool = False  # average the logits of each image and its mirror image
 
     def to_dict(self) -> dict[str, Any]:
-        return {"labels": self.labels, "mean": self.mean, "std": self.std, "input_shape": self.input_shape}
+        return {
+            "labels": self.labels,
+            "mean": self.mean,
+            "std": self.std,
+            "input_shape": self.input_shape,
+            "tta_flip": self.tta_flip,
+        }
 
 
 def save_artifact(
@@ -177,6 +184,7 @@ class Artifact:
         from safetensors.torch import load_file
 
         from bigmodel.data.loader import Normalizer
+        from bigmodel.evaluation.tta import FlipTTA
         from bigmodel.models import build_model
 
         self.folder = folder
@@ -197,6 +205,7 @@ class Artifact:
             raise UserError(f"{folder / 'model.safetensors'}: unreadable weights ({e})") from None
         self.model.load_state_dict(state)
         self.model.eval()
+        self.inference_model = FlipTTA(self.model) if self.preprocess.tta_flip else self.model
         self.normalizer = Normalizer(self.preprocess.mean, self.preprocess.std)
         self._torch = torch
 
@@ -210,7 +219,7 @@ class Artifact:
         outs = []
         with torch.inference_mode():
             for i in range(0, len(images), batch_size):
-                logits = self.model(self.normalizer(images[i : i + batch_size])).float()
+                logits = self.inference_model(self.normalizer(images[i : i + batch_size])).float()
                 outs.append(logits.softmax(dim=1))
         return torch.cat(outs) if outs else torch.zeros((0, len(self.labels)))
 

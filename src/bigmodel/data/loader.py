@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from bigmodel.config import AugmentConfig
-from bigmodel.data.augment import augment_batch, is_identity
+from bigmodel.data.augment import augment_batch, is_identity, mix_batch, uses_mixing
 from bigmodel.data.sources import ImageSplit
 from bigmodel.data.split import mix_seed
 
@@ -43,6 +43,8 @@ class BatchLoader:
         drop_last: bool = False,
         channels_last: bool = False,
         device: torch.device | str = "cpu",
+        num_classes: int | None = None,
+        sampling: str = "none",
     ) -> None:
         self.x = split.x.to(device)
         self.y = split.y.to(device)
@@ -51,13 +53,29 @@ class BatchLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.augment = augment if augment is not None and not is_identity(augment) else None
+        self.mixing = self.augment is not None and uses_mixing(self.augment)
+        if self.mixing and num_classes is None:
+            raise ValueError("mixup/cutmix need num_classes")
+        self.num_classes = num_classes
+        if sampling not in ("none", "oversample", "undersample"):
+            raise ValueError(f"unknown sampling {sampling!r}")
+        self.sampling = sampling
+        counts = torch.bincount(split.y) if len(split.y) else torch.zeros(0, dtype=torch.long)
+        present = counts[counts > 0]
+        # Balanced sampling draws every class equally often: the epoch is K x (largest | smallest class).
+        self.epoch_size = len(split.y)
+        if sampling == "oversample":
+            self.epoch_size = int(present.max()) * len(present)
+        elif sampling == "undersample":
+            self.epoch_size = int(present.min()) * len(present)
+        self._class_index = [torch.nonzero(split.y == c).flatten() for c in range(len(counts)) if counts[c] > 0]
         # Dropping the ragged last batch keeps BatchNorm statistics sane; never drop when it would leave nothing.
-        self.drop_last = drop_last and len(self.y) >= batch_size
+        self.drop_last = drop_last and self.epoch_size >= batch_size
         self.channels_last = channels_last
         self.device = torch.device(device)
 
     def __len__(self) -> int:
-        n = len(self.y)
+        n = self.epoch_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     @property
@@ -65,25 +83,42 @@ class BatchLoader:
         return len(self.y)
 
     def order(self, epoch: int) -> torch.Tensor | None:
-        if not self.shuffle:
+        """The example indices of `epoch`: a seeded permutation, or a seeded class-balanced draw."""
+        if not self.shuffle and self.sampling == "none":
             return None
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5EED))
-        return torch.randperm(len(self.y), generator=g).to(self.device)
+        if self.sampling == "none":
+            return torch.randperm(len(self.y), generator=g).to(self.device)
+        per_class = self.epoch_size // len(self._class_index)
+        picks = []
+        for idx in self._class_index:
+            if self.sampling == "oversample":  # every example once, the rest drawn with replacement
+                extra = idx[torch.randint(0, len(idx), (per_class - len(idx),), generator=g)]
+                picks.append(torch.cat([idx, extra]))
+            else:  # undersample: a fresh subset of each class every epoch
+                picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+        order = torch.cat(picks)
+        return order[torch.randperm(len(order), generator=g)].to(self.device)
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (x, y) batches of `epoch`, beginning at batch index `start`."""
         perm = self.order(epoch)
+        n = len(self.y) if perm is None else len(perm)
         for i in range(start, len(self)):
-            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, len(self.y))
+            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
             if perm is None:
                 xb, yb = self.x[lo:hi], self.y[lo:hi]
             else:
                 idx = perm[lo:hi]
                 xb, yb = self.x[idx], self.y[idx]
+            g = None
             if self.augment is not None:
                 g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
                 xb = augment_batch(xb, self.augment, g)
             xb = self.normalizer(xb)
+            if self.mixing:
+                assert g is not None and self.num_classes is not None and self.augment is not None
+                xb, yb = mix_batch(xb, yb, self.num_classes, self.augment, g)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, yb

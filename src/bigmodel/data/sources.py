@@ -183,6 +183,31 @@ def load_image_csv(cfg: DataConfig) -> tuple[ImageSplit, ImageSplit | None, Imag
     return _read_splits(splits, cfg, labels)
 
 
+# ------------------------------------------------------------------------------------------------------ imbalance
+def make_imbalanced(
+    split: ImageSplit, labels: list[str], classes: list[int | str], keep: float, seed: int
+) -> ImageSplit:
+    """Keep a seeded `keep` fraction (at least one) of each class in `classes`; every other class stays whole."""
+    chosen = []
+    for c in classes:
+        if isinstance(c, str) and c in labels:
+            chosen.append(labels.index(c))
+        elif isinstance(c, int) and 0 <= c < len(labels):
+            chosen.append(c)
+        else:
+            raise UserError(
+                f"data.imbalance.classes: {c!r} is not a class index 0..{len(labels) - 1} or a label ({labels})"
+            )
+    g = torch.Generator().manual_seed(seed)
+    keep_idx = []
+    for c in range(len(labels)):
+        idx = torch.nonzero(split.y == c).flatten()
+        if c in chosen:
+            idx = idx[torch.randperm(len(idx), generator=g)[: max(1, round(keep * len(idx)))]]
+        keep_idx.append(idx)
+    return split.subset(torch.sort(torch.cat(keep_idx)).values)
+
+
 # ---------------------------------------------------------------------------------------------------------- entry
 def load_data(cfg: DataConfig, seed: int) -> ImageDataset:
     """Load the recipe's data with train/val/test splits; carved splits depend only on `seed`."""
@@ -203,6 +228,8 @@ def load_data(cfg: DataConfig, seed: int) -> ImageDataset:
     if val is None and cfg.val_fraction > 0:
         keep, held = stratified_split(train.y, cfg.val_fraction, mix_seed(seed, 2))
         train, val = train.subset(keep), train.subset(held)
+    if cfg.imbalance is not None:
+        train = make_imbalanced(train, labels, cfg.imbalance.classes, cfg.imbalance.keep, mix_seed(seed, 4))
     if cfg.limit_train is not None and cfg.limit_train < len(train):
         g = torch.Generator().manual_seed(mix_seed(seed, 3))
         train = train.subset(torch.sort(torch.randperm(len(train), generator=g)[: cfg.limit_train]).values)

@@ -17,16 +17,39 @@ from bigmodel.evaluation.metrics import ClassificationMetrics
 class ClassificationTask:
     name = "image_classification"
 
-    def __init__(self, num_classes: int, labels: list[str] | None = None, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        labels: list[str] | None = None,
+        label_smoothing: float = 0.0,
+        *,
+        loss: str = "cross_entropy",
+        focal_gamma: float = 2.0,
+        class_weights: torch.Tensor | None = None,
+    ) -> None:
         self.num_classes = num_classes
         self.labels = labels
         self.label_smoothing = label_smoothing
+        self.loss_name = loss
+        self.focal_gamma = focal_gamma
+        self.class_weights = class_weights
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Mean training loss of one batch (cross-entropy with optional label smoothing, computed in fp32)."""
+        """Mean training loss of one batch, in fp32. Targets are class indices (B,) or, after mixup/cutmix, class
+        probabilities (B, K); optional label smoothing, class weights, focal loss."""
         x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        logits = model(x).float()
+        w = self.class_weights.to(logits.device) if self.class_weights is not None else None
+        if self.loss_name == "cross_entropy":
+            return F.cross_entropy(logits, y, weight=w, label_smoothing=self.label_smoothing)
+        target = F.one_hot(y, self.num_classes).float() if y.ndim == 1 else y
+        if self.label_smoothing:
+            target = target * (1 - self.label_smoothing) + self.label_smoothing / self.num_classes
+        logp = logits.log_softmax(dim=1)
+        per_class = -target * (1 - logp.exp()).pow(self.focal_gamma) * logp  # (B, K)
+        if w is not None:
+            per_class = per_class * w
+        return per_class.sum(dim=1).mean()
 
     def new_metrics(self, device: torch.device | str = "cpu") -> ClassificationMetrics:
         return ClassificationMetrics(self.num_classes, self.labels, device)

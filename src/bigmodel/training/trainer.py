@@ -4,7 +4,8 @@
 
 Mixed precision, accumulation, clipping, L1 and early stopping are options, not subclasses. `train_step` is one
 optimizer step and testable alone. Hooks (`Callback`) are a fixed, documented set: `on_fit_start`, `on_step_end`,
-`on_eval_end`, `on_fit_end`. Only rank 0 writes files (rank-aware I/O for DDP later).
+`on_eval_end`, `on_fit_end`; a callback may call `trainer.request_stop()`. Only rank 0 writes files (rank-aware
+I/O for DDP later).
 
 Exact resume: the data order and augmentation are functions of (seed, epoch, batch); the schedule is a function of
 the step; model, optimizer, RNG, epoch position, early-stopping state and best weights are in each checkpoint. A
@@ -144,6 +145,11 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._t_start = time.perf_counter()
         self._higher_better = cfg.monitor != "val_loss"
+        self._stop = False
+
+    def request_stop(self) -> None:
+        """Ask `fit` to stop after the current step (for callbacks: time budgets, targets reached)."""
+        self._stop = True
 
     # ------------------------------------------------------------------------------------------------- one step
     def autocast(self) -> Any:
@@ -196,7 +202,7 @@ class Trainer:
         check_every_step = self.device.type == "cpu"  # a finiteness check syncs accelerators: do it at log points there
         running = torch.zeros((), device=self.device)
         running_n = 0
-        while st.epoch < cfg.epochs and not st.stopped_early:
+        while st.epoch < cfg.epochs and not st.stopped_early and not self._stop:
             self.model.train()
             batches = iter(self.train_loader.epoch(st.epoch, start=st.batch_in_epoch))
             while st.batch_in_epoch + self.accum <= self.steps_per_epoch * self.accum:
@@ -222,6 +228,10 @@ class Trainer:
                 if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and not end_of_epoch:
                     self.save_checkpoint()
                 _fault("kill_after_step", st.step)
+                if self._stop:
+                    break
+            if self._stop:
+                break
             st.epoch += 1
             st.batch_in_epoch = 0
             if self.val_loader is not None and (st.epoch % cfg.eval_every == 0 or st.epoch == cfg.epochs):
