@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit_json, environment, print_env, print_table  # noqa: E402
-
 from bigmodel.api import train  # noqa: E402
 from bigmodel.config import load_recipe  # noqa: E402
 
@@ -47,10 +46,19 @@ def main() -> None:
                 minority_recall = statistics.mean(
                     c["recall"] for i, c in enumerate(per) if c["label"] in minority or str(i) in minority
                 )
-                runs.append({"minority_recall": minority_recall, "macro_f1": r.metrics["macro_f1"],
-                             "accuracy": r.metrics["accuracy"], "train_time_s": r.train_time_s})
-                print(f"{name} seed {seed}: minority recall {minority_recall:.4f} macro-F1 {r.metrics['macro_f1']:.4f}",
-                      file=sys.stderr, flush=True)
+                runs.append(
+                    {
+                        "minority_recall": minority_recall,
+                        "macro_f1": r.metrics["macro_f1"],
+                        "accuracy": r.metrics["accuracy"],
+                        "train_time_s": r.train_time_s,
+                    }
+                )
+                print(
+                    f"{name} seed {seed}: minority recall {minority_recall:.4f} macro-F1 {r.metrics['macro_f1']:.4f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             results[name] = {k: statistics.mean(x[k] for x in runs) for k in runs[0]}
     base = results["none"]
     figures = {
@@ -66,8 +74,10 @@ def main() -> None:
         emit_json(figures)
         return
     print_env(figures["environment"])
-    print_table(["balance", "minority recall", "macro-F1", "accuracy", "train s"],
-                [[k, v["minority_recall"], v["macro_f1"], v["accuracy"], v["train_time_s"]] for k, v in results.items()])
+    print_table(
+        ["balance", "minority recall", "macro-F1", "accuracy", "train s"],
+        [[k, v["minority_recall"], v["macro_f1"], v["accuracy"], v["train_time_s"]] for k, v in results.items()],
+    )
 
 
 if __name__ == "__main__":

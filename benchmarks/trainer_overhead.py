@@ -28,17 +28,18 @@ from bigmodel.config import load_recipe  # noqa: E402
 from bigmodel.data import standard  # noqa: E402
 from bigmodel.data.split import mix_seed  # noqa: E402
 from bigmodel.models import build_model  # noqa: E402
-from bigmodel.training.trainer import Trainer, cpu_has_native_bf16  # noqa: E402
+from bigmodel.training.trainer import cpu_has_native_bf16  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_experiment(steps: int, batch: int):
+def make_experiment(steps: int, batch: int, extra: list[str] | None = None):
     overrides = [
         f"data.limit_train={steps * batch}",
         "train.epochs=1",
         f"train.batch_size={batch}",
         "train.log_every=50",
+        *(extra or []),
     ]
     if not standard.has_idx_files(standard.IDX_SETS["fashion_mnist"].local_dirs[0]):
         overrides += ["data.source=digits"]  # shape differs, but both sides still run the same work
@@ -49,16 +50,7 @@ def make_experiment(steps: int, batch: int):
 def run_trainer(recipe, exp, run_dir: Path) -> float:
     torch.manual_seed(0)
     model = build_model(recipe.model.name, recipe.model.options, exp.data.input_shape, len(exp.data.labels))
-    trainer = Trainer(
-        recipe.train,
-        model,
-        exp.task,
-        exp.loader("train", train=True),
-        None,
-        device=exp.device,
-        run_dir=run_dir,
-        channels_last=exp.channels_last,
-    )
+    trainer = exp.trainer(run_dir=run_dir, model=model, validate=False)
     t0 = time.perf_counter()
     state = trainer.fit()
     return state.samples_seen / (time.perf_counter() - t0)

@@ -19,14 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit_json, environment, median, print_env, print_table  # noqa: E402
 from bigmodel.api import build_experiment  # noqa: E402
 from bigmodel.config import load_recipe  # noqa: E402
-from bigmodel.models import build_model  # noqa: E402
 from bigmodel.training.trainer import Callback, Trainer  # noqa: E402
 from trainer_overhead import compare  # noqa: E402
 
@@ -49,6 +46,9 @@ class TimeToAccuracy(Callback):
     def train_time(self) -> float:
         return time.perf_counter() - self.t0 - self.eval_time
 
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self.total = self.train_time()  # the whole fit, before any evaluation done after it
+
     def on_step_end(self, trainer: Trainer, loss: float | None) -> None:
         if trainer.state.step % self.every:
             return
@@ -65,18 +65,8 @@ class TimeToAccuracy(Callback):
 
 def run(recipe_path: Path, overrides: list[str], every: int, target: float | None) -> tuple[TimeToAccuracy, float]:
     recipe = load_recipe(recipe_path, [*overrides, "train.checkpoint_every=null"])
-    exp = build_experiment(recipe)
     cb = TimeToAccuracy(every, target)
-    trainer = Trainer(
-        recipe.train,
-        exp.model,
-        exp.task,
-        exp.loader("train", train=True),
-        exp.loader("val"),
-        device=exp.device,
-        callbacks=[cb],
-        channels_last=exp.channels_last,
-    )
+    trainer = build_experiment(recipe).trainer(callbacks=[cb])
     trainer.fit()
     final = trainer.evaluate(trainer.val_loader)["accuracy"]
     return cb, final
@@ -91,18 +81,7 @@ def throughput(precision: str, channels_last: bool, steps: int = 60) -> float:
             f"data.limit_train={steps * 256}",
         ],
     )
-    exp = build_experiment(recipe)
-    torch.manual_seed(0)
-    model = build_model(recipe.model.name, recipe.model.options, exp.data.input_shape, len(exp.data.labels))
-    t = Trainer(
-        recipe.train,
-        model,
-        exp.task,
-        exp.loader("train", train=True),
-        None,
-        device=exp.device,
-        channels_last=exp.channels_last,
-    )
+    t = build_experiment(recipe).trainer(validate=False)
     batches = list(t.train_loader.epoch(0))
     for b in batches[:5]:  # warm-up
         t.train_step([b])
@@ -118,14 +97,17 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
     ap.add_argument("--eval-every", type=int, default=50, help="steps between validation checks")
     ap.add_argument("--resnet", default="resnet-8")
+    ap.add_argument("--quick", action="store_true", help="a smoke run on 1,024 images (for tests; figures meaningless)")
     args = ap.parse_args()
-    figures: dict = {"environment": environment()}
+    figures: dict = {"environment": environment(), "quick": args.quick}
+    small = ["data.limit_train=1024", "train.epochs=1"] if args.quick else []
+    steps, rounds = (4, 1) if args.quick else (60, 3)
 
     # 1. time to the seed recipe's accuracy
-    seed_cb, seed_acc = run(ROOT / "recipes" / "seed_cnn.yaml", [], every=10**9, target=None)
-    seed_time = seed_cb.train_time()
+    seed_cb, seed_acc = run(ROOT / "recipes" / "seed_cnn.yaml", small, every=10**9, target=None)
+    seed_time = seed_cb.total
     print(f"seed recipe: val accuracy {seed_acc:.4f} after 5 epochs in {seed_time:.1f}s", file=sys.stderr)
-    ours_cb, _ = run(Path(args.recipe), [], every=args.eval_every, target=seed_acc)
+    ours_cb, _ = run(Path(args.recipe), small, every=2 if args.quick else args.eval_every, target=seed_acc)
     ours_time = ours_cb.reached_at
     print(f"bigmodel: reached {seed_acc:.4f} in {ours_time}s", file=sys.stderr)
     figures.update(
@@ -141,7 +123,7 @@ def main() -> None:
     rates = {}
     for precision in ("fp32", "bf16"):
         for cl in (False, True):
-            rates[(precision, cl)] = median([throughput(precision, cl) for _ in range(3)])
+            rates[(precision, cl)] = median([throughput(precision, cl, steps) for _ in range(rounds)])
     figures.update(
         {
             "samples_per_s_fp32": rates[("fp32", False)],
@@ -153,7 +135,7 @@ def main() -> None:
     )
 
     # 3. the Trainer against a hand-written loop on the ResNet
-    res = compare(100, 256, 3, [f"model={{name: {args.resnet}}}"])
+    res = compare(4 if args.quick else 100, 256, rounds, [f"model={{name: {args.resnet}}}"])
     figures.update(
         {
             "resnet_model": args.resnet,

@@ -94,6 +94,17 @@ def test_idx_set_download_with_checksums(tmp_path, http_server, monkeypatch, key
     assert torch.equal(train.x, train2.x)
 
 
+def test_download_from_a_local_file_url(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload")
+    md5 = hashlib.md5(b"payload").hexdigest()
+    out = download([src.as_uri()], tmp_path / "cache" / "f.bin", md5=md5)
+    assert out.read_bytes() == b"payload"
+    with pytest.raises(UserError, match=r"f2.bin \(.*checksum mismatch"):
+        download([src.as_uri()], tmp_path / "cache" / "f2.bin", md5="1" * 32)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["f.bin"]  # nothing partial left
+
+
 def test_download_rejects_a_bad_checksum_and_leaves_nothing(tmp_path, http_server):
     www, url = http_server
     (www / "f.bin").write_bytes(b"tampered")

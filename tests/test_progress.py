@@ -7,7 +7,6 @@ import io
 from bigmodel.api import build_experiment
 from bigmodel.config import validate_recipe
 from bigmodel.training.progress import ProgressCallback
-from bigmodel.training.trainer import Trainer
 from conftest import tiny_recipe
 
 
@@ -18,18 +17,7 @@ class FakeTTY(io.StringIO):
 
 def fit_with(stream, monkeypatch=None) -> str:
     recipe = validate_recipe(tiny_recipe(**{"train.epochs": 2}))
-    exp = build_experiment(recipe)
-    cb = ProgressCallback(stream=stream)
-    t = Trainer(
-        recipe.train,
-        exp.model,
-        exp.task,
-        exp.loader("train", train=True),
-        exp.loader("val"),
-        device=exp.device,
-        callbacks=[cb],
-        channels_last=exp.channels_last,
-    )
+    t = build_experiment(recipe).trainer(callbacks=[ProgressCallback(stream=stream)])
     t.fit()
     return stream.getvalue()
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_recipe
 
-# 3 epochs of digits in batches of 64, a checkpoint every 4 steps. Dropout, flip and crop augmentation are on,
-# so RNG and data-order restoration are both exercised.
+# 3 epochs of digits in batches of 64, a checkpoint every 4 steps. Dropout, flip, crop and mixup are on, so RNG and
+# data-order restoration are both exercised.
 RECIPE = tiny_recipe(
     **{
         "train.epochs": 3,
@@ -23,7 +23,7 @@ RECIPE = tiny_recipe(
         "train.checkpoint_every": 4,
         "train.schedule": {"name": "onecycle"},
         "train.early_stopping": {"patience": 5},
-        "data.augment": {"horizontal_flip": True, "random_crop_padding": 1},
+        "data.augment": {"horizontal_flip": True, "random_crop_padding": 1, "mixup_alpha": 0.2, "mix_prob": 0.5},
         "model.dropout": 0.3,
     }
 )

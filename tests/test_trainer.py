@@ -15,17 +15,7 @@ from conftest import tiny_recipe
 
 def make_trainer(run_dir=None, **over) -> Trainer:
     recipe = validate_recipe(tiny_recipe(**{"train.precision": "fp32", **over}))
-    exp = build_experiment(recipe)
-    return Trainer(
-        recipe.train,
-        exp.model,
-        exp.task,
-        exp.loader("train", train=True),
-        exp.loader("val"),
-        device=exp.device,
-        run_dir=run_dir,
-        channels_last=exp.channels_last,
-    )
+    return build_experiment(recipe).trainer(run_dir=run_dir)
 
 
 @pytest.mark.parametrize(

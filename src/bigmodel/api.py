@@ -68,6 +68,30 @@ class Experiment:
             sampling=r.data.balance if train and r.data.balance in ("oversample", "undersample") else "none",
         )
 
+    def trainer(
+        self,
+        *,
+        run_dir: Path | None = None,
+        callbacks: list[Any] | None = None,
+        model: Any = None,
+        validate: bool = True,
+    ) -> Any:
+        """A Trainer over this experiment's loaders (validation when the data has a val split and `validate`)."""
+        from bigmodel.training.trainer import Trainer
+
+        has_val = validate and self.data.val is not None and len(self.data.val) > 0
+        return Trainer(
+            self.recipe.train,
+            self.model if model is None else model,
+            self.task,
+            self.loader("train", train=True),
+            self.loader("val") if has_val else None,
+            device=self.device,
+            run_dir=run_dir,
+            callbacks=callbacks,
+            channels_last=self.channels_last,
+        )
+
 
 def build_experiment(recipe: Recipe) -> Experiment:
     import torch
@@ -158,17 +182,7 @@ def train(
 
     cbs = list(callbacks or [])
     cbs.append(ProgressCallback(enabled=progress))
-    trainer = Trainer(
-        recipe.train,
-        exp.model,
-        exp.task,
-        exp.loader("train", train=True),
-        exp.loader("val") if exp.data.val is not None and len(exp.data.val) else None,
-        device=exp.device,
-        run_dir=run_dir,
-        callbacks=cbs,
-        channels_last=exp.channels_last,
-    )
+    trainer = exp.trainer(run_dir=run_dir, callbacks=cbs)
     ckpt_root = run_dir / "checkpoints"
     if resume is not None:
         ckpt.clean_partial(ckpt_root)

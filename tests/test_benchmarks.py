@@ -1,0 +1,41 @@
+"""The benchmarks run and print one JSON object with their ratios (tiny sizes: the figures are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bigmodel.data import standard
+from conftest import ROOT
+
+needs_fashion = pytest.mark.skipif(
+    not standard.has_idx_files(standard.IDX_SETS["fashion_mnist"].local_dirs[0]), reason="Fashion-MNIST not installed"
+)
+
+
+def run_bench(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_trainer_overhead_json():
+    out = run_bench("benchmarks/trainer_overhead.py", "--steps", "4", "--rounds", "1", "--json")
+    assert out["trainer_vs_hand_loop_ratio"] > 0 and out["environment"]["torch"].startswith("2.")
+
+
+@needs_fashion
+def test_quickstart_json():
+    out = run_bench("benchmarks/quickstart.py", "--seeds", "0", "--json", "train.epochs=1", "data.limit_train=512")
+    assert 0 <= out["test_accuracy_mean"] <= 1 and out["train_time_s_mean"] > 0
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_vision_quick_json():
+    out = run_bench("benchmarks/vision.py", "--quick", "--json")
+    assert out["bf16_channels_last_ratio"] > 0 and out["resnet_trainer_vs_hand_loop_ratio"] > 0
+    assert "speedup_vs_seed_ratio" in out
