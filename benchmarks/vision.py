@@ -135,7 +135,7 @@ def main() -> None:
     )
 
     # 3. the Trainer against a hand-written loop on the ResNet
-    res = compare(4 if args.quick else 100, 256, rounds, [f"model={{name: {args.resnet}}}"])
+    res = compare(12 if args.quick else 100, 256, rounds, [f"model={{name: {args.resnet}}}"])
     figures.update(
         {
             "resnet_model": args.resnet,

@@ -23,7 +23,7 @@ def run_bench(*args: str) -> dict:
 
 
 def test_trainer_overhead_json():
-    out = run_bench("benchmarks/trainer_overhead.py", "--steps", "4", "--rounds", "1", "--json")
+    out = run_bench("benchmarks/trainer_overhead.py", "--steps", "12", "--rounds", "1", "--json")
     assert out["trainer_vs_hand_loop_ratio"] > 0 and out["environment"]["torch"].startswith("2.")
 
 
