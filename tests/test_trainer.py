@@ -172,3 +172,15 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(v).all() for v in load_file(str(weights)).values())
+
+
+def test_early_stopping_counts_only_evaluations_without_improvement():
+    t = make_trainer(**{"train.early_stopping": {"patience": 2, "min_delta": 0.01}})
+    seq = [0.50, 0.60, 0.605, 0.70, 0.69, 0.705, 0.71]  # improvements: 1st, 2nd, 4th; 0.605 and 0.705 are < min_delta
+    stopped_at = None
+    for i, acc in enumerate(seq):
+        t._after_eval({"accuracy": acc, "loss": 1.0})
+        if t.state.stopped_early and stopped_at is None:
+            stopped_at = i
+    assert stopped_at == 5  # two evaluations in a row (0.69, 0.705) failed to beat 0.70 by 0.01
+    assert t.state.best_value == pytest.approx(0.70)

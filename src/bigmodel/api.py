@@ -14,6 +14,7 @@ import yaml
 
 from bigmodel.config import Recipe, read_yaml, validate_recipe
 from bigmodel.errors import TrainingDiverged, UserError
+from bigmodel.fileio import write_json_atomic, write_text_atomic
 from bigmodel.runs import (
     Preprocess,
     RunIndex,
@@ -22,8 +23,6 @@ from bigmodel.runs import (
     new_run_dir,
     require_run_dir,
     save_artifact,
-    write_json_atomic,
-    write_text_atomic,
 )
 from bigmodel.training.distributed import is_main_process
 

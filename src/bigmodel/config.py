@@ -75,11 +75,12 @@ class DataConfig(Strict):
     """`image_folder`: the ROOT of `ROOT/<split>/<class>/*.png`; `image_csv`: the CSV file; the standard sets: a folder
     with their files (CIFAR: or the .tar.gz), instead of the OS package copy / cache / download."""
     download: bool = True
-    """`fashion_mnist`: download the official files into the cache when no local copy is found."""
+    """The standard sets: download the official files (MD5-checked) into the cache when no local copy is found."""
     cache_dir: Path | None = None
     """Where downloads go (default: `$BIGMODEL_HOME/cache`, `~/.cache/bigmodel` when unset)."""
     image_size: Annotated[list[Annotated[int, Field(ge=4, le=4096)]], Field(min_length=2, max_length=2)] | None = None
-    """`[height, width]` to resize every image to (`image_folder`); default: the size of the first training image."""
+    """`[height, width]` to resize every image to (`image_folder`, `image_csv`); default: the size of the first
+    training image."""
     channels: Literal[1, 3] | None = None
     """`image_folder`, `image_csv`: 1 (grey) or 3 (RGB); default: 1 when every training image is grey, else 3."""
     path_column: str = "path"

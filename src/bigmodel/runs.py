@@ -27,18 +27,6 @@ from bigmodel.errors import UserError
 ARTIFACT_FORMAT = 1
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # -------------------------------------------------------------------------------------------------- environment
 def git_sha(cwd: Path | None = None) -> str | None:
     try:

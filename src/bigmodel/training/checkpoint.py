@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bigmodel.errors import UserError
+from bigmodel.fileio import fsync_dir, write_text_atomic
 
 FORMAT_VERSION = 1
 
@@ -32,33 +33,11 @@ def _fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     # safetensors wants contiguous, unshared storage; channels_last weights are made contiguous here (values unchanged).
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(path))
     with path.open("rb+") as f:
         os.fsync(f.fileno())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -107,13 +86,13 @@ def save_checkpoint(
         json.dump({"format_version": FORMAT_VERSION, **state}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # the same step saved twice (e.g. resumed right after it): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     write_text_atomic(ckpt_root / "latest", name + "\n")
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -25,6 +25,7 @@ from torch import nn
 
 from bigmodel.config import TrainConfig
 from bigmodel.errors import TrainingDiverged, UserError
+from bigmodel.fileio import write_text_atomic
 from bigmodel.training import checkpoint as ckpt
 from bigmodel.training.checkpoint import _fault
 from bigmodel.training.distributed import is_main_process
@@ -377,4 +378,4 @@ class Trainer:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by the kill
-        ckpt.write_text_atomic(path, "".join(x + "\n" for x in keep))
+        write_text_atomic(path, "".join(x + "\n" for x in keep))
