@@ -124,3 +124,23 @@ def write_cifar_fixture(folder: Path, key: str, n_train=30, n_test=10) -> np.nda
         (d / "fine_label_names.txt").write_text("\n".join(f"fine{i}" for i in range(100)) + "\n")
         (d / "coarse_label_names.txt").write_text("\n".join(f"coarse{i}" for i in range(20)) + "\n")
     return first
+
+
+def write_aclimdb_fixture(root: Path, n_train: int = 6, n_test: int = 4) -> Path:
+    """A tiny copy of the Stanford aclImdb layout: <split>/{pos,neg}/<id>_<stars>.txt with `<br />` markup,
+    plus an `unsup/` folder that must be ignored."""
+    words = {
+        "pos": ["great fun and a wonderful story", "truly wonderful acting", "a great film", "loved it"],
+        "neg": ["boring and awful", "a dull terrible plot", "awful dialogue, dull film", "hated it"],
+    }
+    for split, n in (("train", n_train), ("test", n_test)):
+        for label, texts in words.items():
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                stars = 7 + i % 4 if label == "pos" else 1 + i % 4
+                (root / split / label / f"{i}_{stars}.txt").write_text(
+                    f"{texts[i % 4]}<br /><br />review {i}", encoding="utf-8"
+                )
+    (root / "train" / "unsup").mkdir(exist_ok=True)
+    (root / "train" / "unsup" / "0_0.txt").write_text("ignored", encoding="utf-8")
+    return root

@@ -39,3 +39,10 @@ def test_vision_quick_json():
     out = run_bench("benchmarks/vision.py", "--quick", "--json")
     assert out["bf16_channels_last_ratio"] > 0 and out["resnet_trainer_vs_hand_loop_ratio"] > 0
     assert "speedup_vs_seed_ratio" in out
+
+
+def test_text_quick_json():
+    out = run_bench("benchmarks/text.py", "--quick", "--seeds", "0", "--json")
+    assert 0 < out["tfidf_logreg"]["accuracy"] <= 1
+    for name in ("tweets_transformer", "tweets_lstm", "tweets_fasttext"):
+        assert out[f"{name}_accuracy_ratio"] > 0 and out[name]["train_time_s"] > 0

@@ -1,6 +1,6 @@
-"""Every shipped recipe trains in its debug size (1 epoch on a few hundred images) through the real CLI.
+"""Every shipped recipe trains in its debug size (1 epoch on at most 512 examples) through the real CLI.
 
-Recipes whose data is not available offline (MNIST, CIFAR) train on a small fixture written in the data set's true
+Recipes whose data is not available offline (MNIST, CIFAR, IMDB) train on a small fixture written in the data set's true
 on-disk format, passed as `data.path`.
 """
 
@@ -12,7 +12,7 @@ import pytest
 
 from bigmodel.config import load_recipe
 from bigmodel.data import standard
-from conftest import ROOT, run_cli, write_cifar_fixture, write_fashion_fixture
+from conftest import ROOT, run_cli, write_aclimdb_fixture, write_cifar_fixture, write_fashion_fixture
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
@@ -30,6 +30,8 @@ def test_recipe_debug_size_trains(path, tmp_path):
     elif source in ("cifar10", "cifar100"):
         write_cifar_fixture(tmp_path / "cifar", source, n_train=300, n_test=50)
         extra = [f"data.path={tmp_path / 'cifar'}"]
+    elif source == "aclimdb":
+        extra = [f"data.path={write_aclimdb_fixture(tmp_path / 'aclImdb', n_train=40, n_test=10)}"]
     out = tmp_path / "run"
     run_cli(
         "train",

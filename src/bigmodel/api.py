@@ -49,23 +49,7 @@ class Experiment:
     channels_last: bool
 
     def loader(self, split: str, train: bool = False) -> Any:
-        from bigmodel.data.loader import BatchLoader, Normalizer
-
-        r = self.recipe
-        norm = Normalizer(self.preprocess.mean, self.preprocess.std, self.device)
-        return BatchLoader(
-            self.data.split(split),
-            r.train.batch_size if train else r.eval.batch_size,
-            norm,
-            shuffle=train,
-            seed=r.seed,
-            augment=r.data.augment if train else None,
-            drop_last=train,
-            channels_last=self.channels_last,
-            device=self.device,
-            num_classes=len(self.data.labels),
-            sampling=r.data.balance if train and r.data.balance in ("oversample", "undersample") else "none",
-        )
+        return make_loader(self.recipe, self.data, self.preprocess, split, train, self.device, self.channels_last)
 
     def trainer(
         self,
@@ -92,23 +76,105 @@ class Experiment:
         )
 
 
+def make_loader(
+    recipe: Recipe,
+    data: Any,
+    pre: Preprocess,
+    split: str,
+    train: bool = False,
+    device: Any = "cpu",
+    channels_last: bool = False,
+    batch_size: int | None = None,
+) -> Any:
+    """The batch loader of `split`: training order, augmentation and balancing when `train`, else in order."""
+    from bigmodel.data.loader import BatchLoader, Normalizer, SequenceLoader
+
+    r = recipe
+    bs = batch_size or (r.train.batch_size if train else r.eval.batch_size)
+    sampling = r.data.balance if train and r.data.balance in ("oversample", "undersample") else "none"
+    if pre.kind != "image":
+        return SequenceLoader(
+            data.split(split), bs, shuffle=train, seed=r.seed, drop_last=train, device=device, sampling=sampling
+        )
+    assert pre.mean is not None and pre.std is not None
+    return BatchLoader(
+        data.split(split),
+        bs,
+        Normalizer(pre.mean, pre.std, device),
+        shuffle=train,
+        seed=r.seed,
+        augment=r.data.augment if train else None,
+        drop_last=train,
+        channels_last=channels_last,
+        device=device,
+        num_classes=len(data.labels),
+        sampling=sampling,
+    )
+
+
+def prepare_data(recipe: Recipe, pre: Preprocess | None = None) -> tuple[Any, Preprocess]:
+    """Load the recipe's data and put it in model form. Without `pre`, fit the preprocessing on the training split
+    (normalisation statistics, the tokenizer); with `pre` (from an artifact), apply exactly that."""
+    cfg, seed = recipe.data, recipe.seed
+    if recipe.task == "image_classification":
+        from bigmodel.data.sources import load_data
+
+        data = load_data(cfg, seed)
+        if pre is None:
+            mean, std = data.channel_stats()
+            pre = Preprocess(
+                labels=data.labels,
+                mean=mean,
+                std=std,
+                input_shape=list(data.input_shape),
+                tta_flip=recipe.eval.tta_flip,
+            )
+        return data, pre
+    if recipe.task == "sequence_classification":
+        from bigmodel.data.sequences import SeqDataset, load_sequences, standardize
+
+        seq = load_sequences(cfg, seed)
+        if pre is None:
+            mean, std = seq.feature_stats() if cfg.normalize else (None, None)
+            spec = {"kind": "sequence", "features": seq.num_features}
+            pre = Preprocess(labels=seq.labels, mean=mean, std=std, input_shape=spec, kind="sequence")
+        elif pre.input_shape.get("features") != seq.num_features:
+            raise UserError(
+                f"the data has {seq.num_features} features per step, the model expects {pre.input_shape['features']}"
+            )
+        if pre.mean is not None and pre.std is not None:
+            m, sd = pre.mean, pre.std
+            parts = [standardize(s, m, sd) if s is not None else None for s in (seq.train, seq.val, seq.test)]
+            seq = SeqDataset(parts[0], parts[1], parts[2], seq.labels)  # type: ignore[arg-type]
+        return seq, pre
+    from bigmodel.data.text import load_text, tokenize_dataset, train_tokenizer
+
+    text = load_text(cfg, seed)
+    if pre is None:
+        tok = train_tokenizer(cfg.tokenizer, text.train.texts)
+        spec = {
+            "kind": "text",
+            "vocab_size": tok.get_vocab_size(),
+            "pad_id": 0,
+            "has_cls": cfg.tokenizer.add_cls,
+            "tokenizer": cfg.tokenizer.kind,
+        }
+        pre = Preprocess(labels=text.labels, mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
+    return tokenize_dataset(text, pre.tokenizer), pre
+
+
 def build_experiment(recipe: Recipe) -> Experiment:
     import torch
 
-    from bigmodel.data.sources import load_data
     from bigmodel.models import build_model
     from bigmodel.tasks.classification import ClassificationTask
     from bigmodel.training.trainer import resolve_device
 
     device = resolve_device(recipe.train.device)
-    data = load_data(recipe.data, recipe.seed)
-    mean, std = data.channel_stats()
-    pre = Preprocess(
-        labels=data.labels, mean=mean, std=std, input_shape=list(data.input_shape), tta_flip=recipe.eval.tta_flip
-    )
+    data, pre = prepare_data(recipe)
     torch.manual_seed(recipe.seed)  # weight init depends on the seed only
     try:
-        model = build_model(recipe.model.name, recipe.model.options, data.input_shape, len(data.labels))
+        model = build_model(recipe.model.name, recipe.model.options, pre.input_shape, len(data.labels))
     except ValueError as e:
         raise UserError(f"model.name {recipe.model.name!r}: {e}") from None
     cl = recipe.train.channels_last
@@ -128,7 +194,8 @@ def build_experiment(recipe: Recipe) -> Experiment:
         focal_gamma=recipe.train.focal_gamma,
         class_weights=weights,
     )
-    return Experiment(recipe, data, pre, model, task, device, channels_last and device.type != "mps")
+    channels_last = channels_last and pre.kind == "image" and device.type != "mps"
+    return Experiment(recipe, data, pre, model, task, device, channels_last)
 
 
 def _recipe_yaml(recipe: Recipe) -> str:
@@ -250,20 +317,15 @@ def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = 
     """Metrics of the run's saved model on `split` of the run's own data (rebuilt from its recipe and seed)."""
     import torch
 
-    from bigmodel.data.loader import BatchLoader, Normalizer
-    from bigmodel.data.sources import load_data
     from bigmodel.tasks.classification import ClassificationTask
 
     run_dir = require_run_dir(run_dir)
     recipe = validate_recipe(read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))
     art = load_artifact(run_dir)
-    data = load_data(recipe.data, recipe.seed)
     if split not in ("train", "val", "test"):
         raise UserError(f"--split {split!r}: expected test, val or train")
-    part = data.split(split)
-    loader = BatchLoader(
-        part, batch_size or recipe.eval.batch_size, Normalizer(art.preprocess.mean, art.preprocess.std), shuffle=False
-    )
+    data, _ = prepare_data(recipe, art.preprocess)
+    loader = make_loader(recipe, data, art.preprocess, split, batch_size=batch_size)
     task = ClassificationTask(len(art.labels), art.labels)
     metrics = task.new_metrics()
     with torch.inference_mode():
@@ -272,10 +334,23 @@ def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = 
     return {"run_dir": str(run_dir), "split": split, **metrics.compute()}
 
 
-def predict(run_dir: str | Path, files: list[str | Path], top_k: int = 1) -> list[dict[str, Any]]:
-    """Top-k labels for image files, from the run's artifact alone."""
+def predict(
+    run_dir: str | Path,
+    files: list[str | Path] | None = None,
+    top_k: int = 1,
+    *,
+    texts: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Top-k labels from the run's artifact alone: image files, sequence files (.ts, .npy, .npz, .csv) for sequence
+    models, strings (`texts`) for text models."""
     art = load_artifact(run_dir)
-    for f in files:
+    if art.kind == "text":
+        if files:
+            raise UserError(f"{run_dir}: a text model takes strings (or --lines FILE), not files")
+        return art.predict_texts(list(texts or []), top_k=top_k)
+    if texts:
+        raise UserError(f"{run_dir}: this is an {art.kind} model; give files, not text")
+    for f in files or []:
         if not Path(f).is_file():
-            raise UserError(f"{f}: image file not found")
-    return art.predict_files(files, top_k=top_k)
+            raise UserError(f"{f}: {'image' if art.kind == 'image' else 'sequence'} file not found")
+    return art.predict_files(list(files or []), top_k=top_k)

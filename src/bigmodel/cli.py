@@ -118,19 +118,46 @@ def evaluate(
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="A run directory or model artifact folder.")],
-    files: Annotated[list[Path], typer.Argument(help="Image files.")],
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(help="Image files or sequence files (.ts .npy .npz .csv); for a text model, the texts."),
+    ] = None,
+    lines: Annotated[
+        Path | None, typer.Option("--lines", help="Text models: a UTF-8 file with one text per line.")
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels per input.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ) -> None:
-    """Predict labels for image files with a trained model."""
+    """Predict labels with a trained model: image or sequence files, or texts (arguments or --lines FILE)."""
     from bigmodel import api
+    from bigmodel.runs import load_artifact
 
-    results = api.predict(run_dir, list(files), top_k=top_k)
+    art = load_artifact(run_dir)
+    items = list(inputs or [])
+    if art.kind == "text":
+        texts = items
+        if lines is not None:
+            if not lines.is_file():
+                raise UserError(f"--lines {lines}: file not found")
+            try:
+                texts += [t for t in lines.read_text(encoding="utf-8").splitlines() if t.strip()]
+            except UnicodeDecodeError:
+                raise UserError(f"--lines {lines}: not a UTF-8 text file") from None
+        if not texts:
+            raise UserError("nothing to predict: give texts as arguments or --lines FILE")
+        results = api.predict(run_dir, texts=texts, top_k=top_k)
+    else:
+        if lines is not None:
+            raise UserError(f"--lines is for text models; {run_dir} is an {art.kind} model (give files)")
+        if not items:
+            raise UserError("nothing to predict: give one or more files")
+        results = api.predict(run_dir, [Path(f) for f in items], top_k=top_k)
     if as_json:
         _echo_json({"predictions": results})
         return
     for r in results:
-        typer.echo(f"{r['file']}\t" + "\t".join(f"{p['label']} {p['score']:.4f}" for p in r["top_k"]))
+        name = r.get("file", r.get("text", "")).replace("\t", " ").replace("\n", " ")
+        typer.echo(f"{name}\t" + "\t".join(f"{p['label']} {p['score']:.4f}" for p in r["top_k"]))
 
 
 # --------------------------------------------------------------------------------------------------------- runs

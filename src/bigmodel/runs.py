@@ -18,7 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +98,16 @@ def new_run_dir(out: str | Path | None, name: str) -> Path:
 # --------------------------------------------------------------------------------------------------- artifacts
 @dataclass
 class Preprocess:
+    """Everything between raw input and the model, saved with it: label names, input description, normalisation
+    (images: per channel; sequences: per feature, or none) and, for text, the tokenizer (`tokenizer.json`)."""
+
     labels: list[str]
-    mean: list[float]
-    std: list[float]
-    input_shape: list[int]  # [C, H, W]
+    mean: list[float] | None
+    std: list[float] | None
+    input_shape: Any  # [C, H, W] for images; {"kind": "sequence" | "text", ...} otherwise
     tta_flip: bool = False  # average the logits of each image and its mirror image
+    kind: str = "image"  # image | sequence | text
+    tokenizer: Any = field(default=None, repr=False, compare=False)  # a `tokenizers.Tokenizer` (text)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,6 +116,7 @@ class Preprocess:
             "std": self.std,
             "input_shape": self.input_shape,
             "tta_flip": self.tta_flip,
+            "kind": self.kind,
         }
 
 
@@ -144,6 +150,8 @@ def save_artifact(
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (tmp / "preprocess.json").write_text(json.dumps(preprocess.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if preprocess.tokenizer is not None:
+        (tmp / "tokenizer.json").write_text(preprocess.tokenizer.to_str(), encoding="utf-8")
     if folder.exists():
         shutil.rmtree(folder)
     os.rename(tmp, folder)
@@ -184,9 +192,13 @@ class Artifact:
         if self.config.get("format_version") != ARTIFACT_FORMAT:
             raise UserError(f"{folder}: artifact format {self.config.get('format_version')} is not {ARTIFACT_FORMAT}")
         self.preprocess = Preprocess(**pre)
+        if self.preprocess.kind == "text":
+            from bigmodel.data.text import load_tokenizer
+
+            self.preprocess.tokenizer = load_tokenizer(folder / "tokenizer.json")
         model_cfg = dict(self.config["model"])
         name = model_cfg.pop("name")
-        self.model = build_model(name, model_cfg, tuple(self.config["input_shape"]), self.config["num_classes"])
+        self.model = build_model(name, model_cfg, self.config["input_shape"], self.config["num_classes"])
         try:
             state = load_file(str(folder / "model.safetensors"))
         except (OSError, ValueError) as e:
@@ -194,8 +206,16 @@ class Artifact:
         self.model.load_state_dict(state)
         self.model.eval()
         self.inference_model = FlipTTA(self.model) if self.preprocess.tta_flip else self.model
-        self.normalizer = Normalizer(self.preprocess.mean, self.preprocess.std)
+        self.normalizer = (
+            Normalizer(self.preprocess.mean, self.preprocess.std)
+            if self.preprocess.kind == "image" and self.preprocess.mean is not None
+            else None
+        )
         self._torch = torch
+
+    @property
+    def kind(self) -> str:
+        return self.preprocess.kind
 
     @property
     def labels(self) -> list[str]:
@@ -204,6 +224,7 @@ class Artifact:
     def predict_proba(self, images: Any, batch_size: int = 256) -> Any:
         """Class probabilities for uint8 images (N, C, H, W) already at the model's input size."""
         torch = self._torch
+        assert self.normalizer is not None, "predict_proba takes images; use predict_texts / predict_sequences"
         outs = []
         with torch.inference_mode():
             for i in range(0, len(images), batch_size):
@@ -224,18 +245,73 @@ class Artifact:
             else self._torch.zeros((0, C, H, W), dtype=self._torch.uint8)
         )
 
-    def predict_files(self, files: list[str | Path], top_k: int = 1) -> list[dict[str, Any]]:
-        probs = self.predict_proba(self.load_images(files))
+    def _proba_padded(self, x: Any, lengths: Any, batch_size: int = 256) -> Any:
+        """Probabilities for padded sequences / token ids with lengths; batches sorted by length (less padding)."""
+        torch = self._torch
+        order = torch.argsort(lengths, descending=True)
+        probs = torch.zeros((len(lengths), len(self.labels)))
+        with torch.inference_mode():
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                T = int(lengths[idx].max())
+                logits = self.model(x[idx][:, :T], lengths[idx]).float()
+                probs[idx] = logits.softmax(dim=1)
+        return probs
+
+    def encode_texts(self, texts: list[str]) -> tuple[Any, Any]:
+        from bigmodel.data.text import encode
+
+        if self.kind != "text":
+            raise UserError(f"{self.folder}: this is a {self.kind} model; it does not take text")
+        return encode(self.preprocess.tokenizer, texts)
+
+    def predict_texts_proba(self, texts: list[str], batch_size: int = 256) -> Any:
+        x, lengths = self.encode_texts(texts)
+        return self._proba_padded(x, lengths, batch_size)
+
+    def prepare_sequences(self, seqs: list[Any]) -> tuple[Any, Any]:
+        """(T, F) float arrays → standardised, zero-padded (N, T, F) and lengths, as in training."""
+        from bigmodel.data.sequences import SeqSplit, pad_sequences, standardize
+
+        x, lengths = pad_sequences(seqs)
+        if self.preprocess.mean is not None and self.preprocess.std is not None:
+            split = standardize(SeqSplit(x, lengths, lengths), self.preprocess.mean, self.preprocess.std)
+            x = split.x
+        return x, lengths
+
+    def predict_sequences_proba(self, seqs: list[Any], batch_size: int = 256) -> Any:
+        x, lengths = self.prepare_sequences(seqs)
+        return self._proba_padded(x, lengths, batch_size)
+
+    def _top(self, names: list[str], probs: Any, top_k: int, key: str) -> list[dict[str, Any]]:
         k = max(1, min(top_k, len(self.labels)))
         results = []
-        for f, p in zip(files, probs, strict=True):
+        for name, p in zip(names, probs, strict=True):
             scores, idx = p.topk(k)
             top = [
                 {"label": self.labels[i], "score": round(s, 6)}
                 for s, i in zip(scores.tolist(), idx.tolist(), strict=True)
             ]
-            results.append({"file": str(f), "label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+            results.append({key: name, "label": top[0]["label"], "score": top[0]["score"], "top_k": top})
         return results
+
+    def predict_files(self, files: list[str | Path], top_k: int = 1) -> list[dict[str, Any]]:
+        """Images, or sequence files (.ts, .npy, .npz, .csv) for a sequence model."""
+        if self.kind == "sequence":
+            from bigmodel.data.sequences import read_sequence_file
+
+            seqs, names = [], []
+            for f in files:
+                s, n = read_sequence_file(Path(f), int(self.preprocess.input_shape["features"]))
+                seqs += s
+                names += n
+            return self._top(names, self.predict_sequences_proba(seqs), top_k, "file")
+        if self.kind == "text":
+            raise UserError(f"{self.folder}: a text model takes strings (or --lines FILE), not files")
+        return self._top([str(f) for f in files], self.predict_proba(self.load_images(files)), top_k, "file")
+
+    def predict_texts(self, texts: list[str], top_k: int = 1) -> list[dict[str, Any]]:
+        return self._top(texts, self.predict_texts_proba(texts), top_k, "text")
 
 
 def load_artifact(path: str | Path) -> Artifact:

@@ -7,11 +7,13 @@ has no hidden state: `epoch(e, start=k)` resumes mid-epoch exactly where an inte
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from bigmodel.config import AugmentConfig
 from bigmodel.data.augment import augment_batch, is_identity, mix_batch, uses_mixing
+from bigmodel.data.sequences import SeqSplit
 from bigmodel.data.sources import ImageSplit
 from bigmodel.data.split import mix_seed
 
@@ -35,7 +37,7 @@ class BatchLoader:
         self,
         split: ImageSplit,
         batch_size: int,
-        normalizer: Normalizer,
+        normalizer: Normalizer | None,
         *,
         shuffle: bool,
         seed: int = 0,
@@ -100,28 +102,61 @@ class BatchLoader:
         order = torch.cat(picks)
         return order[torch.randperm(len(order), generator=g)].to(self.device)
 
-    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Any, torch.Tensor]]:
         """Yield (x, y) batches of `epoch`, beginning at batch index `start`."""
         perm = self.order(epoch)
         n = len(self.y) if perm is None else len(perm)
         for i in range(start, len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
-            if perm is None:
-                xb, yb = self.x[lo:hi], self.y[lo:hi]
-            else:
-                idx = perm[lo:hi]
-                xb, yb = self.x[idx], self.y[idx]
-            g = None
-            if self.augment is not None:
-                g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
-                xb = augment_batch(xb, self.augment, g)
-            xb = self.normalizer(xb)
-            if self.mixing:
-                assert g is not None and self.num_classes is not None and self.augment is not None
-                xb, yb = mix_batch(xb, yb, self.num_classes, self.augment, g)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb
+            yield self._batch(slice(lo, hi) if perm is None else perm[lo:hi], epoch, i)
+
+    def _batch(self, idx: slice | torch.Tensor, epoch: int, i: int) -> tuple[Any, torch.Tensor]:
+        xb, yb = self.x[idx], self.y[idx]
+        g = None
+        if self.augment is not None:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
+            xb = augment_batch(xb, self.augment, g)
+        assert self.normalizer is not None
+        xb = self.normalizer(xb)
+        if self.mixing:
+            assert g is not None and self.num_classes is not None and self.augment is not None
+            xb, yb = mix_batch(xb, yb, self.num_classes, self.augment, g)
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb, yb
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
+
+
+class SequenceLoader(BatchLoader):
+    """Batches of padded sequences: x is `(values, lengths)`, values (B, T_b, F) float or (B, T_b) token ids, cut to
+    the longest sequence in the batch (so short batches cost less). Same seeded order and balancing as images."""
+
+    def __init__(
+        self,
+        split: SeqSplit,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        device: torch.device | str = "cpu",
+        sampling: str = "none",
+    ) -> None:
+        super().__init__(
+            split,  # type: ignore[arg-type]
+            batch_size,
+            None,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            device=device,
+            sampling=sampling,
+        )
+        self.lengths = split.lengths.to(device)
+
+    def _batch(self, idx: slice | torch.Tensor, epoch: int, i: int) -> tuple[Any, torch.Tensor]:
+        lengths = self.lengths[idx]
+        T = int(lengths.max()) if len(lengths) else 1
+        return (self.x[idx][:, :T], lengths), self.y[idx]

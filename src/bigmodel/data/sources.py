@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -184,9 +185,7 @@ def load_image_csv(cfg: DataConfig) -> tuple[ImageSplit, ImageSplit | None, Imag
 
 
 # ------------------------------------------------------------------------------------------------------ imbalance
-def make_imbalanced(
-    split: ImageSplit, labels: list[str], classes: list[int | str], keep: float, seed: int
-) -> ImageSplit:
+def make_imbalanced(split: Any, labels: list[str], classes: list[int | str], keep: float, seed: int) -> Any:
     """Keep a seeded `keep` fraction (at least one) of each class in `classes`; every other class stays whole."""
     chosen = []
     for c in classes:
@@ -210,7 +209,7 @@ def make_imbalanced(
 
 # ---------------------------------------------------------------------------------------------------------- entry
 def load_data(cfg: DataConfig, seed: int) -> ImageDataset:
-    """Load the recipe's data with train/val/test splits; carved splits depend only on `seed`."""
+    """Load the recipe's image data with train/val/test splits; carved splits depend only on `seed`."""
     val = test = None
     if cfg.source in IDX_SOURCES or cfg.source in CIFAR_SOURCES:
         train, test, labels = load_standard(cfg)
@@ -220,8 +219,15 @@ def load_data(cfg: DataConfig, seed: int) -> ImageDataset:
         train, val, test, labels = load_image_folder(cfg)
     elif cfg.source == "image_csv":
         train, val, test, labels = load_image_csv(cfg)
-    else:  # pragma: no cover - the schema allows only the sources above
-        raise UserError(f"data.source {cfg.source!r} is not supported")
+    else:
+        raise UserError(f"data.source {cfg.source!r} is not an image source")
+    train, val, test = finish_splits(train, val, test, labels, cfg, seed)
+    return ImageDataset(train, val, test, labels)
+
+
+def finish_splits(train: Any, val: Any, test: Any, labels: list[str], cfg: DataConfig, seed: int) -> tuple[Any, ...]:
+    """Carve the missing test and validation splits (seeded, stratified), then apply `imbalance` and
+    `limit_train`. Works for any split type with `.y` and `.subset(idx)`."""
     if test is None:
         keep, held = stratified_split(train.y, cfg.test_fraction, mix_seed(seed, 1))
         train, test = train.subset(keep), train.subset(held)
@@ -235,4 +241,4 @@ def load_data(cfg: DataConfig, seed: int) -> ImageDataset:
         train = train.subset(torch.sort(torch.randperm(len(train), generator=g)[: cfg.limit_train]).values)
     if len(train) == 0:
         raise UserError("the training split is empty")
-    return ImageDataset(train, val, test, labels)
+    return train, val, test

@@ -14,8 +14,15 @@ from torch import nn
 from bigmodel.evaluation.metrics import ClassificationMetrics
 
 
+def forward(model: nn.Module, x: Any) -> torch.Tensor:
+    """Images: `model(x)`; sequences and text: x is `(values, lengths)` → `model(values, lengths)`."""
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
+
+
 class ClassificationTask:
-    name = "image_classification"
+    """Image, sequence and text classification share this: the inputs differ, the loss and metrics do not."""
+
+    name = "classification"
 
     def __init__(
         self,
@@ -34,11 +41,11 @@ class ClassificationTask:
         self.focal_gamma = focal_gamma
         self.class_weights = class_weights
 
-    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: tuple[Any, torch.Tensor]) -> torch.Tensor:
         """Mean training loss of one batch, in fp32. Targets are class indices (B,) or, after mixup/cutmix, class
         probabilities (B, K); optional label smoothing, class weights, focal loss."""
         x, y = batch
-        logits = model(x).float()
+        logits = forward(model, x).float()
         w = self.class_weights.to(logits.device) if self.class_weights is not None else None
         if self.loss_name == "cross_entropy":
             return F.cross_entropy(logits, y, weight=w, label_smoothing=self.label_smoothing)
@@ -54,8 +61,8 @@ class ClassificationTask:
     def new_metrics(self, device: torch.device | str = "cpu") -> ClassificationMetrics:
         return ClassificationMetrics(self.num_classes, self.labels, device)
 
-    def eval_batch(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], metrics: Any) -> None:
+    def eval_batch(self, model: nn.Module, batch: tuple[Any, torch.Tensor], metrics: Any) -> None:
         """Forward one batch in eval mode and add it to `metrics` (plain cross-entropy, summed, for val_loss)."""
         x, y = batch
-        logits = model(x).float()
+        logits = forward(model, x).float()
         metrics.update(logits, y, F.cross_entropy(logits, y, reduction="sum"))
