@@ -227,3 +227,33 @@ def test_predict_cli_strings_and_lines(tmp_path):
     assert plain.stdout.startswith("loved it\t")
     none = run_cli("predict", str(tmp_path / "run"))
     assert none.returncode == 2 and "nothing to predict" in none.stderr
+
+
+def test_text_run_resumes_bit_identically_after_a_kill(tmp_path):
+    """Token batches, dropout and a mid-epoch SIGKILL: the resumed run ends with the uninterrupted run's weights."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    write_reviews(tmp_path / "r.csv", n=100)
+    recipe = text_recipe(source="csv", path=str(tmp_path / "r.csv"), tokenizer={"kind": "bpe", "min_frequency": 1})
+    recipe["model"].update(dropout=0.3)
+    recipe["train"].update(epochs=2, checkpoint_every=3)
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    run_cli("train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "ref"), "--no-progress", check=True)
+    killed = run_cli(
+        "train",
+        str(tmp_path / "r.yaml"),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        env={"BIGMODEL_FAULT": "kill_after_step:5"},
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_cli("train", "--resume", str(tmp_path / "run"), "--no-progress", check=True)
+    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "ref" / "model" / "tokenizer.json").read_text() == (
+        tmp_path / "run" / "model" / "tokenizer.json"
+    ).read_text()

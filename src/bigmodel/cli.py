@@ -160,6 +160,106 @@ def predict(
         typer.echo(f"{name}\t" + "\t".join(f"{p['label']} {p['score']:.4f}" for p in r["top_k"]))
 
 
+# ----------------------------------------------------------------------------------------------------- compress
+@app.command()
+def compress(
+    run_dir: Annotated[Path, typer.Argument(help="The trained run to compress (never modified).")],
+    method: Annotated[str, typer.Option("--method", help="prune | quantize | distill")],
+    out: Annotated[Path, typer.Option("--out", help="A NEW run directory for the compressed model.")],
+    amount: Annotated[float, typer.Option(help="prune: fraction of channels (structured) or weights to remove.")] = 0.5,
+    structured: Annotated[
+        bool, typer.Option("--structured/--unstructured", help="prune: remove whole channels (cnn-small, seed-cnn).")
+    ] = True,
+    scope: Annotated[str, typer.Option(help="unstructured prune: global | layer.")] = "global",
+    finetune_epochs: Annotated[int, typer.Option(min=0, help="prune: fine-tuning epochs afterwards.")] = 2,
+    mode: Annotated[str, typer.Option(help="quantize: dynamic (int8 activations too) | weight_only.")] = "dynamic",
+    student: Annotated[Path | None, typer.Option(help="distill: the student recipe (same data and seed).")] = None,
+    temperature: Annotated[float, typer.Option(min=0.1, help="distill: softmax temperature.")] = 4.0,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="distill: weight of the KD term.")] = 0.7,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Prune, quantize or distill into a new run, with a measured before/after report (size, latency, accuracy)."""
+    from bigmodel.deploy.compress import compress as do_compress
+    from bigmodel.deploy.compress import print_report
+
+    if scope not in ("global", "layer"):
+        raise UserError(f"--scope {scope!r}: expected global or layer")
+    report = do_compress(
+        run_dir,
+        method,
+        out,
+        amount=amount,
+        structured=structured,
+        scope=scope,
+        finetune_epochs=finetune_epochs,
+        mode=mode,
+        student=student,
+        temperature=temperature,
+        alpha=alpha,
+    )
+    if as_json:
+        _echo_json(report)
+        return
+    typer.echo(print_report(report))
+    typer.echo(report["output"])
+
+
+# ------------------------------------------------------------------------------------------------------- export
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (its test split is used for the parity check).")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript | exported-program")] = "onnx",
+    out: Annotated[Path, typer.Option("--out", help="A new folder for the bundle.")] = Path("export"),
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Max abs difference allowed vs the eager model.")] = 1e-4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Export a model with a dynamic batch axis, run it on real test inputs, and fail if it disagrees with eager."""
+    try:
+        from bigmodel.deploy.export import export as do_export
+    except ImportError as e:
+        raise UserError(
+            f"bigmodel export needs the deploy extra: pip install 'bigmodel[deploy]' ({e.name} missing)"
+        ) from None
+    report = do_export(run_dir, fmt, out, tolerance=tolerance)
+    if as_json:
+        _echo_json(report)
+        return
+    p = report["parity"]
+    typer.echo(
+        f"exported {report['format']} → {out / report['file']}: max abs diff {p['max_abs_diff']:.3g} on "
+        f"{p['checked_inputs']} test inputs (tolerance {p['tolerance']:g}) — parity ok"
+    )
+    typer.echo(str(out))
+
+
+# -------------------------------------------------------------------------------------------------------- serve
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory or model artifact folder.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Most inputs per model call (1 = no batching).")] = 32,
+    max_delay_ms: Annotated[
+        float, typer.Option(min=0.0, help="Longest wait for a batch to fill after its first input.")
+    ] = 5.0,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="BIGMODEL_API_KEY", help="Require this key (X-API-Key or Bearer).")
+    ] = None,
+) -> None:
+    """Serve a model over HTTP: POST /v1/predict (dynamic batching), /healthz, /metrics, /docs, a page at /."""
+    try:
+        from bigmodel.serving.server import serve as run_server
+    except ImportError as e:
+        raise UserError(
+            f"bigmodel serve needs the deploy extra: pip install 'bigmodel[deploy]' ({e.name} missing)"
+        ) from None
+    from bigmodel.runs import load_artifact
+
+    art = load_artifact(run_dir)  # a bad path fails here, in one line, before the server starts
+    typer.echo(f"serving {run_dir} on http://{host}:{port}  (docs: /docs, page: /)", err=True)
+    run_server(art, host, port, max_batch_size, max_delay_ms, api_key)
+
+
 # --------------------------------------------------------------------------------------------------------- runs
 @runs_app.command("list")
 def runs_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:

@@ -199,6 +199,12 @@ class Artifact:
         model_cfg = dict(self.config["model"])
         name = model_cfg.pop("name")
         self.model = build_model(name, model_cfg, self.config["input_shape"], self.config["num_classes"])
+        quant = self.config.get("quantization")
+        if quant:  # int8 layers in place of Linear / Embedding (deploy/quantize.py); weights are plain int8 tensors
+            from bigmodel.deploy.quantize import quantize_model
+
+            self.model.eval()
+            quantize_model(self.model, quant.get("mode", "dynamic"))
         try:
             state = load_file(str(folder / "model.safetensors"))
         except (OSError, ValueError) as e:

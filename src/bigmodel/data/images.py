@@ -17,11 +17,27 @@ def read_image(path: str | Path, channels: int | None = None, size: tuple[int, i
     `channels`: 1 → grey, 3 → RGB, None → as stored (grey stays 1, anything else becomes RGB).
     `size`: (height, width) to resize to (bilinear), or None to keep it.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        return _decode(path, str(path), channels, size)
+    except FileNotFoundError:
+        raise UserError(f"{path}: image file not found") from None
+
+
+def decode_image(
+    data: bytes, channels: int | None = None, size: tuple[int, int] | None = None, name: str = "image"
+) -> np.ndarray:
+    """Like `read_image`, for encoded bytes (PNG/JPEG/BMP) held in memory."""
+    import io
+
+    return _decode(io.BytesIO(data), name, channels, size)
+
+
+def _decode(source: object, name: str, channels: int | None, size: tuple[int, int] | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as img:  # type: ignore[arg-type]
             img.load()
             if channels is None:
                 channels = 1 if img.mode in ("1", "L", "I", "I;16", "F") else 3
@@ -30,9 +46,9 @@ def read_image(path: str | Path, channels: int | None = None, size: tuple[int, i
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
     except FileNotFoundError:
-        raise UserError(f"{path}: image file not found") from None
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise UserError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
 
 

@@ -119,19 +119,23 @@ class RNNClassifier(nn.Module):
     def forward_features(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) if self.text else x
         h = self.embed_dropout(h)
-        B, T = h.shape[:2]
-        lengths_cpu = lengths.cpu()
-        varying = bool((lengths_cpu != T).any())
-        if varying:  # packing makes each sequence stop at its own end (and the backward pass start there)
-            packed = pack_padded_sequence(h, lengths_cpu, batch_first=True, enforce_sorted=False)
-            out, state = self.rnn(packed)
-            out = pad_packed_sequence(out, batch_first=True, total_length=T)[0] if self.pool is not None else None
-        else:
-            out, state = self.rnn(h)
+        T = h.shape[1]
+        if self.dirs == 1:
+            # Right padding comes after every valid step, so a forward-only RNN's outputs at valid steps are exact
+            # without packing: take the output at each sequence's last step (or pool the valid ones). No packing
+            # also means no data-dependent control flow, so the model exports (ONNX, torch.export).
+            out, _ = self.rnn(h)
+            if self.pool is None:
+                idx = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, out.shape[-1])
+                return out.gather(1, idx).squeeze(1)
+            return self.pool(out, padding_mask(lengths, T))
+        # Bidirectional: the backward direction must start at each sequence's true end → pack.
+        packed = pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, state = self.rnn(packed)
         if self.pool is None:
             h_n = state[0] if isinstance(state, tuple) else state  # (layers * dirs, B, H)
             return torch.cat(list(h_n[-self.dirs :]), dim=-1)  # the last layer, both directions
-        assert out is not None
+        out = pad_packed_sequence(out, batch_first=True, total_length=T)[0]
         return self.pool(out, padding_mask(lengths, T))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,299 @@
+"""The HTTP server: FastAPI around a model artifact, with dynamic batching across requests.
+
+    POST /v1/predict   {"inputs": [...], "top_k": 1} → {"predictions": [{"label", "score", "top_k": [...]}, ...]}
+    GET  /healthz      liveness and what is served
+    GET  /metrics      Prometheus text: requests, inputs, latency and batch-size histograms
+    GET  /             a page to try the model (draw or upload an image, type text, paste a sequence)
+    GET  /docs         OpenAPI (Swagger UI); /openapi.json
+
+Each input is a string (text models), `{"image_base64": "..."}` (PNG/JPEG/BMP; image models) or `{"array": [...]}`
+(nested numbers: an image as (C, H, W) or (H, W) pixel values 0..255, or a sequence as (T, F)). Inputs go through the
+artifact's own preprocessing and prediction code, so the answers are those of `bigmodel predict`.
+Client mistakes are 4xx (422 malformed, 413 too large, 401 without the API key), never 500.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from bigmodel.errors import UserError
+from bigmodel.runs import Artifact
+from bigmodel.serving.batcher import DynamicBatcher
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ImageInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image_base64: Annotated[str, Field(min_length=1, description="A PNG/JPEG/BMP file, base64-encoded.")]
+
+
+class ArrayInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    array: Annotated[list[Any], Field(min_length=1, description="Nested numbers in the model's input shape.")]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: Annotated[list[str | ImageInput | ArrayInput], Field(min_length=1)]
+    top_k: Annotated[int, Field(ge=1, le=1000)] = 1
+
+
+class Scored(BaseModel):
+    label: str
+    score: float
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+    top_k: list[Scored]
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+
+
+class Metrics:
+    """Counters and histograms in the Prometheus text format (no client library needed)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.inputs = 0
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.batches: dict[int, int] = {}
+
+    def request(self, status: int, seconds: float, n_inputs: int) -> None:
+        self.requests[str(status)] = self.requests.get(str(status), 0) + 1
+        self.inputs += n_inputs
+        self.latency_sum += seconds
+        i = next((k for k, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
+        self.latency[i] += 1
+
+    def batch(self, size: int) -> None:
+        self.batches[size] = self.batches.get(size, 0) + 1
+
+    def render(self) -> str:
+        out = [
+            "# HELP bigmodel_requests_total Prediction requests by HTTP status.",
+            "# TYPE bigmodel_requests_total counter",
+        ]
+        out += [f'bigmodel_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
+        out += ["# HELP bigmodel_inputs_total Inputs predicted.", "# TYPE bigmodel_inputs_total counter"]
+        out.append(f"bigmodel_inputs_total {self.inputs}")
+        out += ["# HELP bigmodel_request_seconds Request latency.", "# TYPE bigmodel_request_seconds histogram"]
+        cum = 0
+        for b, n in zip(LATENCY_BUCKETS, self.latency, strict=False):
+            cum += n
+            out.append(f'bigmodel_request_seconds_bucket{{le="{b}"}} {cum}')
+        total = sum(self.latency)
+        out.append(f'bigmodel_request_seconds_bucket{{le="+Inf"}} {total}')
+        out.append(f"bigmodel_request_seconds_sum {self.latency_sum:.6f}")
+        out.append(f"bigmodel_request_seconds_count {total}")
+        out += ["# HELP bigmodel_batch_size Inputs per model call.", "# TYPE bigmodel_batch_size histogram"]
+        cum = 0
+        sizes = sorted(self.batches)
+        for edge in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            cum = sum(self.batches[s] for s in sizes if s <= edge)
+            out.append(f'bigmodel_batch_size_bucket{{le="{edge}"}} {cum}')
+        out.append(f'bigmodel_batch_size_bucket{{le="+Inf"}} {sum(self.batches.values())}')
+        out.append(f"bigmodel_batch_size_sum {sum(s * n for s, n in self.batches.items())}")
+        out.append(f"bigmodel_batch_size_count {sum(self.batches.values())}")
+        return "\n".join(out) + "\n"
+
+
+class Predictor:
+    """Validates and prepares one input at a time (in the request), predicts whole batches (in the batcher)."""
+
+    def __init__(self, art: Artifact) -> None:
+        self.art = art
+        self.kind = art.kind
+        shape = art.preprocess.input_shape
+        self.image_shape = tuple(shape) if self.kind == "image" else None
+        self.features = int(shape["features"]) if self.kind == "sequence" else None
+
+    def prepare(self, i: int, x: Any) -> Any:
+        where = f"inputs[{i}]"
+        if self.kind == "text":
+            if not isinstance(x, str):
+                raise HTTPException(422, f"{where}: this is a text model; expected a string")
+            if not x.strip():
+                raise HTTPException(422, f"{where}: empty text")
+            return x
+        if isinstance(x, str):
+            raise HTTPException(422, f"{where}: this is an {self.kind} model; expected an object, not a string")
+        if isinstance(x, ImageInput):
+            if self.kind != "image":
+                raise HTTPException(422, f"{where}: this is a {self.kind} model; image_base64 is for image models")
+            from bigmodel.data.images import decode_image
+
+            try:
+                data = base64.b64decode(x.image_base64, validate=True)
+            except (binascii.Error, ValueError):
+                raise HTTPException(422, f"{where}.image_base64: not valid base64") from None
+            C, H, W = self.image_shape  # type: ignore[misc]
+            try:
+                return decode_image(data, C, (H, W), name=f"{where}.image_base64").astype(np.float32)
+            except UserError as e:
+                raise HTTPException(422, str(e)) from None
+        try:
+            arr = np.asarray(x.array, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise HTTPException(422, f"{where}.array: expected nested lists of numbers of one shape") from None
+        if not np.isfinite(arr).all():
+            raise HTTPException(422, f"{where}.array: values must be finite numbers")
+        if self.kind == "image":
+            C, H, W = self.image_shape  # type: ignore[misc]
+            if arr.shape == (H, W) and C == 1:
+                arr = arr[None]
+            if arr.shape != (C, H, W):
+                raise HTTPException(
+                    422, f"{where}.array: expected shape {[C, H, W]} (pixel values 0..255), got {list(arr.shape)}"
+                )
+            return arr
+        if arr.ndim == 1 and self.features == 1:
+            arr = arr[:, None]
+        if arr.ndim != 2 or arr.shape[1] != self.features:
+            raise HTTPException(
+                422, f"{where}.array: expected a sequence of shape [steps, {self.features}], got {list(arr.shape)}"
+            )
+        return arr
+
+    def run(self, batch: list[Any]) -> list[Any]:
+        import torch
+
+        if self.kind == "text":
+            probs = self.art.predict_texts_proba(batch)
+        elif self.kind == "sequence":
+            probs = self.art.predict_sequences_proba(batch)
+        else:
+            probs = self.art.predict_proba(torch.from_numpy(np.stack(batch)))
+        return list(probs)
+
+
+def create_app(
+    art: Artifact,
+    *,
+    max_batch_size: int = 32,
+    max_delay_ms: float = 5.0,
+    api_key: str | None = None,
+    max_inputs: int = 256,
+    max_body_bytes: int = 16 * 1024 * 1024,
+) -> FastAPI:
+    predictor = Predictor(art)
+    metrics = Metrics()
+    batcher = DynamicBatcher(predictor.run, max_batch_size, max_delay_ms, on_batch=metrics.batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        await batcher.start()
+        yield
+        await batcher.stop()  # uvicorn has finished the accepted requests by now; drain what is queued
+
+    app = FastAPI(
+        title="bigmodel",
+        version="1",
+        description=f"Predictions from {art.folder} ({art.kind} model; labels: {', '.join(art.labels)}).",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.state.batcher = batcher
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(got.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key (send X-API-Key or Authorization: Bearer)")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > max_body_bytes
+            except ValueError:
+                return JSONResponse({"detail": "invalid Content-Length"}, status_code=400)
+            if too_big:
+                return JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses={
+            401: {"description": "API key"},
+            413: {"description": "Too large"},
+            422: {"description": "Malformed"},
+        },
+    )
+    async def predict(req: PredictRequest, request: Request) -> PredictResponse:
+        t0 = time.perf_counter()
+        status = 200
+        try:
+            check_key(request)
+            if len(req.inputs) > max_inputs:
+                raise HTTPException(413, f"{len(req.inputs)} inputs in one request; at most {max_inputs}")
+            prepared = [predictor.prepare(i, x) for i, x in enumerate(req.inputs)]
+            probs = await batcher.submit(prepared)
+        except HTTPException as e:
+            status = e.status_code
+            raise
+        finally:
+            metrics.request(status, time.perf_counter() - t0, len(req.inputs) if status == 200 else 0)
+        k = min(req.top_k, len(art.labels))
+        out = []
+        for p in probs:
+            scores, idx = p.topk(k)
+            top = [
+                Scored(label=art.labels[i], score=round(s, 6))
+                for s, i in zip(scores.tolist(), idx.tolist(), strict=True)
+            ]
+            out.append(Prediction(label=top[0].label, score=top[0].score, top_k=top))
+        return PredictResponse(predictions=out)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "kind": art.kind, "labels": art.labels, "model": art.config["model"]["name"]}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus(request: Request) -> str:
+        check_key(request)
+        return metrics.render()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        html = resources.files("bigmodel.serving").joinpath("page.html").read_text(encoding="utf-8")
+        shape = art.preprocess.input_shape
+        info = {"kind": art.kind, "labels": art.labels, "shape": shape, "needs_key": api_key is not None}
+        import json
+
+        return html.replace("__BIGMODEL_INFO__", json.dumps(info))
+
+    return app
+
+
+def serve(
+    art: Artifact,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 32,
+    max_delay_ms: float = 5.0,
+    api_key: str | None = None,
+) -> None:
+    import uvicorn
+
+    app = create_app(art, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, api_key=api_key)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
