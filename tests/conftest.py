@@ -144,3 +144,68 @@ def write_aclimdb_fixture(root: Path, n_train: int = 6, n_test: int = 4) -> Path
     (root / "train" / "unsup").mkdir(exist_ok=True)
     (root / "train" / "unsup" / "0_0.txt").write_text("ignored", encoding="utf-8")
     return root
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`bigmodel serve RUN` in a subprocess on a free loopback port; stopped with SIGTERM."""
+
+    def __init__(self, run_dir: Path, *args: str) -> None:
+        import time
+
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bigmodel", "serve", str(run_dir), "--port", str(self.port), *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(300):
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(
+            f"bigmodel serve did not start: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
+        )
+
+    def stop(self) -> str:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=60)
+        return err.decode()
+
+
+def train_text_fixture_run(folder: Path) -> Path:
+    """A tiny text model (embedding bag on a two-word-class CSV) for serving tests."""
+    from bigmodel import api
+    from bigmodel.config import validate_recipe
+
+    rows = ["text,label"] + [
+        f'"{t}",{lbl}' for i in range(60) for t, lbl in [(("great fun", "pos"), ("awful plot", "neg"))[i % 2]]
+    ]
+    (folder / "r.csv").write_text("\n".join(rows) + "\n")
+    recipe = {
+        "task": "text_classification",
+        "data": {"source": "csv", "path": str(folder / "r.csv"), "tokenizer": {"min_frequency": 1}},
+        "model": {"name": "embedding-bag", "embedding_dim": 8},
+        "train": {"epochs": 3, "batch_size": 8, "optimizer": {"name": "adamw", "lr": 0.05}},
+    }
+    api.train(validate_recipe(recipe), out=folder / "run", progress=False)
+    return folder / "run"

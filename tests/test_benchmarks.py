@@ -46,3 +46,12 @@ def test_text_quick_json():
     assert 0 < out["tfidf_logreg"]["accuracy"] <= 1
     for name in ("tweets_transformer", "tweets_lstm", "tweets_fasttext"):
         assert out[f"{name}_accuracy_ratio"] > 0 and out[name]["train_time_s"] > 0
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_deploy_quick_json():
+    out = run_bench("benchmarks/deploy.py", "--quick", "--json")
+    for key in ("batching_throughput_ratio", "prune_speedup_ratio", "int8_size_ratio", "int8_speedup_ratio"):
+        assert out[key] > 0, key
+    assert out["onnx_max_abs_diff"] <= 1e-4

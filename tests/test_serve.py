@@ -153,7 +153,8 @@ def test_dynamic_batching_groups_concurrent_requests_and_keeps_order():
 
 
 def test_one_by_one_and_delay_bound():
-    """max_batch_size=1 runs every input alone; a lone input waits at most max_delay_ms for company."""
+    """max_batch_size=1 runs every input alone; a lone input runs at once; a batch waits for a request that is on its
+    way, but never longer than max_delay_ms."""
     sizes = []
 
     async def main():
@@ -161,17 +162,32 @@ def test_one_by_one_and_delay_bound():
         await b.start()
         await asyncio.gather(*(b.submit([i]) for i in range(5)))
         await b.stop()
-        c = DynamicBatcher(lambda xs: xs, max_batch_size=64, max_delay_ms=30)
+        c = DynamicBatcher(lambda xs: xs, max_batch_size=64, max_delay_ms=200)
         await c.start()
         t = time.perf_counter()
         await c.submit([1])
-        waited = time.perf_counter() - t
-        await c.stop()
-        return waited
+        alone = time.perf_counter() - t
+        with c.incoming():  # announced but never arrives: the batch waits for it, up to the 200 ms cap
+            t = time.perf_counter()
+            await c.submit([2])
+            capped = time.perf_counter() - t
+        with c.incoming() as late:  # arrives after 50 ms: it joins the same batch
+            seen = []
+            c.run_batch = lambda xs: seen.append(list(xs)) or xs
 
-    waited = asyncio.run(main())
+            async def arrive():
+                await asyncio.sleep(0.05)
+                return await c.submit([4], late)
+
+            await asyncio.gather(c.submit([3]), arrive())
+        await c.stop()
+        return alone, capped, seen
+
+    alone, capped, seen = asyncio.run(main())
     assert sizes == [1] * 5
-    assert 0.025 <= waited < 0.5
+    assert alone < 0.05
+    assert 0.19 <= capped < 0.6
+    assert seen == [[3, 4]]
 
 
 def free_port() -> int:

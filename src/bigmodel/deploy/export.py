@@ -122,33 +122,40 @@ def export(
     tmp.mkdir(parents=True)
     path = tmp / FILENAMES[fmt]
     t0 = time.perf_counter()
-    try:
-        if fmt == "onnx":
-            prog = torch.onnx.export(
-                wrapper,
-                inputs,
-                dynamo=True,
-                input_names=names,
-                output_names=["logits"],
-                dynamic_shapes=_dynamic_shapes(art.kind),
-                opset_version=opset,
-                verbose=False,
-            )
-            prog.save(str(path))
-        elif fmt == "torchscript":
-            with torch.no_grad():
-                torch.jit.save(torch.jit.trace(wrapper, inputs, check_trace=False), str(path))
-        else:
-            ep = torch.export.export(wrapper, inputs, dynamic_shapes=_dynamic_shapes(art.kind))
-            torch.export.save(ep, str(path))
-    except UserError:
-        raise
-    except Exception as e:  # exporters raise many types; the user needs the model name and the first line
-        shutil.rmtree(tmp, ignore_errors=True)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"{art.config['model']['name']}: export to {fmt} failed ({type(e).__name__}: {first})"
-        ) from None
+    import logging
+    import warnings
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notes
+    logging.getLogger("torch.export").setLevel(logging.ERROR)
+    with warnings.catch_warnings():  # exporter deprecation chatter is not the user's business
+        warnings.simplefilter("ignore")
+        try:
+            if fmt == "onnx":
+                prog = torch.onnx.export(
+                    wrapper,
+                    inputs,
+                    dynamo=True,
+                    input_names=names,
+                    output_names=["logits"],
+                    dynamic_shapes=_dynamic_shapes(art.kind),
+                    opset_version=opset,
+                    verbose=False,
+                )
+                prog.save(str(path))
+            elif fmt == "torchscript":
+                with torch.no_grad():
+                    torch.jit.save(torch.jit.trace(wrapper, inputs, check_trace=False), str(path))
+            else:
+                ep = torch.export.export(wrapper, inputs, dynamic_shapes=_dynamic_shapes(art.kind))
+                torch.export.save(ep, str(path))
+        except UserError:
+            raise
+        except Exception as e:  # exporters raise many types; the user needs the model name and the first line
+            shutil.rmtree(tmp, ignore_errors=True)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"{art.config['model']['name']}: export to {fmt} failed ({type(e).__name__}: {first})"
+            ) from None
     export_s = time.perf_counter() - t0
 
     with torch.inference_mode():

@@ -228,7 +228,12 @@ def create_app(
                 return JSONResponse({"detail": "invalid Content-Length"}, status_code=400)
             if too_big:
                 return JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+        if request.url.path != "/v1/predict":
+            return await call_next(request)
+        # From here until its inputs are queued the request is "on its way": a forming batch may wait for it.
+        with batcher.incoming() as arriving:
+            request.state.arriving = arriving
+            return await call_next(request)
 
     @app.post(
         "/v1/predict",
@@ -247,7 +252,7 @@ def create_app(
             if len(req.inputs) > max_inputs:
                 raise HTTPException(413, f"{len(req.inputs)} inputs in one request; at most {max_inputs}")
             prepared = [predictor.prepare(i, x) for i, x in enumerate(req.inputs)]
-            probs = await batcher.submit(prepared)
+            probs = await batcher.submit(prepared, getattr(request.state, "arriving", None))
         except HTTPException as e:
             status = e.status_code
             raise

@@ -1,0 +1,233 @@
+"""After training: structured pruning, int8 and ONNX Runtime against the fp32 eager model, and the HTTP server with and
+without dynamic batching — all measured in this job.
+
+    python benchmarks/deploy.py [--vision-run RUN] [--text-run RUN] [--quick] [--json]
+
+Without runs it trains them: the quickstart (Fashion-MNIST, cnn-small) for pruning, ONNX and serving, and a wider tweet
+Transformer (tweets_transformer.yaml with dim 256, ff 1024, 2 epochs) for int8 — int8 pays off where Linear layers
+dominate the time, which the 128-wide recipe model is too small for (see README). Server load comes from this process
+(asyncio + httpx) against `bigmodel serve` in a separate process on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit_json, environment, print_env, print_table  # noqa: E402
+from bigmodel.api import train  # noqa: E402
+from bigmodel.config import load_recipe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_WIDE = ["model.dim=256", "model.ff_dim=1024", "train.epochs=2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def onnx_vs_eager(run: Path, tmp: Path) -> dict[str, float]:
+    import onnxruntime as ort
+    import torch
+
+    from bigmodel.deploy.export import ImageExport, check_inputs, export
+    from bigmodel.runs import load_artifact
+
+    report = export(run, "onnx", tmp / "onnx")
+    art = load_artifact(run)
+    (x,) = check_inputs(art, run, 256)
+    eager = ImageExport(art).eval()
+    sess = ort.InferenceSession(str(tmp / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    out: dict[str, float] = {"onnx_max_abs_diff": report["parity"]["max_abs_diff"]}
+    for b in (1, 32):
+        xb = x[:b]
+        xn = xb.numpy()
+        with torch.inference_mode():
+            te = timeit(lambda xb=xb: eager(xb))
+        to = timeit(lambda xn=xn: sess.run(None, {"pixels": xn}))
+        out[f"eager_ms_b{b}"], out[f"onnx_ms_b{b}"] = 1000 * te, 1000 * to
+    return out
+
+
+def timeit(fn, repeats: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+async def load(url: str, body: dict, concurrency: int, total: int) -> dict[str, float]:
+    import httpx
+
+    lat: list[float] = []
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        await client.post(url, json=body)  # warm-up
+        sent = 0
+
+        async def worker() -> None:
+            nonlocal sent
+            while sent < total:
+                sent += 1
+                t = time.perf_counter()
+                r = await client.post(url, json=body)
+                r.raise_for_status()
+                lat.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    lat.sort()
+    return {
+        "throughput_rps": len(lat) / wall,
+        "p50_ms": 1000 * lat[len(lat) // 2],
+        "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+    }
+
+
+def serve_bench(run: Path, levels: list[int], total: int, max_delay_ms: float) -> dict[str, dict[int, dict]]:
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from bigmodel.runs import load_artifact
+
+    art = load_artifact(run)
+    C, H, W = art.preprocess.input_shape
+    img = (np.random.default_rng(0).random((H, W)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    body = {"inputs": [{"image_base64": base64.b64encode(buf.getvalue()).decode()}]}
+    results: dict[str, dict[int, dict]] = {}
+    for name, bs in (("one_by_one", 1), ("batching", 32)):
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bigmodel", "serve", str(run), "--port", str(port), "--max-batch-size", str(bs),
+             "--max-delay-ms", str(max_delay_ms if bs > 1 else 0)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        results[name] = {}
+        for c in levels:
+            results[name][c] = asyncio.run(load(url + "/v1/predict", body, c, max(total, 4 * c)))
+            r = results[name][c]
+            print(
+                f"{name} c={c}: {r['throughput_rps']:.0f} req/s p95 {r['p95_ms']:.1f} ms", file=sys.stderr, flush=True
+            )
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vision-run", type=Path)
+    ap.add_argument("--text-run", type=Path)
+    ap.add_argument("--quick", action="store_true", help="tiny trainings and loads (a smoke test; figures meaningless)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    from bigmodel.deploy.compress import compress
+
+    quick_v = ["train.epochs=1", "data.limit_train=1024"] if args.quick else []
+    quick_t = ["train.epochs=1", "data.limit_train=1000"] if args.quick else []
+    levels = [1, 8] if args.quick else [1, 8, 32, 64]
+    figures: dict[str, object] = {"quick": args.quick}
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        vision = args.vision_run
+        if vision is None:
+            vision = train(
+                load_recipe(ROOT / "recipes" / "quickstart.yaml", quick_v), out=tmp / "vision", progress=False
+            ).run_dir
+        text = args.text_run
+        if text is None:
+            r = load_recipe(ROOT / "recipes" / "tweets_transformer.yaml", [*TEXT_WIDE, *quick_t])
+            text = train(r, out=tmp / "text", progress=False).run_dir
+        prune = compress(
+            vision, "prune", tmp / "pruned", amount=0.5, structured=True, finetune_epochs=0 if args.quick else 2
+        )
+        print(f"prune: {prune['verdict']}", file=sys.stderr, flush=True)
+        int8 = compress(text, "quantize", tmp / "int8")
+        print(f"int8: {int8['verdict']}", file=sys.stderr, flush=True)
+        onnx = onnx_vs_eager(vision, tmp)
+        serving = serve_bench(vision, levels, 64 if args.quick else 400, 5.0)
+
+    c = 8 if args.quick else 32
+    figures.update(
+        prune={
+            k: prune[k]
+            for k in ("before", "after", "size_ratio", "speedup_b1", "speedup_b32", "accuracy_change_points")
+        },
+        int8={
+            k: int8[k] for k in ("before", "after", "size_ratio", "speedup_b1", "speedup_b32", "accuracy_change_points")
+        },
+        onnx=onnx,
+        serving={k: {str(c_): v for c_, v in d.items()} for k, d in serving.items()},
+        prune_speedup_ratio=prune["speedup_b32"],
+        prune_speedup_b1_ratio=prune["speedup_b1"],
+        int8_size_ratio=int8["size_ratio"],
+        int8_speedup_ratio=int8["speedup_b32"],
+        int8_speedup_b1_ratio=int8["speedup_b1"],
+        onnx_max_abs_diff=onnx["onnx_max_abs_diff"],
+        onnx_speedup_b1_ratio=onnx["eager_ms_b1"] / onnx["onnx_ms_b1"],
+        batching_throughput_ratio=serving["batching"][c]["throughput_rps"] / serving["one_by_one"][c]["throughput_rps"],
+        batching_p95_ratio=serving["batching"][c]["p95_ms"] / serving["one_by_one"][c]["p95_ms"],
+        env=environment(),
+        threads=os.cpu_count(),
+    )
+    if args.json:
+        emit_json(figures)
+        return
+    print_env(figures["env"])  # type: ignore[arg-type]
+    rows = []
+    for name, rep in (("structured prune 50% (cnn-small)", prune), ("int8 (tweet Transformer, dim 256)", int8)):
+        b, a = rep["before"], rep["after"]
+        rows.append([name, f"{b['size_bytes']:,} → {a['size_bytes']:,} (x{rep['size_ratio']:.2f})",
+                     f"{b['latency_ms_b1']:.3f} → {a['latency_ms_b1']:.3f} (x{rep['speedup_b1']:.2f})",
+                     f"{b['latency_ms_b32']:.3f} → {a['latency_ms_b32']:.3f} (x{rep['speedup_b32']:.2f})",
+                     f"{100 * b['accuracy']:.2f} → {100 * a['accuracy']:.2f}"])  # fmt: skip
+    print_table(["compression", "bytes", "p50 ms batch 1", "p50 ms batch 32", "test accuracy %"], rows)
+    print()
+    print_table(
+        ["cnn-small", "eager ms", "ONNX Runtime ms"],
+        [[f"batch {b}", f"{onnx[f'eager_ms_b{b}']:.3f}", f"{onnx[f'onnx_ms_b{b}']:.3f}"] for b in (1, 32)],
+    )
+    print(f"ONNX max abs diff on 256 test images: {onnx['onnx_max_abs_diff']:.2e}")
+    print()
+    srows = []
+    for cc in levels:
+        o, b = serving["one_by_one"][cc], serving["batching"][cc]
+        srows.append([cc, f"{o['throughput_rps']:.0f}", f"{b['throughput_rps']:.0f}",
+                      f"{o['p50_ms']:.1f} / {o['p95_ms']:.1f}", f"{b['p50_ms']:.1f} / {b['p95_ms']:.1f}"])  # fmt: skip
+    print_table(
+        ["concurrency", "one-by-one req/s", "batching req/s", "one-by-one p50/p95 ms", "batching p50/p95 ms"], srows
+    )
+    print(f"batching_throughput_ratio (c={c}): {figures['batching_throughput_ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The web page at `/`, in a real headless browser (Debian's chromium driven by Playwright; no browser download)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bigmodel import api
+from bigmodel.config import validate_recipe
+from conftest import ServerProcess, tiny_recipe, train_text_fixture_run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium (apt-get install chromium; scripts/setup.sh does)"
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def test_text_page_predicts(browser, tmp_path):
+    server = ServerProcess(train_text_fixture_run(tmp_path))
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        assert "text model" in page.text_content("#about")
+        page.fill("#text", "great fun\nawful plot")
+        page.click("#go")
+        page.wait_for_selector(".prediction")
+        cells = page.locator(".prediction .label").all_text_contents()
+        # two inputs, top-3 of two labels each → the first label of each row is the prediction
+        assert cells[0] == "pos" and cells[2] == "neg"
+    finally:
+        server.stop()
+
+
+def test_image_page_draws_and_predicts(browser, tmp_path):
+    api.train(validate_recipe(tiny_recipe()), out=tmp_path / "run", progress=False)
+    server = ServerProcess(tmp_path / "run", "--api-key", "k1")
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        box = page.locator("#pad").bounding_box()
+        page.mouse.move(box["x"] + 140, box["y"] + 40)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 140, box["y"] + 240, steps=10)  # a vertical stroke: a "1"
+        page.mouse.up()
+        page.click("#go")
+        page.wait_for_selector("#error:not(:empty)")
+        assert "401" in page.text_content("#error")  # the key box is there and needed
+        page.fill("#key", "k1")
+        page.click("#go")
+        page.wait_for_selector(".prediction")
+        labels = page.locator(".prediction .label").all_text_contents()
+        assert len(labels) == 3 and all(lbl in [str(i) for i in range(10)] for lbl in labels)
+    finally:
+        server.stop()
