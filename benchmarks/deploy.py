@@ -3,10 +3,10 @@ without dynamic batching — all measured in this job.
 
     python benchmarks/deploy.py [--vision-run RUN] [--text-run RUN] [--quick] [--json]
 
-Without runs it trains them: the quickstart (Fashion-MNIST, cnn-small) for pruning, ONNX and serving, and a wider tweet
-Transformer (tweets_transformer.yaml with dim 256, ff 1024, 2 epochs) for int8 — int8 pays off where Linear layers
-dominate the time, which the 128-wide recipe model is too small for (see README). Server load comes from this process
-(asyncio + httpx) against `bigmodel serve` in a separate process on loopback.
+Without runs it trains them: the quickstart (Fashion-MNIST, cnn-small) for pruning, static int8, ONNX and serving,
+and a wider tweet Transformer (tweets_transformer.yaml with dim 256, ff 1024, 2 epochs) for dynamic int8, which pays
+off where Linear layers dominate the time — the 128-wide recipe model is too small for that (see README). Server
+load comes from this process (asyncio + httpx) against `bigmodel serve` in a separate process on loopback.
 """
 
 from __future__ import annotations
@@ -173,6 +173,8 @@ def main() -> None:
         print(f"prune: {prune['verdict']}", file=sys.stderr, flush=True)
         int8 = compress(text, "quantize", tmp / "int8")
         print(f"int8: {int8['verdict']}", file=sys.stderr, flush=True)
+        static = compress(vision, "quantize", tmp / "static", static=True, calibration=128 if args.quick else 512)
+        print(f"static int8: {static['verdict']}", file=sys.stderr, flush=True)
         onnx = onnx_vs_eager(vision, tmp)
         serving = serve_bench(vision, levels, 64 if args.quick else 400, 5.0)
 
@@ -204,7 +206,11 @@ def main() -> None:
         return
     print_env(figures["env"])  # type: ignore[arg-type]
     rows = []
-    for name, rep in (("structured prune 50% (cnn-small)", prune), ("int8 (tweet Transformer, dim 256)", int8)):
+    for name, rep in (
+        ("structured prune 50% (cnn-small)", prune),
+        ("dynamic int8 (tweet Transformer, dim 256)", int8),
+        ("static int8, ONNX Runtime (cnn-small)", static),
+    ):
         b, a = rep["before"], rep["after"]
         rows.append([name, f"{b['size_bytes']:,} → {a['size_bytes']:,} (x{rep['size_ratio']:.2f})",
                      f"{b['latency_ms_b1']:.3f} → {a['latency_ms_b1']:.3f} (x{rep['speedup_b1']:.2f})",

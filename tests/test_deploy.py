@@ -132,6 +132,23 @@ def test_int8_layers_match_float_closely():
     assert torch.all(qe(torch.zeros(1, 2, dtype=torch.long)) == 0)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_int8_lstm_matches_float_lstm_closely(bidirectional):
+    """The RNN classifier with int8 LSTM weights (FBGEMM dynamic kernel), padded and packed paths."""
+    from bigmodel.deploy.quantize import Int8LSTM
+    from bigmodel.models.sequence import RNNClassifier, RNNConfig
+
+    torch.manual_seed(0)
+    cfg = RNNConfig(hidden_size=32, num_layers=2, bidirectional=bidirectional)
+    m = RNNClassifier(cfg, {"kind": "sequence", "features": 6}, 4).eval()
+    x, lengths = torch.randn(5, 9, 6), torch.tensor([9, 4, 7, 2, 9])
+    ref = m.forward_features(x, lengths)
+    q, replaced = quantize_model(m, "dynamic")
+    assert isinstance(q.rnn, Int8LSTM) and "rnn" in replaced
+    got = q.forward_features(x, lengths)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 def test_quantize_text_model_shrinks_and_reloads(text_run, tmp_path):
     report = compress(text_run, "quantize", tmp_path / "q")
     assert report["size_ratio"] < 0.45, report
@@ -209,3 +226,33 @@ def test_distillation_trains_the_student(image_run, tmp_path):
     (tmp_path / "o.yaml").write_text(json.dumps(other))
     with pytest.raises(UserError, match="must equal the teacher run's"):
         compress(image_run, "distill", tmp_path / "d2", student=tmp_path / "o.yaml")
+
+
+def test_static_int8_convnet_through_onnxruntime(image_run, tmp_path):
+    report = compress(image_run, "quantize", tmp_path / "s", static=True, calibration=128)
+    assert report["mode"] == "static" and report["size_ratio"] < 0.5
+    assert abs(report["accuracy_change_points"]) <= 3.0, report["verdict"]
+    art = load_artifact(tmp_path / "s")
+    assert (tmp_path / "s" / "model" / "model.onnx").is_file() and not (
+        tmp_path / "s" / "model" / "model.safetensors"
+    ).exists()
+    assert api.evaluate(tmp_path / "s")["accuracy"] == report["after"]["accuracy"]
+    from sklearn.datasets import load_digits
+
+    imgs = torch.from_numpy((load_digits().images[:4] * (255 / 16)).round().astype("uint8"))[:, None]
+    assert art.predict_proba(imgs).shape == (4, 10)
+    with pytest.raises(UserError, match="static int8 \\(calibrated\\) is for image models"):
+        compress(load_text_run_dir(tmp_path), "quantize", tmp_path / "t", static=True)
+
+
+def load_text_run_dir(tmp_path):
+    d = tmp_path / "txt"
+    d.mkdir()
+    recipe = {
+        "task": "text_classification",
+        "data": {"source": "csv", "path": str(text_csv(d / "r.csv")), "tokenizer": {"min_frequency": 1}},
+        "model": {"name": "embedding-bag", "embedding_dim": 8},
+        "train": {"epochs": 1, "batch_size": 16},
+    }
+    api.train(validate_recipe(recipe), out=d / "run", progress=False)
+    return d / "run"

@@ -172,7 +172,13 @@ def compress(
     ] = True,
     scope: Annotated[str, typer.Option(help="unstructured prune: global | layer.")] = "global",
     finetune_epochs: Annotated[int, typer.Option(min=0, help="prune: fine-tuning epochs afterwards.")] = 2,
-    mode: Annotated[str, typer.Option(help="quantize: dynamic (int8 activations too) | weight_only.")] = "dynamic",
+    mode: Annotated[
+        str, typer.Option(help="quantize: dynamic (int8 Linear/Embedding/LSTM, activations per call).")
+    ] = "dynamic",
+    static: Annotated[
+        bool, typer.Option("--static", help="quantize: static int8 for convnets, calibrated, run by ONNX Runtime.")
+    ] = False,
+    calibration: Annotated[int, typer.Option(min=1, help="quantize --static: calibration images.")] = 512,
     student: Annotated[Path | None, typer.Option(help="distill: the student recipe (same data and seed).")] = None,
     temperature: Annotated[float, typer.Option(min=0.1, help="distill: softmax temperature.")] = 4.0,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="distill: weight of the KD term.")] = 0.7,
@@ -193,6 +199,8 @@ def compress(
         scope=scope,
         finetune_epochs=finetune_epochs,
         mode=mode,
+        static=static,
+        calibration=calibration,
         student=student,
         temperature=temperature,
         alpha=alpha,

@@ -127,8 +127,10 @@ def save_artifact(
     model_cfg: dict[str, Any],
     preprocess: Preprocess,
     extra: dict[str, Any] | None = None,
+    files: dict[str, Path] | None = None,
 ) -> Path:
-    """Write the model artifact into `folder` atomically (a temporary folder renamed into place)."""
+    """Write the model artifact into `folder` atomically (a temporary folder renamed into place). `files` are copied
+    in as well (e.g. `model.onnx` for an ONNX Runtime artifact, whose `model` then writes no safetensors)."""
     from safetensors.torch import save_file
 
     import bigmodel
@@ -137,8 +139,11 @@ def save_artifact(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for name, src in (files or {}).items():
+        shutil.copy2(src, tmp / name)
+    if model is not None:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = {
         "format_version": ARTIFACT_FORMAT,
         "bigmodel_version": bigmodel.__version__,
@@ -163,7 +168,7 @@ def artifact_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / "model" / "config.json").is_file():
         return path / "model"
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    if (path / "config.json").is_file() and any((path / f).is_file() for f in ("model.safetensors", "model.onnx")):
         return path
     if not path.exists():
         raise UserError(f"{path}: not found")
@@ -198,18 +203,23 @@ class Artifact:
             self.preprocess.tokenizer = load_tokenizer(folder / "tokenizer.json")
         model_cfg = dict(self.config["model"])
         name = model_cfg.pop("name")
-        self.model = build_model(name, model_cfg, self.config["input_shape"], self.config["num_classes"])
-        quant = self.config.get("quantization")
-        if quant:  # int8 layers in place of Linear / Embedding (deploy/quantize.py); weights are plain int8 tensors
-            from bigmodel.deploy.quantize import quantize_model
+        if self.config.get("runtime") == "onnxruntime":  # static int8 (deploy/ort.py): the graph is the model
+            from bigmodel.deploy.ort import OrtClassifier
 
-            self.model.eval()
-            quantize_model(self.model, quant.get("mode", "dynamic"))
-        try:
-            state = load_file(str(folder / "model.safetensors"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{folder / 'model.safetensors'}: unreadable weights ({e})") from None
-        self.model.load_state_dict(state)
+            self.model = OrtClassifier(folder / "model.onnx")
+        else:
+            self.model = build_model(name, model_cfg, self.config["input_shape"], self.config["num_classes"])
+            quant = self.config.get("quantization")
+            if quant:  # int8 layers in place of Linear / Embedding / LSTM (deploy/quantize.py): plain int8 tensors
+                from bigmodel.deploy.quantize import quantize_model
+
+                self.model.eval()
+                quantize_model(self.model, quant.get("mode", "dynamic"))
+            try:
+                state = load_file(str(folder / "model.safetensors"))
+            except (OSError, ValueError) as e:
+                raise UserError(f"{folder / 'model.safetensors'}: unreadable weights ({e})") from None
+            self.model.load_state_dict(state)
         self.model.eval()
         self.inference_model = FlipTTA(self.model) if self.preprocess.tta_flip else self.model
         self.normalizer = (

@@ -30,13 +30,22 @@ from bigmodel.runs import artifact_dir, load_artifact, require_run_dir, save_art
 
 # ----------------------------------------------------------------------------------------------------- measuring
 def artifact_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.suffix == ".safetensors")
+    """Bytes of the model's weights on disk (safetensors, or the ONNX graph for an ONNX Runtime artifact)."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".onnx"))
 
 
 def count_params(model: nn.Module) -> int:
     """Parameters and int8 weight buffers (a quantized model keeps its weights as buffers)."""
+    if hasattr(model, "onnx_path"):  # ONNX Runtime artifact: count the graph's weight initializers
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(model.onnx_path)).graph
+        kinds = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT)
+        return sum(int(numpy_helper.to_array(t).size) for t in graph.initializer if t.data_type in kinds and t.dims)
     n = sum(p.numel() for p in model.parameters())
-    n += sum(b.numel() for name, b in model.named_buffers() if name.endswith("weight_int8"))
+    int8_names = ("weight_int8", "w_ih_", "w_hh_")  # Int8Linear / Int8Embedding / Int8LSTM weights
+    n += sum(b.numel() for name, b in model.named_buffers() if name.rsplit(".", 1)[-1].startswith(int8_names))
     return n
 
 
@@ -255,6 +264,8 @@ def compress(
     scope: str = "global",
     finetune_epochs: int = 2,
     mode: str = "dynamic",
+    static: bool = False,
+    calibration: int = 512,
     student: str | Path | None = None,
     temperature: float = 4.0,
     alpha: float = 0.7,
@@ -297,6 +308,24 @@ def compress(
             _finetune(recipe, model, finetune_epochs, [MaskCallback(masks)])
         zeros = sum(int((m == 0).sum()) for m in masks.values())
         details["zeroed_weights"] = zeros
+    elif method == "quantize" and static:
+        if art.kind != "image":
+            raise UserError(f"--static: static int8 (calibrated) is for image models; this is a {art.kind} model")
+        from bigmodel.api import prepare_data
+        from bigmodel.deploy.ort import calibration_images, quantize_static_onnx
+
+        data, _ = prepare_data(recipe, art.preprocess)
+        calib = calibration_images(data, art.normalizer, calibration, recipe.seed)
+        onnx_path = dst / "model.int8.onnx"
+        quantize_static_onnx(art.model.eval(), calib, onnx_path)  # flip-TTA stays in preprocess
+        extra["runtime"] = "onnxruntime"
+        extra["quantization"] = {"method": "static-int8", "engine": "onnxruntime", "calibration_images": len(calib)}
+        details.update(mode="static", calibration_images=len(calib))
+        save_artifact(
+            dst / "model", None, recipe.task, model_cfg, art.preprocess, extra=extra, files={"model.onnx": onnx_path}
+        )
+        onnx_path.unlink()
+        model = None
     elif method == "quantize":
         from bigmodel.deploy.quantize import MODES, quantize_model
 
@@ -333,7 +362,8 @@ def compress(
         from bigmodel.fileio import write_text_atomic
 
         write_text_atomic(dst / "recipe.yaml", _recipe_yaml(recipe))
-    save_artifact(dst / "model", model.eval(), recipe.task, model_cfg, art.preprocess, extra=extra)
+    if model is not None:
+        save_artifact(dst / "model", model.eval(), recipe.task, model_cfg, art.preprocess, extra=extra)
     after = measure(dst, inputs)
     report = _report(before, after, details, src, dst)
     write_json_atomic(dst / "compress.json", report)
