@@ -1,12 +1,15 @@
 """After training: structured pruning, int8 and ONNX Runtime against the fp32 eager model, and the HTTP server with and
 without dynamic batching — all measured in this job.
 
-    python benchmarks/deploy.py [--vision-run RUN] [--text-run RUN] [--quick] [--json]
+    python benchmarks/deploy.py [--vision-run RUN] [--prune-run RUN] [--text-run RUN] [--serve-run RUN]
+                                [--quick] [--json]
 
-Without runs it trains them: the quickstart (Fashion-MNIST, cnn-small) for pruning, static int8, ONNX and serving,
-and a wider tweet Transformer (tweets_transformer.yaml with dim 256, ff 1024, 2 epochs) for dynamic int8, which pays
-off where Linear layers dominate the time — the 128-wide recipe model is too small for that (see README). Server
-load comes from this process (asyncio + httpx) against `bigmodel serve` in a separate process on loopback.
+Without runs it trains them: the quickstart (Fashion-MNIST, cnn-small: pruning, static int8, ONNX, serving), the
+quickstart at twice the widths (48/96/192: pruning an over-parameterised model), a wider tweet Transformer
+(tweets_transformer.yaml with dim 256, ff 1024, 2 epochs: dynamic int8, which pays off where Linear layers dominate
+the time — the 128-wide recipe model is too small for that) and a briefly trained ResNet-8 (serving: throughput
+depends on the model's cost, not its accuracy). Server load comes from this process (raw keep-alive HTTP/1.1 over
+asyncio streams) against `bigmodel serve` in a separate process on loopback.
 """
 
 from __future__ import annotations
@@ -167,6 +170,7 @@ def main() -> None:
     ap.add_argument("--vision-run", type=Path)
     ap.add_argument("--text-run", type=Path)
     ap.add_argument("--serve-run", type=Path, help="a heavier model to serve (default: ResNet-8, briefly trained)")
+    ap.add_argument("--prune-run", type=Path, help="a wide cnn-small run to prune (default: trained, widths 48/96/192)")
     ap.add_argument("--quick", action="store_true", help="tiny trainings and loads (a smoke test; figures meaningless)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -191,10 +195,15 @@ def main() -> None:
         if heavy is None:  # throughput depends on the model's cost, not its accuracy: one short epoch is enough
             r = load_recipe(ROOT / "recipes" / "fashion_mnist_resnet.yaml", ["train.epochs=1", "data.limit_train=2048"])
             heavy = train(r, out=tmp / "resnet", progress=False).run_dir
-        prune = compress(
-            vision, "prune", tmp / "pruned", amount=0.5, structured=True, finetune_epochs=0 if args.quick else 5
-        )
-        print(f"prune: {prune['verdict']}", file=sys.stderr, flush=True)
+        wide = args.prune_run
+        if wide is None:  # pruning is for over-parameterised models: the quickstart at twice its widths
+            r = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["model.widths=[48,96,192]", *quick_v])
+            wide = train(r, out=tmp / "wide", progress=False).run_dir
+        ft = 0 if args.quick else 5
+        prune = compress(wide, "prune", tmp / "pruned", amount=0.5, structured=True, finetune_epochs=ft)
+        print(f"prune (wide): {prune['verdict']}", file=sys.stderr, flush=True)
+        prune_qs = compress(vision, "prune", tmp / "pruned_qs", amount=0.5, structured=True, finetune_epochs=ft)
+        print(f"prune (quickstart): {prune_qs['verdict']}", file=sys.stderr, flush=True)
         int8 = compress(text, "quantize", tmp / "int8")
         print(f"int8: {int8['verdict']}", file=sys.stderr, flush=True)
         static = compress(vision, "quantize", tmp / "static", static=True, calibration=128 if args.quick else 512)
@@ -235,7 +244,8 @@ def main() -> None:
     print_env(figures["env"])  # type: ignore[arg-type]
     rows = []
     for name, rep in (
-        ("structured prune 50% (cnn-small)", prune),
+        ("structured prune 50% (cnn-small 48/96/192)", prune),
+        ("structured prune 50% (cnn-small 24/48/96)", prune_qs),
         ("dynamic int8 (tweet Transformer, dim 256)", int8),
         ("static int8, ONNX Runtime (cnn-small)", static),
     ):
