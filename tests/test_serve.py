@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ from bigmodel.config import validate_recipe
 from bigmodel.runs import load_artifact
 from bigmodel.serving.batcher import DynamicBatcher
 from bigmodel.serving.server import create_app
-from conftest import ROOT, tiny_recipe
+from conftest import ServerProcess, tiny_recipe, train_text_fixture_run
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +32,7 @@ def image_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("txt")
-    rows = ["text,label"] + [
-        f'"{t}",{lbl}' for i in range(60) for t, lbl in [(("great fun", "pos"), ("awful plot", "neg"))[i % 2]]
-    ]
-    (d / "r.csv").write_text("\n".join(rows) + "\n")
-    recipe = {
-        "task": "text_classification",
-        "data": {"source": "csv", "path": str(d / "r.csv"), "tokenizer": {"min_frequency": 1}},
-        "model": {"name": "embedding-bag", "embedding_dim": 8},
-        "train": {"epochs": 3, "batch_size": 8, "optimizer": {"name": "adamw", "lr": 0.05}},
-    }
-    api.train(validate_recipe(recipe), out=d / "run", progress=False)
-    return d / "run"
+    return train_text_fixture_run(tmp_path_factory.mktemp("txt"))
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
@@ -190,12 +176,6 @@ def test_one_by_one_and_delay_bound():
     assert seen == [[3, 4]]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_bigmodel_serve_process_answers_and_shuts_down_gracefully(text_run):
     """A real `bigmodel serve`: it answers; on SIGTERM a request already accepted (waiting for its batch to fill)
     still gets its answer before the process exits."""
@@ -203,23 +183,10 @@ def test_bigmodel_serve_process_answers_and_shuts_down_gracefully(text_run):
 
     import httpx
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bigmodel", "serve", str(text_run), "--port", str(port), "--max-delay-ms", "1500"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ},
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = ServerProcess(text_run, "--max-delay-ms", "1500")
+    url = server.url
     in_flight: dict = {}
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         r = httpx.post(url + "/v1/predict", json={"inputs": ["great fun"]}, timeout=10)
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "pos"
         assert "openapi" in httpx.get(url + "/openapi.json", timeout=5).json()
@@ -230,15 +197,13 @@ def test_bigmodel_serve_process_answers_and_shuts_down_gracefully(text_run):
         t = threading.Thread(target=slow_request)
         t.start()
         time.sleep(0.5)  # accepted, waiting up to 1.5 s for its batch
-        proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGTERM)
         t.join(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        err = server.stop()
     assert in_flight["r"].status_code == 200 and in_flight["r"].json()["predictions"][0]["label"] == "neg"
-    assert proc.returncode in (0, -signal.SIGTERM), err.decode()  # uvicorn re-raises the signal after shutdown
-    assert "Traceback" not in err.decode()
+    assert server.proc.returncode in (0, -signal.SIGTERM), err  # uvicorn re-raises the signal after shutdown
+    assert "Traceback" not in err
 
 
 def test_serve_bad_run_dir_is_one_line(tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bigmodel.config import IMAGE_SOURCES, DataConfig
+from bigmodel.data.sources import Splits
 from bigmodel.errors import UserError
 
 
@@ -35,7 +36,7 @@ class SeqSplit:
 
 
 @dataclass
-class SeqDataset:
+class SeqDataset(Splits):
     train: SeqSplit
     val: SeqSplit | None
     test: SeqSplit | None
@@ -44,12 +45,6 @@ class SeqDataset:
     @property
     def num_features(self) -> int:
         return int(self.train.x.shape[-1])
-
-    def split(self, name: str) -> SeqSplit:
-        s = getattr(self, name)
-        if s is None or len(s) == 0:
-            raise UserError(f"this data has no {name!r} split (data.val_fraction = 0 leaves no validation split)")
-        return s
 
     def feature_stats(self) -> tuple[list[float], list[float]]:
         """Per-feature mean and std over the valid (unpadded) steps of the training split (float64)."""

@@ -33,8 +33,18 @@ class ImageSplit:
         return ImageSplit(self.x[idx], self.y[idx])
 
 
+class Splits:
+    """`split(name)` for every data set (images, sequences, text): the split, or a clear error when it is absent."""
+
+    def split(self, name: str) -> Any:
+        s = getattr(self, name)
+        if s is None or len(s) == 0:
+            raise UserError(f"this data has no {name!r} split (data.val_fraction = 0 leaves no validation split)")
+        return s
+
+
 @dataclass
-class ImageDataset:
+class ImageDataset(Splits):
     train: ImageSplit
     val: ImageSplit | None
     test: ImageSplit | None
@@ -43,12 +53,6 @@ class ImageDataset:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
-
-    def split(self, name: str) -> ImageSplit:
-        s = getattr(self, name)
-        if s is None or len(s) == 0:
-            raise UserError(f"this data has no {name!r} split (data.val_fraction = 0 leaves no validation split)")
-        return s
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training split, on the 0..1 scale (float64 accumulation)."""

@@ -23,6 +23,7 @@ import torch
 
 from bigmodel.config import DataConfig, TokenizerConfig
 from bigmodel.data.sequences import SeqDataset, SeqSplit
+from bigmodel.data.sources import Splits
 from bigmodel.errors import UserError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -42,17 +43,11 @@ class TextSplit:
 
 
 @dataclass
-class TextDataset:
+class TextDataset(Splits):
     train: TextSplit
     val: TextSplit | None
     test: TextSplit | None
     labels: list[str]
-
-    def split(self, name: str) -> TextSplit:
-        s = getattr(self, name)
-        if s is None or len(s) == 0:
-            raise UserError(f"this data has no {name!r} split (data.val_fraction = 0 leaves no validation split)")
-        return s
 
 
 # ------------------------------------------------------------------------------------------------------ readers

@@ -6,7 +6,8 @@ says plainly when the result is bigger, slower or worse.
   real — a smaller dense model whose config says the new widths — then fine-tunes.
 - `prune` (unstructured): global magnitude pruning of conv / linear weights, fine-tuned with the mask held. The file
   and the latency do not change (dense storage); the report shows that.
-- `quantize`: int8 Linear (dynamic W8A8 or weight-only) and int8 embedding tables (deploy/quantize.py).
+- `quantize`: dynamic int8 Linear / LSTM and int8 embedding tables (deploy/quantize.py); `--static`: static int8 for
+  convnets through ONNX Runtime (deploy/ort.py).
 - `distill`: train a student recipe against the teacher's softened outputs (KD loss, temperature, alpha).
 """
 
@@ -343,10 +344,8 @@ def compress(
         if srec.data.model_dump() != recipe.data.model_dump() or srec.task != recipe.task or srec.seed != recipe.seed:
             raise UserError(f"--student {student}: its task, data block and seed must equal the teacher run's")
         teacher = art.model.eval()
-        from bigmodel.api import build_experiment
-
-        exp = build_experiment(srec)
-        model = exp.model
+        torch.manual_seed(srec.seed)  # the student's init as `bigmodel train` draws it; data is loaded once, below
+        model = build_model(srec.model.name, srec.model.options, art.preprocess.input_shape, len(art.labels))
         model_cfg = {"name": srec.model.name, **srec.model.options}
         _finetune(
             srec, model, srec.train.epochs, [], task=lambda base: DistillationTask(base, teacher, temperature, alpha)

@@ -1,4 +1,4 @@
-"""Int8 quantization that shrinks the file and runs int8 kernels: `Int8Linear` and `Int8Embedding`.
+"""Int8 quantization that shrinks the file and runs int8 kernels: `Int8Linear`, `Int8Embedding`, `Int8LSTM`.
 
 Weights are int8 with one fp32 scale per output channel (symmetric, max-abs); they are ordinary tensors, so the
 artifact stays safetensors (no pickled quantized objects) and is ~4x smaller. Linear layers are *dynamically*
@@ -6,13 +6,14 @@ quantized (W8A8): activations are quantized per call and the product runs in int
 per row (a lookup, then one multiply). LSTM layers keep int8 gate weights and run FBGEMM's dynamic quantized LSTM
 (`Int8LSTM`; packed sequences included). GRU and plain RNN layers stay fp32.
 
-Kernels, picked by measurement on a 2-core AVX-512 CPU (`benchmarks/deploy.py`; 1024x1024 Linear, batch 1 / 32 /
-256: fp32 0.063 / 0.40 / 1.97 ms): FBGEMM's `quantized.linear_dynamic` with weights packed at load time
-(0.031 / 0.099 / 0.67 ms) when PyTorch's quantized engine is there; else `torch._int_mm` on int8 rows
-(0.081 / 0.164 / 0.52 ms). `torch._weight_int8pack_mm` (weight-only) was 5-100x *slower* than fp32 here, so it is not
-offered. Why not `torch.ao.quantization.quantize_dynamic` itself: it is deprecated in this torch, its packed
-parameters cannot be stored as plain tensors (safetensors), and it leaves embedding tables — most of a small text
-model's bytes — in fp32.
+Kernels, picked by measurement on a 2-core AVX-512 CPU (a one-off microbenchmark during development, not shipped;
+1024x1024 Linear, batch 1 / 32 / 256: fp32 0.063 / 0.40 / 1.97 ms): FBGEMM's `quantized.linear_dynamic` with weights
+packed at load time (0.031 / 0.099 / 0.67 ms) when PyTorch's quantized engine is there; else `torch._int_mm` on int8
+rows (0.081 / 0.164 / 0.52 ms). `torch._weight_int8pack_mm` (weight-only) was 5-100x *slower* than fp32 here, so it
+is not offered. End-to-end figures on real models are in `benchmarks/deploy.py`.
+Why not `torch.ao.quantization.quantize_dynamic` itself: it is deprecated in this torch, its packed parameters cannot
+be stored as plain tensors (safetensors), and it leaves embedding tables — most of a small text model's bytes — in
+fp32.
 """
 
 from __future__ import annotations
