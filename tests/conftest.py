@@ -209,3 +209,31 @@ def train_text_fixture_run(folder: Path) -> Path:
     }
     api.train(validate_recipe(recipe), out=folder / "run", progress=False)
     return folder / "run"
+
+
+LM_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+) * 30
+
+
+def train_lm_fixture_run(folder: Path) -> Path:
+    """A tiny character-level GPT on a repeated dialogue (~3 s): for generation, serving and fine-tuning tests."""
+    from bigmodel import api
+    from bigmodel.config import validate_recipe
+
+    (folder / "corpus.txt").write_text(LM_TEXT, encoding="utf-8")
+    recipe = {
+        "name": "tiny_lm",
+        "task": "language_modeling",
+        "data": {
+            "source": "text",
+            "path": str(folder / "corpus.txt"),
+            "context_length": 32,
+            "batches_per_epoch": 80,
+            "tokenizer": {"kind": "char", "normalization": "none", "min_frequency": 1},
+        },
+        "model": {"name": "gpt", "dim": 32, "num_heads": 2, "num_layers": 2},
+        "train": {"epochs": 3, "batch_size": 16, "optimizer": {"lr": 0.01}, "precision": "fp32"},
+    }
+    return api.train(validate_recipe(recipe), out=folder / "run", progress=False).run_dir

@@ -8,7 +8,7 @@ import pytest
 
 from bigmodel import api
 from bigmodel.config import validate_recipe
-from conftest import ServerProcess, tiny_recipe, train_text_fixture_run
+from conftest import ServerProcess, tiny_recipe, train_lm_fixture_run, train_text_fixture_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -61,5 +61,21 @@ def test_image_page_draws_and_predicts(browser, tmp_path):
         page.wait_for_selector(".prediction")
         labels = page.locator(".prediction .label").all_text_contents()
         assert len(labels) == 3 and all(lbl in [str(i) for i in range(10)] for lbl in labels)
+    finally:
+        server.stop()
+
+
+def test_language_model_page_streams_generated_text(browser, tmp_path):
+    server = ServerProcess(train_lm_fixture_run(tmp_path))
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        assert "language model" in page.text_content("#about")
+        page.fill("#prompt", "All:\n")
+        page.fill("#ntok", "40")
+        page.click("#go")
+        page.wait_for_selector("#generated[data-done='1']")
+        text = page.text_content("#generated")
+        assert text.startswith("All:") and len(text) > 20
     finally:
         server.stop()

@@ -66,7 +66,12 @@ def test_stop_ids_and_max_len(model):
     out = generate(model, ids, 20, temperature=0, stop_ids={first})
     assert out.shape[1] == 5 and int(out[0, -1]) == first
     long = generate(model, ids, 100, temperature=0)
-    assert long.shape[1] == 32  # capped at max_len
+    assert long.shape[1] == 104  # past max_len 32 the context slides: the last 32 tokens
+    assert torch.equal(long, generate(model, ids, 100, temperature=0, use_cache=False))
+    seq = ids
+    for _ in range(100):
+        seq = torch.cat([seq, model(seq[:, -32:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(long, seq)
     with pytest.raises(ValueError, match="exceeds max_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
 

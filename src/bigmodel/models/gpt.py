@@ -1,8 +1,10 @@
 """A decoder-only Transformer language model (GPT-2 layout) with a preallocated KV cache, and sampling.
 
-Groundwork for the generative-Transformer issue: the model, the cache and `generate` (greedy, temperature, top-k,
-top-p, repetition penalty, stop tokens, a seed). Not registered as a recipe model yet — the language-modelling task,
-data and CLI come with that issue.
+- `gpt` (task `language_modeling`): ids (B, T) → next-token logits (B, T, V).
+- `gpt-classifier` (task `text_classification`): the same trunk, pooled (last token or mean) → class logits; with
+  `model.init_from: RUN` it starts from a pretrained `gpt` run (pretrain → fine-tune).
+- `generate` / `stream`: greedy, temperature, top-k, top-p, repetition penalty, stop tokens, a seed; one forward of
+  one new token per step thanks to the cache.
 
 Layout (GPT-2): token + learned position embeddings → blocks of [LayerNorm → causal self-attention → residual,
 LayerNorm → MLP (4x, GELU) → residual] → LayerNorm → LM head tied to the token embedding. The attention's fused
@@ -11,11 +13,16 @@ LayerNorm → MLP (4x, GELU) → residual] → LayerNorm → LM head tied to the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+
+from bigmodel.registry import register_model
 
 
 @dataclass
@@ -26,6 +33,7 @@ class GPTConfig:
     num_heads: int = 4
     num_layers: int = 4
     dropout: float = 0.0
+    activation: str = "gelu"  # gelu (tanh approximation, GPT-2's gelu_new) or relu
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -71,6 +79,8 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if T_k == T:  # no earlier positions: the plain causal mask
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=p)
+        elif T == 1:  # one new position (decoding): it sees every cached one, no mask needed
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:  # new positions see every cached one and the new ones up to themselves
             mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(diagonal=T_k - T)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -84,7 +94,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.dim)
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.dim, 4 * cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(4 * cfg.dim, cfg.dim)
+            nn.Linear(cfg.dim, 4 * cfg.dim),
+            nn.GELU(approximate="tanh") if cfg.activation == "gelu" else nn.ReLU(),
+            nn.Linear(4 * cfg.dim, cfg.dim),
         )
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -102,8 +114,6 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.head.weight = self.tok.weight  # weight tying
         self.apply(self._init)
 
     @staticmethod
@@ -115,6 +125,10 @@ class GPT(nn.Module):
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); with a cache, `ids` are the positions after those cached."""
+        return F.linear(self.hidden(ids, cache), self.tok.weight)  # the LM head is tied to the token embedding
+
+    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final (normalised) hidden states (B, T, C)."""
         start = cache.length if cache is not None else 0
         T = ids.shape[1]
         if start + T > self.cfg.max_len:
@@ -125,7 +139,7 @@ class GPT(nn.Module):
             x = block(x, cache, i)
         if cache is not None:
             cache.length += T
-        return self.head(self.ln_f(x))
+        return self.ln_f(x)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -142,8 +156,15 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def _next_logits(model: GPT, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """Logits of the last position, over a window of the last `max_len` tokens when there is no cache."""
+    if cache is None:
+        return model(ids[:, -model.cfg.max_len :])[:, -1]
+    return model(ids, cache)[:, -1]
+
+
 @torch.inference_mode()
-def generate(
+def stream(
     model: GPT,
     ids: torch.Tensor,
     max_new_tokens: int,
@@ -155,19 +176,22 @@ def generate(
     stop_ids: set[int] | None = None,
     seed: int | None = None,
     use_cache: bool = True,
-) -> torch.Tensor:
-    """Continue `ids` (B, T). temperature 0 = greedy. Repetition penalty (CTRL): logits of tokens already in the
-    sequence are divided by it when positive, multiplied when negative. Stops early when every row has emitted a
-    stop id. Returns (B, T + new)."""
+) -> Iterator[torch.Tensor]:
+    """Yield the next tokens (B, 1) of `ids` (B, T) one step at a time. temperature 0 = greedy. Repetition penalty
+    (CTRL): logits of tokens already in the sequence are divided by it when positive, multiplied when negative.
+    Stops early once every row has emitted a stop id (rows already stopped repeat it). The context is the last
+    `max_len` tokens: the cache serves until it is full, then each step recomputes that sliding window."""
     model.eval()
+    if ids.shape[1] == 0:
+        raise ValueError("generation needs at least one prompt token")
     g = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
     B = ids.shape[0]
-    total = min(model.cfg.max_len, ids.shape[1] + max_new_tokens)
     cache = KVCache(model.cfg, B, ids.device, next(model.parameters()).dtype) if use_cache else None
     out = ids
-    logits = model(ids, cache)[:, -1] if cache is not None else model(ids)[:, -1]
+    logits = _next_logits(model, ids[:, -model.cfg.max_len :], cache)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    while out.shape[1] < total:
+    stops = torch.tensor(sorted(stop_ids), device=ids.device) if stop_ids else None
+    for step in range(max_new_tokens):
         logits = logits.float()
         if repetition_penalty != 1.0:
             seen = torch.gather(logits, 1, out)
@@ -178,13 +202,122 @@ def generate(
         else:
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
             nxt = torch.multinomial(probs, 1, generator=g)
-        if stop_ids:
-            nxt = torch.where(done[:, None], nxt.new_full(nxt.shape, next(iter(stop_ids))), nxt)
-            done |= torch.isin(nxt[:, 0], torch.tensor(sorted(stop_ids), device=ids.device))
+        if stops is not None:
+            nxt = torch.where(done[:, None], stops[:1].expand_as(nxt), nxt)
+            done |= torch.isin(nxt[:, 0], stops)
+        yield nxt
         out = torch.cat([out, nxt], dim=1)
-        if stop_ids and bool(done.all()):
+        if (stops is not None and bool(done.all())) or step == max_new_tokens - 1:
             break
-        if out.shape[1] >= total:
-            break
-        logits = model(nxt, cache)[:, -1] if cache is not None else model(out)[:, -1]
-    return out
+        if cache is not None and cache.length >= model.cfg.max_len:
+            cache = None  # the window is full: slide it from now on
+        logits = _next_logits(model, nxt if cache is not None else out, cache)
+
+
+def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, **kw: Any) -> torch.Tensor:
+    """`ids` (B, T) followed by up to `max_new_tokens` generated tokens (see `stream` for the options)."""
+    return torch.cat([ids, *stream(model, ids, max_new_tokens, **kw)], dim=1)
+
+
+@torch.no_grad()
+def copy_gpt_to_hf(model: GPT, hf: nn.Module) -> None:
+    """Copy our weights into a Hugging Face `GPT2LMHeadModel` of the same shape (n_embd, n_layer, n_head,
+    n_positions ≥ max_len, vocab). GPT-2's Conv1D layers hold (in, out) matrices: our Linear weights transposed."""
+    t = hf.transformer
+    t.wte.weight.copy_(model.tok.weight)
+    t.wpe.weight[: model.cfg.max_len].copy_(model.pos.weight)
+    for ours, theirs in zip(model.blocks, t.h, strict=True):
+        theirs.ln_1.load_state_dict(ours.ln1.state_dict())
+        theirs.ln_2.load_state_dict(ours.ln2.state_dict())
+        for src, dst in (
+            (ours.attn.qkv, theirs.attn.c_attn),
+            (ours.attn.proj, theirs.attn.c_proj),
+            (ours.mlp[0], theirs.mlp.c_fc),
+            (ours.mlp[2], theirs.mlp.c_proj),
+        ):
+            dst.weight.copy_(src.weight.t())
+            dst.bias.copy_(src.bias)
+    t.ln_f.load_state_dict(model.ln_f.state_dict())
+    hf.lm_head.weight = t.wte.weight  # tied, as ours
+
+
+# ------------------------------------------------------------------------------------------------- recipe models
+class GPTModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dim: Annotated[int, Field(ge=8, le=8192)] = 128
+    num_heads: Annotated[int, Field(ge=1, le=128)] = 4
+    num_layers: Annotated[int, Field(ge=1, le=96)] = 4
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    activation: Literal["gelu", "relu"] = "gelu"
+    """`gelu`: GPT-2's tanh approximation."""
+    max_len: Annotated[int, Field(ge=2, le=65_536)] | None = None
+    """Longest context (position table size); default: `data.context_length` (language models) or the
+    tokenizer's `max_length` (classifiers)."""
+    pooling: Literal["last", "mean"] = "last"
+    """`gpt-classifier` only: the state of the last real token (it has seen the whole text) or the mean."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> GPTModelConfig:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        return self
+
+    def gpt_config(self, vocab_size: int, max_len: int) -> GPTConfig:
+        return GPTConfig(
+            vocab_size=vocab_size,
+            max_len=self.max_len or max_len,
+            dim=self.dim,
+            num_heads=self.num_heads,
+            num_layers=self.num_layers,
+            dropout=self.dropout,
+            activation=self.activation,
+        )
+
+
+@register_model(
+    "gpt",
+    GPTModelConfig,
+    tasks=("language_modeling",),
+    description="decoder-only Transformer LM (GPT-2 layout, tied head), KV-cached sampling",
+)
+def _gpt(cfg: GPTModelConfig, input_shape: Any, num_classes: int) -> nn.Module:
+    if not isinstance(input_shape, dict) or input_shape.get("kind") != "lm":
+        raise ValueError(f"gpt is a language model; it needs token streams, got input shape {input_shape!r}")
+    return GPT(cfg.gpt_config(input_shape["vocab_size"], input_shape["context_length"]))
+
+
+class GPTClassifier(nn.Module):
+    """A GPT trunk over right-padded token ids, pooled → linear. Causal attention: padding after a text never
+    changes its states, so no padding mask is needed; `last` pools the state of the last real token."""
+
+    def __init__(self, cfg: GPTConfig, num_classes: int, pooling: str = "last") -> None:
+        super().__init__()
+        self.gpt = GPT(cfg)  # only its trunk (`hidden`) is used
+        self.pooling = pooling
+        self.classifier = nn.Linear(cfg.dim, num_classes)
+        self.cfg = cfg
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        ids = ids[:, : self.cfg.max_len]
+        h = self.gpt.hidden(ids)  # (B, T, C)
+        last = (lengths.clamp(1, ids.shape[1]) - 1).to(ids.device)
+        if self.pooling == "last":
+            pooled = h[torch.arange(h.shape[0], device=h.device), last]
+        else:
+            valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] <= last[:, None]).unsqueeze(-1)
+            pooled = (h * valid).sum(dim=1) / valid.sum(dim=1)
+        return self.classifier(pooled)
+
+
+@register_model(
+    "gpt-classifier",
+    GPTModelConfig,
+    tasks=("text_classification",),
+    description="GPT trunk + last-token/mean pooling → classes; `model.init_from: RUN` fine-tunes a pretrained gpt",
+)
+def _gpt_classifier(cfg: GPTModelConfig, input_shape: Any, num_classes: int) -> nn.Module:
+    if not isinstance(input_shape, dict) or input_shape.get("kind") != "text":
+        raise ValueError(f"gpt-classifier needs text input (token ids), got input shape {input_shape!r}")
+    max_len = int(input_shape.get("max_length", 512))
+    return GPTClassifier(cfg.gpt_config(input_shape["vocab_size"], max_len), num_classes, cfg.pooling)

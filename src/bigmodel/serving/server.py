@@ -1,6 +1,10 @@
 """The HTTP server: FastAPI around a model artifact, with dynamic batching across requests.
 
     POST /v1/predict   {"inputs": [...], "top_k": 1} → {"predictions": [{"label", "score", "top_k": [...]}, ...]}
+    POST /v1/generate  language models: {"prompt": "...", "max_new_tokens": 200, "temperature": 0.8, "top_k",
+                       "top_p", "repetition_penalty", "stop": [...], "seed", "stream": false} → {"text": "..."}, or
+                       with "stream": true, Server-Sent Events `data: {"text": "<piece>"}` ... `data: [DONE]`
+    POST /v1/translate translation models: {"inputs": ["..."], "beam_size": 4} → {"translations": ["..."]}
     GET  /healthz      liveness and what is served
     GET  /metrics      Prometheus text: requests, inputs, latency and batch-size histograms
     GET  /             a page to try the model (draw or upload an image, type text, paste a sequence)
@@ -48,6 +52,33 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: Annotated[list[str | ImageInput | ArrayInput], Field(min_length=1)]
     top_k: Annotated[int, Field(ge=1, le=1000)] = 1
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: Annotated[str, Field(max_length=100_000)] = ""
+    max_new_tokens: Annotated[int, Field(ge=0, le=4096)] = 200
+    temperature: Annotated[float, Field(ge=0.0, le=100.0)] = 0.8
+    top_k: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    stop: Annotated[list[Annotated[str, Field(max_length=1000)]], Field(max_length=16)] = []
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    stream: bool = False
+
+
+class GenerateResponse(BaseModel):
+    text: str
+
+
+class TranslateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: Annotated[list[Annotated[str, Field(min_length=1, max_length=10_000)]], Field(min_length=1)]
+    beam_size: Annotated[int, Field(ge=1, le=16)] | None = None
+
+
+class TranslateResponse(BaseModel):
+    translations: list[str]
 
 
 class Scored(BaseModel):
@@ -126,6 +157,10 @@ class Predictor:
 
     def prepare(self, i: int, x: Any) -> Any:
         where = f"inputs[{i}]"
+        if self.kind == "lm":
+            raise HTTPException(422, "this is a language model: POST /v1/generate with a prompt")
+        if self.kind == "translation":
+            raise HTTPException(422, "this is a translation model: POST /v1/translate with sentences")
         if self.kind == "text":
             if not isinstance(x, str):
                 raise HTTPException(422, f"{where}: this is a text model; expected a string")
@@ -284,6 +319,83 @@ def create_app(
             ]
             out.append(Prediction(label=top[0].label, score=top[0].score, top_k=top))
         return PredictResponse(predictions=out)
+
+    def generation_options(req: GenerateRequest) -> dict[str, Any]:
+        return {
+            "temperature": req.temperature,
+            "top_k": req.top_k,
+            "top_p": req.top_p,
+            "repetition_penalty": req.repetition_penalty,
+            "stop": req.stop,
+            "seed": req.seed,
+        }
+
+    @app.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "JSON, or events when stream is true"},
+            401: {"description": "API key"},
+            413: {"description": "Too large"},
+            422: {"description": "Malformed, or not a language model"},
+        },
+    )
+    async def generate(req: GenerateRequest, request: Request) -> Any:
+        import json as _json
+
+        from fastapi.responses import StreamingResponse
+        from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+        t0 = time.perf_counter()
+        try:
+            check_key(request)
+            if art.kind != "lm":
+                raise HTTPException(422, f"this is a {art.kind} model; /v1/generate needs a language model")
+        except HTTPException as e:
+            metrics.request(e.status_code, time.perf_counter() - t0, 0)
+            raise
+        opts = generation_options(req)
+        if not req.stream:
+            text = await run_in_threadpool(lambda: art.generate_text(req.prompt, req.max_new_tokens, **opts))
+            metrics.request(200, time.perf_counter() - t0, 1)
+            return GenerateResponse(text=text)
+
+        async def events() -> Any:
+            pieces = art.stream_text(req.prompt, req.max_new_tokens, **opts)
+            async for piece in iterate_in_threadpool(pieces):
+                yield f"data: {_json.dumps({'text': piece})}\n\n"
+            yield "data: [DONE]\n\n"
+            metrics.request(200, time.perf_counter() - t0, 1)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post(
+        "/v1/translate",
+        response_model=TranslateResponse,
+        responses={
+            401: {"description": "API key"},
+            413: {"description": "Too large"},
+            422: {"description": "Malformed, or not a translation model"},
+        },
+    )
+    async def translate(req: TranslateRequest, request: Request) -> TranslateResponse:
+        from starlette.concurrency import run_in_threadpool
+
+        t0 = time.perf_counter()
+        status = 200
+        try:
+            check_key(request)
+            if art.kind != "translation":
+                raise HTTPException(422, f"this is a {art.kind} model; /v1/translate needs a translation model")
+            if len(req.inputs) > max_inputs:
+                raise HTTPException(413, f"{len(req.inputs)} inputs in one request; at most {max_inputs}")
+            out = await run_in_threadpool(lambda: art.translate(req.inputs, beam_size=req.beam_size))
+        except HTTPException as e:
+            status = e.status_code
+            raise
+        finally:
+            metrics.request(status, time.perf_counter() - t0, len(req.inputs) if status == 200 else 0)
+        return TranslateResponse(translations=out)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

