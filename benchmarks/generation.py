@@ -7,7 +7,7 @@ against wall time, translation BLEU against training time — all in one job, on
    step), and Hugging Face `GPT2LMHeadModel.generate` (greedy, KV cache) on the same configuration with the same
    weights copied in — the Shakespeare model's shape (4 x 128) and GPT-2 small's (12 x 768, 50,257 tokens), batch 1
    and 8; tokens/s = new tokens x batch / seconds (median of repeats). `kv_vs_hf_generate_ratio` (batch 1, the
-   Shakespeare shape) and `kv_vs_hf_generate_ratio_gpt2_small`.
+   Shakespeare shape) and `kv_vs_hf_generate_gpt2_small_ratio`.
 2. `recipes/shakespeare_char_gpt.yaml` trained here: validation loss and training time (evaluation included), and
    nanoGPT's own CPU settings (lr 1e-3, 2,000 steps, no clipping) through the same code as the baseline.
    `shakespeare_val_loss_at_60s` is the recipe's validation loss when its training took ≤ 60 s (else null).
@@ -160,7 +160,7 @@ def main() -> None:
         rows,
     )
     out["kv_vs_hf_generate_ratio"] = out["decode_shakespeare_b1"]["kv_tok_s"] / out["decode_shakespeare_b1"]["hf_tok_s"]
-    out["kv_vs_hf_generate_ratio_gpt2_small"] = (
+    out["kv_vs_hf_generate_gpt2_small_ratio"] = (
         out["decode_gpt2_small_b1"]["kv_tok_s"] / out["decode_gpt2_small_b1"]["hf_tok_s"]
     )
     out["kv_vs_nocache_ratio"] = out["decode_shakespeare_b1"]["kv_tok_s"] / out["decode_shakespeare_b1"]["nokv_tok_s"]

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 
 from bigmodel import api
 from bigmodel.config import validate_recipe
-from conftest import ServerProcess, tiny_recipe
+from conftest import ServerProcess, tiny_recipe, train_lm_fixture_run
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +21,30 @@ def server(tmp_path_factory):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def lm_server(tmp_path_factory):
+    s = ServerProcess(train_lm_fixture_run(tmp_path_factory.mktemp("fuzzlm")), "--max-new-tokens", "48")
+    yield s
+    s.stop()
+
+
 def test_no_server_errors(server):
+    fuzz(server, {"POST /v1/predict", "GET /healthz", "POST /v1/generate", "POST /v1/translate"}, 60)
+
+
+def test_no_server_errors_from_a_language_model(lm_server):
+    seen = fuzz(lm_server, {"POST /v1/generate"}, 30, only="/v1/generate")
+    assert 413 in seen  # max_new_tokens over the server's limit
+
+
+def fuzz(server, expected: set[str], examples: int, only: str | None = None) -> dict[int, int]:
     from schemathesis.generation import GenerationMode
 
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert {f"{op.method.upper()} {op.path}" for op in operations} >= {"POST /v1/predict", "GET /healthz"}
+    assert {f"{op.method.upper()} {op.path}" for op in operations} >= expected
+    if only is not None:
+        operations = [op for op in operations if op.path == only]
     seen: dict[int, int] = {}
 
     def check(case):
@@ -39,7 +57,8 @@ def test_no_server_errors(server):
         modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.upper() == "POST" else [])
         for mode in modes:
             strategy = op.as_strategy(generation_mode=mode)
-            settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)(
+            settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)(
                 given(case=strategy)(check)
             )()
     assert 422 in seen and 200 in seen  # both rejected and accepted inputs were exercised
+    return seen

@@ -85,3 +85,13 @@ def test_repetition_penalty_lowers_repeats(model):
         return sum(len(r) - len(set(r)) for r in x[:, 4:].tolist())
 
     assert repeats(penal) < repeats(plain)
+
+
+def test_extreme_sampling_settings_stay_finite(model):
+    ids = torch.randint(0, 50, (2, 4))
+    greedy = generate(model, ids, 10, temperature=0)
+    assert torch.equal(generate(model, ids, 10, temperature=1e-300), greedy)  # 0 in float32: greedy, not 0/0
+    assert torch.equal(generate(model, ids, 10, temperature=1e-30, seed=1), greedy)  # → greedy, never NaN
+    for penalty, temp in ((5e-324, 12.0), (100.0, 1.0), (1e-300, 0.0), (1.0, 100.0)):
+        out = generate(model, ids, 10, temperature=temp, repetition_penalty=penalty, seed=3)
+        assert out.shape == (2, 14) and int(out.min()) >= 0 and int(out.max()) < 50

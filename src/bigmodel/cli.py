@@ -355,8 +355,12 @@ def serve(
     api_key: Annotated[
         str | None, typer.Option(envvar="BIGMODEL_API_KEY", help="Require this key (X-API-Key or Bearer).")
     ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Language models: the most tokens one request may ask for.")
+    ] = 1024,
 ) -> None:
-    """Serve a model over HTTP: POST /v1/predict (dynamic batching), /healthz, /metrics, /docs, a page at /."""
+    """Serve a model over HTTP: POST /v1/predict (dynamic batching), /v1/generate (language models, streaming),
+    /v1/translate (translation models), /healthz, /metrics, /docs, a page at /."""
     try:
         from bigmodel.serving.server import serve as run_server
     except ImportError as e:
@@ -367,7 +371,7 @@ def serve(
 
     art = load_artifact(run_dir)  # a bad path fails here, in one line, before the server starts
     typer.echo(f"serving {run_dir} on http://{host}:{port}  (docs: /docs, page: /)", err=True)
-    run_server(art, host, port, max_batch_size, max_delay_ms, api_key)
+    run_server(art, host, port, max_batch_size, max_delay_ms, api_key, max_new_tokens=max_new_tokens)
 
 
 # --------------------------------------------------------------------------------------------------------- runs

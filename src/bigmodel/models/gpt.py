@@ -197,10 +197,15 @@ def stream(
             seen = torch.gather(logits, 1, out)
             seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
             logits = logits.scatter(1, out, seen)
-        if temperature == 0:
+        # Extreme penalties or temperatures overflow: keep every logit finite (-inf stays "never").
+        big = torch.finfo(logits.dtype).max / 4
+        logits = torch.nan_to_num(logits, nan=-big, posinf=big, neginf=float("-inf")).clamp(min=-big)
+        if temperature < 1e-6:  # 0 (and anything a float32 division would turn into 0/0) is greedy
             nxt = logits.argmax(dim=-1, keepdim=True)
         else:
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+            # Shift by the max first: tiny temperatures then send the others to -inf (→ greedy), never to +inf.
+            scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+            probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)
             nxt = torch.multinomial(probs, 1, generator=g)
         if stops is not None:
             nxt = torch.where(done[:, None], stops[:1].expand_as(nxt), nxt)

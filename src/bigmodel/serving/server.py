@@ -257,6 +257,7 @@ def create_app(
     api_key: str | None = None,
     max_inputs: int = 256,
     max_body_bytes: int = 16 * 1024 * 1024,
+    max_new_tokens: int = 1024,
 ) -> FastAPI:
     predictor = Predictor(art)
     metrics = Metrics()
@@ -336,7 +337,7 @@ def create_app(
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "JSON, or events when stream is true"},
             401: {"description": "API key"},
-            413: {"description": "Too large"},
+            413: {"description": "max_new_tokens over the server's limit"},
             422: {"description": "Malformed, or not a language model"},
         },
     )
@@ -351,6 +352,10 @@ def create_app(
             check_key(request)
             if art.kind != "lm":
                 raise HTTPException(422, f"this is a {art.kind} model; /v1/generate needs a language model")
+            if req.max_new_tokens > max_new_tokens:
+                raise HTTPException(
+                    413, f"max_new_tokens {req.max_new_tokens} is over this server's limit {max_new_tokens}"
+                )
         except HTTPException as e:
             metrics.request(e.status_code, time.perf_counter() - t0, 0)
             raise
@@ -362,8 +367,13 @@ def create_app(
 
         async def events() -> Any:
             pieces = art.stream_text(req.prompt, req.max_new_tokens, **opts)
-            async for piece in iterate_in_threadpool(pieces):
-                yield f"data: {_json.dumps({'text': piece})}\n\n"
+            try:
+                async for piece in iterate_in_threadpool(pieces):
+                    yield f"data: {_json.dumps({'text': piece})}\n\n"
+            except Exception as e:  # the status line is sent already: end the stream with an error event
+                yield f"event: error\ndata: {_json.dumps({'error': f'{type(e).__name__}: {e}'})}\n\n"
+                metrics.request(500, time.perf_counter() - t0, 0)
+                return
             yield "data: [DONE]\n\n"
             metrics.request(200, time.perf_counter() - t0, 1)
 
@@ -425,8 +435,12 @@ def serve(
     max_batch_size: int = 32,
     max_delay_ms: float = 5.0,
     api_key: str | None = None,
+    *,
+    max_new_tokens: int = 1024,
 ) -> None:
     import uvicorn
 
-    app = create_app(art, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, api_key=api_key)
+    app = create_app(
+        art, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, api_key=api_key, max_new_tokens=max_new_tokens
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
