@@ -184,3 +184,23 @@ def test_early_stopping_counts_only_evaluations_without_improvement():
             stopped_at = i
     assert stopped_at == 5  # two evaluations in a row (0.69, 0.705) failed to beat 0.70 by 0.01
     assert t.state.best_value == pytest.approx(0.70)
+
+
+@pytest.mark.parametrize("limit", ["train.max_steps=3", "train.time_limit_s=0.001"])
+def test_step_and_time_limits_stop_evaluate_and_checkpoint(limit, tmp_path):
+    import json
+
+    from bigmodel import api
+
+    key, value = limit.split("=")
+    res = api.train(
+        validate_recipe(tiny_recipe(**{key: float(value) if "time" in key else int(value)})),
+        out=tmp_path / "run",
+        progress=False,
+    )
+    expected = 3 if "max_steps" in key else 1  # a time limit this short stops after the first step
+    assert res.steps == expected
+    records = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "val"]
+    assert val and val[-1]["step"] == expected  # evaluated on the way out
+    assert (res.run_dir / "checkpoints" / f"step-{expected:08d}").is_dir()
