@@ -38,6 +38,18 @@ def _echo_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
+def _read_lines(lines: Path | None) -> list[str]:
+    """The non-blank lines of a `--lines FILE` (UTF-8), or nothing without one."""
+    if lines is None:
+        return []
+    if not lines.is_file():
+        raise UserError(f"--lines {lines}: file not found")
+    try:
+        return [t for t in lines.read_text(encoding="utf-8").splitlines() if t.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"--lines {lines}: not a UTF-8 text file") from None
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -161,14 +173,7 @@ def predict(
     art = load_artifact(run_dir)
     items = list(inputs or [])
     if art.kind in ("text", "translation"):
-        texts = items
-        if lines is not None:
-            if not lines.is_file():
-                raise UserError(f"--lines {lines}: file not found")
-            try:
-                texts += [t for t in lines.read_text(encoding="utf-8").splitlines() if t.strip()]
-            except UnicodeDecodeError:
-                raise UserError(f"--lines {lines}: not a UTF-8 text file") from None
+        texts = items + _read_lines(lines)
         if not texts:
             raise UserError("nothing to predict: give texts as arguments or --lines FILE")
         results = api.predict(run_dir, texts=texts, top_k=top_k)
@@ -235,22 +240,19 @@ def translate(
     run_dir: Annotated[Path, typer.Argument(help="A translation run directory or artifact folder.")],
     texts: Annotated[list[str] | None, typer.Argument(help="Sentences to translate.")] = None,
     lines: Annotated[Path | None, typer.Option("--lines", help="A UTF-8 file, one sentence per line.")] = None,
-    beam_size: Annotated[int, typer.Option("--beam-size", min=1, help="1 = greedy.")] = 4,
+    beam_size: Annotated[
+        int | None, typer.Option("--beam-size", min=1, help="1 = greedy (default: the model's beam_size).")
+    ] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1)] = None,
-    length_penalty: Annotated[float, typer.Option("--length-penalty", help="Beam scores / length^α.")] = 1.0,
+    length_penalty: Annotated[
+        float | None, typer.Option("--length-penalty", help="Beam scores / length^α (default: the model's).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Translate sentences with a trained encoder-decoder (beam search); one translation per line."""
     from bigmodel.runs import load_artifact
 
-    items = list(texts or [])
-    if lines is not None:
-        if not lines.is_file():
-            raise UserError(f"--lines {lines}: file not found")
-        try:
-            items += [t for t in lines.read_text(encoding="utf-8").splitlines() if t.strip()]
-        except UnicodeDecodeError:
-            raise UserError(f"--lines {lines}: not a UTF-8 text file") from None
+    items = list(texts or []) + _read_lines(lines)
     if not items:
         raise UserError("nothing to translate: give sentences as arguments or --lines FILE")
     art = load_artifact(run_dir)

@@ -35,7 +35,7 @@ from bigmodel.errors import UserError
 
 SWORD_ROOT = Path("/usr/share/sword/modules/texts/ztext")
 BIBLE_MODULES = {"en": "engKJV2006eb", "es": "spaRV1909eb"}
-BOS_ID, EOS_ID = 2, 3  # the shared special tokens [CLS] and [SEP] start and end every target
+PAD_ID, BOS_ID, EOS_ID = 0, 2, 3  # the tokenizers' [PAD]; [CLS] and [SEP] start and end every target
 
 
 @dataclass

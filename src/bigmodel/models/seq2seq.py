@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from bigmodel.data.parallel import BOS_ID, EOS_ID, PAD_ID
 from bigmodel.models.layers import MultiHeadAttention, SinusoidalPositionalEncoding, TransformerEncoderBlock
 from bigmodel.registry import register_model
-
-BOS_ID, EOS_ID, PAD_ID = 2, 3, 0
 
 
 class Seq2SeqConfig(BaseModel):
@@ -70,13 +69,8 @@ class DecoderBlock(nn.Module):
     def _ff(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.linear2(self.ff_dropout(self.act(self.linear1(x)))))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_pad: torch.Tensor) -> torch.Tensor:
-        def sa(h: torch.Tensor) -> torch.Tensor:
-            return self.dropout(self.self_attn(h, is_causal=True)[0])
-
-        def ca(h: torch.Tensor) -> torch.Tensor:
-            return self.dropout(self.cross_attn(h, memory, key_padding_mask=memory_pad)[0])
-
+    def _residuals(self, x: torch.Tensor, sa: Any, ca: Any) -> torch.Tensor:
+        """The block around its two attentions (full-sequence or one-step): pre- or post-norm residuals."""
         if self.norm_first:
             x = x + sa(self.norm1(x))
             x = x + ca(self.norm2(x))
@@ -84,6 +78,15 @@ class DecoderBlock(nn.Module):
         x = self.norm1(x + sa(x))
         x = self.norm2(x + ca(x))
         return self.norm3(x + self._ff(x))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_pad: torch.Tensor) -> torch.Tensor:
+        def sa(h: torch.Tensor) -> torch.Tensor:
+            return self.dropout(self.self_attn(h, is_causal=True)[0])
+
+        def ca(h: torch.Tensor) -> torch.Tensor:
+            return self.dropout(self.cross_attn(h, memory, key_padding_mask=memory_pad)[0])
+
+        return self._residuals(x, sa, ca)
 
     # ------------------------------------------------------------------------------------- incremental decoding
     @staticmethod
@@ -121,13 +124,7 @@ class DecoderBlock(nn.Module):
             out = F.scaled_dot_product_attention(q, mem_k, mem_v, attn_mask=mem_allowed)
             return a.out_proj(out.transpose(1, 2).reshape(h.shape))
 
-        if self.norm_first:
-            x = x + sa(self.norm1(x))
-            x = x + ca(self.norm2(x))
-            return x + self._ff(self.norm3(x))
-        x = self.norm1(x + sa(x))
-        x = self.norm2(x + ca(x))
-        return self.norm3(x + self._ff(x))
+        return self._residuals(x, sa, ca)
 
 
 class Seq2SeqTransformer(nn.Module):
