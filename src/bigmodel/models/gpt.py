@@ -123,6 +123,10 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def decoder(self, batch: int, use_cache: bool = True) -> GPTDecoder:
+        """The incremental decoder `stream` drives (every generating model has one)."""
+        return GPTDecoder(self, batch, use_cache)
+
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); with a cache, `ids` are the positions after those cached."""
         return F.linear(self.hidden(ids, cache), self.tok.weight)  # the LM head is tied to the token embedding
@@ -156,16 +160,30 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def _next_logits(model: GPT, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-    """Logits of the last position, over a window of the last `max_len` tokens when there is no cache."""
-    if cache is None:
-        return model(ids[:, -model.cfg.max_len :])[:, -1]
-    return model(ids, cache)[:, -1]
+class GPTDecoder:
+    """Next-token logits for `stream`: the preallocated KV cache until it is full, then a sliding window of the last
+    `max_len` tokens recomputed each step. Called with the new tokens and the whole sequence so far."""
+
+    def __init__(self, model: GPT, batch: int, use_cache: bool = True) -> None:
+        self.model = model
+        p = next(model.parameters())
+        self.cache = KVCache(model.cfg, batch, p.device, p.dtype) if use_cache else None
+        self.started = False
+
+    def __call__(self, new: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        max_len = self.model.cfg.max_len
+        if self.cache is not None and self.cache.length >= max_len:
+            self.cache = None  # the window is full: slide it from now on
+        if self.cache is None:
+            return self.model(full[:, -max_len:])[:, -1]
+        ids = new if self.started else full[:, -max_len:]
+        self.started = True
+        return self.model(ids, self.cache)[:, -1]
 
 
 @torch.inference_mode()
 def stream(
-    model: GPT,
+    model: nn.Module,
     ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -186,9 +204,9 @@ def stream(
         raise ValueError("generation needs at least one prompt token")
     g = torch.Generator(device=ids.device).manual_seed(seed) if seed is not None else None
     B = ids.shape[0]
-    cache = KVCache(model.cfg, B, ids.device, next(model.parameters()).dtype) if use_cache else None
+    decoder = model.decoder(B, use_cache)
     out = ids
-    logits = _next_logits(model, ids[:, -model.cfg.max_len :], cache)
+    logits = decoder(ids, ids)
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
     stops = torch.tensor(sorted(stop_ids), device=ids.device) if stop_ids else None
     for step in range(max_new_tokens):
@@ -214,9 +232,7 @@ def stream(
         out = torch.cat([out, nxt], dim=1)
         if (stops is not None and bool(done.all())) or step == max_new_tokens - 1:
             break
-        if cache is not None and cache.length >= model.cfg.max_len:
-            cache = None  # the window is full: slide it from now on
-        logits = _next_logits(model, nxt if cache is not None else out, cache)
+        logits = decoder(nxt, out)
 
 
 def generate(model: GPT, ids: torch.Tensor, max_new_tokens: int, **kw: Any) -> torch.Tensor:

@@ -24,11 +24,16 @@ def decay_and_no_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
 
 
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
-    decay, no_decay = decay_and_no_decay(model)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """Two groups (with / without weight decay), or the model's own groups when it defines `optimizer_groups`
+    (per-group learning rates: layer-wise decay of a pretrained model); the schedule scales every group alike."""
+    own = getattr(model, "optimizer_groups", None)
+    groups = own(cfg.lr, cfg.weight_decay) if own is not None else None
+    if groups is None:
+        decay, no_decay = decay_and_no_decay(model)
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
     groups = [g for g in groups if g["params"]]
     # foreach=True: one fused kernel launch per group instead of one per tensor (the default picks it only on CUDA).
     if cfg.name == "sgd":
