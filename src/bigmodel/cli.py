@@ -3,7 +3,7 @@
     bigmodel train RECIPE.yaml [key=value ...] [--out RUN_DIR] [--resume RUN_DIR]
     bigmodel evaluate RUN_DIR [--split test|val|train] [--json]
     bigmodel predict RUN_DIR FILE... [--top-k K] [--json]
-    bigmodel generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    bigmodel generate RUN_DIR|RECIPE --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     bigmodel translate RUN_DIR "text" ... [--beam-size K]
     bigmodel runs list | show RUN | compare RUN RUN...
     bigmodel recipe validate FILE [key=value ...] | schema | models
@@ -105,7 +105,9 @@ def train(
 # ----------------------------------------------------------------------------------------------------- evaluate
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory (or the recipe of a pretrained language model, as it is).")
+    ],
     split: Annotated[str, typer.Option("--split", help="test, val or train.")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     beam_size: Annotated[
@@ -198,7 +200,10 @@ def predict(
 # ----------------------------------------------------------------------------------------------------- generate
 @app.command()
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="A language-model run directory or artifact folder.")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="A language-model run directory or artifact folder, or a pretrained model's recipe."),
+    ],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=0)] = 200,
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.8,
@@ -209,7 +214,8 @@ def generate(
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text once it is complete.")] = False,
 ) -> None:
-    """Continue a prompt with a trained language model, streaming the text to the terminal as it is generated."""
+    """Continue a prompt with a trained language model, streaming the text to the terminal as it is generated.
+    A pretrained chat model (chat template on) prints its reply only."""
     from bigmodel.runs import load_artifact
 
     art = load_artifact(run_dir)
@@ -223,10 +229,11 @@ def generate(
         stop=stop,
         seed=seed,
     )
+    head = "" if getattr(art.model, "uses_chat", False) else prompt  # a chat reply does not continue the prompt
     if no_stream:
-        typer.echo(prompt + "".join(pieces))
+        typer.echo(head + "".join(pieces))
         return
-    sys.stdout.write(prompt)
+    sys.stdout.write(head)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -347,7 +354,9 @@ def export(
 # -------------------------------------------------------------------------------------------------------- serve
 @app.command()
 def serve(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory or model artifact folder.")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory or model artifact folder, or a pretrained language model's recipe.")
+    ],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Most inputs per model call (1 = no batching).")] = 32,

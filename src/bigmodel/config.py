@@ -398,7 +398,9 @@ class Recipe(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=80)] | None = None
     description: str | None = None
     task: TaskName
-    data: DataConfig
+    data: DataConfig | None = None
+    """Required, except for a pretrained language model used as it is (`model.name: hf`, `bigmodel generate
+    RECIPE`)."""
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -413,6 +415,28 @@ class Recipe(Strict):
             raise ValueError(
                 f"model.name {self.model.name!r} does not do task {self.task!r} (it does: {', '.join(entry.tasks)})"
             )
+        hf = self.model.name == "hf"
+        if hf:
+            head = self.model.options.get("head")
+            want = "causal_lm" if self.task == "language_modeling" else "sequence_classification"
+            if head is not None and head != want:
+                raise ValueError(f"model.head {head!r} does not do task {self.task!r} (expected {want!r})")
+        if self.data is None:
+            if hf and self.task == "language_modeling":
+                if "monitor" not in self.train.model_fields_set:
+                    self.train.monitor = "val_loss"
+                return self
+            raise ValueError("data: required key is missing")
+        if hf:
+            tok, default = self.data.tokenizer, TokenizerConfig()
+            extra = [
+                k for k in TokenizerConfig.model_fields if k != "max_length" and getattr(tok, k) != getattr(default, k)
+            ]
+            if extra:
+                raise ValueError(
+                    f"data.tokenizer.{extra[0]} does not apply to model.name 'hf': the tokenizer comes with the "
+                    "pretrained model (only data.tokenizer.max_length applies)"
+                )
         src = self.data.source
         allowed = {
             "image_classification": IMAGE_SOURCES,
@@ -437,17 +461,18 @@ class Recipe(Strict):
             elif self.train.monitor != "val_loss":
                 raise ValueError(f"train.monitor {self.train.monitor!r}: generative tasks monitor val_loss")
             tok = self.data.tokenizer
-            # Generated text should read like the data: keep case and no [CLS] unless asked for.
-            if "lowercase" not in tok.model_fields_set:
-                tok.lowercase = False
-            if "add_cls" not in tok.model_fields_set:
-                tok.add_cls = False
-            if "kind" not in tok.model_fields_set:
-                tok.kind = "bpe"
-            if tok.kind not in ("char", "bpe"):
-                raise ValueError(
-                    f"data.tokenizer.kind {tok.kind!r}: generative tasks need a reversible tokenizer (char or bpe)"
-                )
+            if not hf:
+                # Generated text should read like the data: keep case and no [CLS] unless asked for.
+                if "lowercase" not in tok.model_fields_set:
+                    tok.lowercase = False
+                if "add_cls" not in tok.model_fields_set:
+                    tok.add_cls = False
+                if "kind" not in tok.model_fields_set:
+                    tok.kind = "bpe"
+                if tok.kind not in ("char", "bpe"):
+                    raise ValueError(
+                        f"data.tokenizer.kind {tok.kind!r}: generative tasks need a reversible tokenizer (char or bpe)"
+                    )
         # fashion_mnist and digits carve val from train; without it there is nothing to monitor.
         if (
             self.train.early_stopping is not None
@@ -536,7 +561,12 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise UserError(f"{source}: {_format_errors(e)}") from None
+        msg = _format_errors(e)
+        model = data.get("model") if isinstance(data, dict) else None
+        pretrained = isinstance(model, dict) and model.get("name") == "hf"
+        if isinstance(data, dict) and "data" not in data and not pretrained and not msg.startswith("data"):
+            msg = f"data: required key is missing; {msg}"  # the after-check that names it did not get to run
+        raise UserError(f"{source}: {msg}") from None
     for key, value in _floats(recipe.to_dict()):
         if not math.isfinite(value):
             raise UserError(f"{source}: {key}: expected a finite number, got {value}")

@@ -43,6 +43,7 @@ def _load_builtin_models() -> None:
     # Importing the family modules runs their @register_model decorators.
     import bigmodel.models.cnn  # noqa: F401
     import bigmodel.models.gpt  # noqa: F401
+    import bigmodel.models.hf  # noqa: F401
     import bigmodel.models.resnet  # noqa: F401
     import bigmodel.models.seq2seq  # noqa: F401
     import bigmodel.models.sequence  # noqa: F401

@@ -144,8 +144,13 @@ def save_artifact(
     for name, src in (files or {}).items():
         shutil.copy2(src, tmp / name)
     if model is not None:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        # A model may define its artifact weights (merged adapters, tied tensors once) and extra files (hf/).
+        own = getattr(model, "artifact_state_dict", None)
+        weights = own() if own is not None else model.state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if hasattr(model, "save_artifact_files"):
+            model.save_artifact_files(tmp)
     config = {
         "format_version": ARTIFACT_FORMAT,
         "bigmodel_version": bigmodel.__version__,
@@ -185,11 +190,8 @@ class Artifact:
     """A model rebuilt from its artifact folder alone, ready to predict (CPU, eval mode)."""
 
     def __init__(self, folder: Path) -> None:
-        import torch
         from safetensors.torch import load_file
 
-        from bigmodel.data.loader import Normalizer
-        from bigmodel.evaluation.tta import FlipTTA
         from bigmodel.models import build_model
 
         self.folder = folder
@@ -213,6 +215,10 @@ class Artifact:
             from bigmodel.deploy.ort import OrtClassifier
 
             self.model = OrtClassifier(folder / "model.onnx")
+        elif name == "hf":  # a Hugging Face model: its config and tokenizer in hf/, weights in model.safetensors
+            from bigmodel.models.hf import load_hf_artifact
+
+            self.model = load_hf_artifact(folder, model_cfg, self.config["num_classes"])
         else:
             self.model = build_model(name, model_cfg, self.config["input_shape"], self.config["num_classes"])
             quant = self.config.get("quantization")
@@ -226,6 +232,14 @@ class Artifact:
             except (OSError, ValueError) as e:
                 raise UserError(f"{folder / 'model.safetensors'}: unreadable weights ({e})") from None
             self.model.load_state_dict(state)
+        self._finish()
+
+    def _finish(self) -> None:
+        import torch
+
+        from bigmodel.data.loader import Normalizer
+        from bigmodel.evaluation.tta import FlipTTA
+
         self.model.eval()
         self.inference_model = FlipTTA(self.model) if self.preprocess.tta_flip else self.model
         self.normalizer = (
@@ -234,6 +248,14 @@ class Artifact:
             else None
         )
         self._torch = torch
+
+    @classmethod
+    def from_model(cls, model: Any, preprocess: Preprocess, config: dict[str, Any], folder: Path) -> Artifact:
+        """An artifact held in memory (a pretrained model used as it is, straight from its recipe)."""
+        art = cls.__new__(cls)
+        art.folder, art.config, art.preprocess, art.model = folder, config, preprocess, model
+        art._finish()
+        return art
 
     @property
     def kind(self) -> str:
@@ -362,7 +384,12 @@ class Artifact:
         if repetition_penalty <= 0:
             raise UserError(f"repetition_penalty {repetition_penalty}: expected a positive number")
         tok = self.preprocess.tokenizer
-        ids = tok.encode(prompt or "\n", add_special_tokens=False).ids or [1]
+        encode_prompt = getattr(self.model, "prompt_ids", None)  # pretrained models: chat template, BOS
+        if encode_prompt is not None:
+            ids = encode_prompt(prompt)
+        else:
+            ids = tok.encode(prompt or "\n", add_special_tokens=False).ids or [1]
+        stop_ids = getattr(self.model, "stop_token_ids", lambda: None)()
         torch = self._torch
         new: list[int] = []
         emitted = ""
@@ -375,8 +402,11 @@ class Artifact:
             top_k=top_k,
             top_p=top_p,
             repetition_penalty=repetition_penalty,
+            stop_ids=stop_ids,
             seed=seed,
         ):
+            if stop_ids and int(nxt[0, 0]) in stop_ids:
+                break
             new.append(int(nxt[0, 0]))
             text = tok.decode(new, skip_special_tokens=True)
             hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
@@ -426,7 +456,13 @@ class Artifact:
 
 
 def load_artifact(path: str | Path) -> Artifact:
-    """Rebuild a trained model from a run directory or its `model/` folder."""
+    """Rebuild a trained model from a run directory or its `model/` folder. A recipe file of a pretrained language
+    model (`model.name: hf`) gives that model as it is, untrained (generate, serve and evaluate it directly)."""
+    p = Path(path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        from bigmodel.api import pretrained_artifact
+
+        return pretrained_artifact(p)
     return Artifact(artifact_dir(path))
 
 

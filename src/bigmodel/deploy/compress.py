@@ -283,6 +283,8 @@ def compress(
             f"{src}: a {'language' if art.kind == 'lm' else 'translation'} model; "
             f"compress supports classifiers (image, sequence, text) so far"
         )
+    if art.config.get("model", {}).get("name") == "hf":
+        raise UserError(f"{src}: a pretrained Hugging Face model (model.name hf); compress does not take these yet")
     if art.config.get("quantization"):
         raise UserError(f"{src}: already quantized; compress the fp32 run it came from")
     if method not in ("prune", "quantize", "distill"):

@@ -114,6 +114,8 @@ def export(
             f"{src}: a {'language' if art.kind == 'lm' else 'translation'} model; "
             f"export supports classifiers (image, sequence, text) so far"
         )
+    if art.config.get("model", {}).get("name") == "hf":
+        raise UserError(f"{src}: a pretrained Hugging Face model (model.name hf); export does not take these yet")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: already exists and is not empty")
