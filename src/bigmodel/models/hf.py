@@ -163,13 +163,24 @@ def _from_pretrained(loader: Any, cfg: HFConfig, what: str, **kw: Any) -> Any:
         hf_logging.enable_progress_bar()
 
 
+_GGUF_TOKENIZERS: dict[tuple[str, str, float], Any] = {}
+
+
 def load_tokenizer(cfg: HFConfig) -> Any:
-    """The source's tokenizer (a fast tokenizer: its `backend_tokenizer` does the encoding everywhere else)."""
+    """The source's tokenizer (a fast tokenizer: its `backend_tokenizer` does the encoding everywhere else).
+    From a local GGUF file it is built once per process (reading the file's metadata takes seconds) and copied."""
     from transformers import AutoTokenizer
 
+    src, gguf = resolve_source(cfg)
+    file = Path(src) / gguf if gguf is not None else None
+    key = (str(file), str(cfg.revision), file.stat().st_mtime) if file is not None and file.is_file() else None
+    if key is not None and key in _GGUF_TOKENIZERS:
+        return copy.deepcopy(_GGUF_TOKENIZERS[key])
     tok = _from_pretrained(AutoTokenizer, cfg, "tokenizer")
     if getattr(tok, "backend_tokenizer", None) is None:
         raise UserError(f"model.pretrained {cfg.pretrained!r}: has no fast (Rust) tokenizer; bigmodel needs one")
+    if key is not None:
+        _GGUF_TOKENIZERS[key] = copy.deepcopy(tok)
     return tok
 
 
