@@ -185,23 +185,20 @@ def test_bert_fine_tunes_saves_and_reloads_offline_with_identical_predictions(ti
     before = api.predict(res.run_dir, texts=texts, top_k=2)
     assert [r["label"] for r in before] == ["pos", "neg", "pos"]
     shutil.rmtree(src)  # the pretrained source is gone; the network is off
-    (tmp_path / "lines.txt").write_text("\n".join(texts) + "\n")
-    proc = run_cli(
-        "predict",
-        str(res.run_dir),
-        "--lines",
-        str(tmp_path / "lines.txt"),
-        "--top-k",
-        "2",
-        "--json",
-        env={"HF_HUB_OFFLINE": "1"},
-        check=True,
-    )
-    assert json.loads(proc.stdout)["predictions"] == before
+    assert _predict_offline(res.run_dir, texts, 2, tmp_path) == before
     again = api.evaluate(res.run_dir, "test")
     assert again["accuracy"] == res.metrics["accuracy"]
     proc = run_cli("export", str(res.run_dir), "--format", "onnx", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "export does not take these yet" in proc.stderr
+
+
+def _predict_offline(run_dir: Path, texts: list[str], top_k: int, tmp_path: Path) -> list[dict]:
+    """`bigmodel predict RUN --lines FILE --json` in a fresh process with HF_HUB_OFFLINE=1."""
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(texts) + "\n")
+    args = ["predict", str(run_dir), "--lines", str(lines), "--top-k", str(top_k), "--json"]
+    proc = run_cli(*args, env={"HF_HUB_OFFLINE": "1"}, check=True)
+    return json.loads(proc.stdout)["predictions"]
 
 
 def test_frozen_encoder_trains_only_the_head(tiny, tmp_path):
@@ -455,19 +452,7 @@ def test_real_minilm_fine_tunes_and_reloads_offline(tmp_path):
     res = api.train(validate_recipe(recipe), out=tmp_path / "run", progress=False)
     texts = ["I love this so much", "worst day ever, I hate it"]
     before = api.predict(res.run_dir, texts=texts, top_k=3)
-    (tmp_path / "lines.txt").write_text("\n".join(texts) + "\n")
-    proc = run_cli(
-        "predict",
-        str(res.run_dir),
-        "--lines",
-        str(tmp_path / "lines.txt"),
-        "--top-k",
-        "3",
-        "--json",
-        env={"HF_HUB_OFFLINE": "1"},
-        check=True,
-    )
-    assert json.loads(proc.stdout)["predictions"] == before
+    assert _predict_offline(res.run_dir, texts, 3, tmp_path) == before
     assert re.search(r"BertForSequenceClassification", (res.run_dir / "model" / "hf" / "config.json").read_text())
 
 

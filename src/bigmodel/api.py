@@ -19,6 +19,7 @@ from bigmodel.runs import (
     Preprocess,
     RunIndex,
     environment,
+    is_recipe_file,
     load_artifact,
     new_run_dir,
     require_run_dir,
@@ -517,11 +518,10 @@ def evaluate(
 
     from bigmodel.tasks.classification import ClassificationTask
 
-    path = Path(run_dir)
-    if path.suffix in (".yaml", ".yml") and path.is_file():  # a pretrained model as it is (before fine-tuning)
+    if is_recipe_file(run_dir):  # a pretrained model as it is (before fine-tuning)
         from bigmodel.config import load_recipe
 
-        recipe, art = load_recipe(path), pretrained_artifact(path)
+        recipe, art = load_recipe(run_dir), pretrained_artifact(run_dir)
     else:
         run_dir = require_run_dir(run_dir)
         recipe = validate_recipe(read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))

@@ -455,14 +455,19 @@ class Artifact:
         return [t.strip() for t in tgt.decode_batch(ids, skip_special_tokens=True)]
 
 
+def is_recipe_file(path: str | Path) -> bool:
+    """A recipe given where a run is expected (a pretrained model used as it is)."""
+    p = Path(path)
+    return p.suffix in (".yaml", ".yml") and p.is_file()
+
+
 def load_artifact(path: str | Path) -> Artifact:
     """Rebuild a trained model from a run directory or its `model/` folder. A recipe file of a pretrained language
     model (`model.name: hf`) gives that model as it is, untrained (generate, serve and evaluate it directly)."""
-    p = Path(path)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
+    if is_recipe_file(path):
         from bigmodel.api import pretrained_artifact
 
-        return pretrained_artifact(p)
+        return pretrained_artifact(path)
     return Artifact(artifact_dir(path))
 
 

@@ -274,6 +274,8 @@ class HFModel(nn.Module):
     # ---------------------------------------------------------------------------------------------- training
     def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]] | None:
         """Param groups with layer-wise learning-rate decay (None: the Trainer's default two groups)."""
+        from bigmodel.training.optim import decays
+
         decay = self.cfg.layer_lr_decay
         if decay >= 1.0:
             return None
@@ -289,7 +291,7 @@ class HFModel(nn.Module):
                 depth = 0
             else:  # the head, the pooler, the final norm
                 depth = L + 1
-            groups.setdefault((depth, p.ndim >= 2), []).append(p)
+            groups.setdefault((depth, decays(p)), []).append(p)
         return [
             {"params": ps, "lr": lr * decay ** (L + 1 - depth), "weight_decay": weight_decay if wd else 0.0}
             for (depth, wd), ps in sorted(groups.items())

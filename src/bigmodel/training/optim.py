@@ -14,12 +14,16 @@ from torch import nn
 from bigmodel.config import OptimizerConfig, ScheduleConfig
 
 
-def decay_and_no_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def decays(p: nn.Parameter) -> bool:
     """Weights (matrices, kernels) get weight decay and L1; biases and norm scales do not (as in timm, nanoGPT)."""
+    return p.ndim >= 2
+
+
+def decay_and_no_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if decays(p) else no_decay).append(p)
     return decay, no_decay
 
 
