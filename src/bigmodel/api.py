@@ -5,7 +5,6 @@ recipe ─► data ─► model ─► task ─► Trainer.fit ─► run direct
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,47 +87,15 @@ def make_loader(
     channels_last: bool = False,
     batch_size: int | None = None,
 ) -> Any:
-    """The batch loader of `split`: training order, augmentation and balancing when `train`, else in order."""
-    from bigmodel.data.loader import BatchLoader, Normalizer, SequenceLoader
+    """The batch loader of `split` (the task spec's): training order, augmentation and balancing when `train`."""
+    from bigmodel.tasks import get_task
 
-    r = recipe
-    bs = batch_size or (r.train.batch_size if train else r.eval.batch_size)
-    if pre.kind == "lm":
-        from bigmodel.data.corpus import WindowLoader
-
-        T = r.data.context_length
-        if not train and batch_size is None:  # keep an evaluation batch's logits under ~256 MB
-            bs = max(1, min(bs, (1 << 26) // (T * int(pre.input_shape["vocab_size"]))))
-        batches = r.data.batches_per_epoch if train else None
-        return WindowLoader(data.split(split), T, bs, train=train, seed=r.seed, batches=batches, device=device)
-    if pre.kind == "translation":
-        from bigmodel.data.parallel import PairLoader
-
-        if not train and batch_size is None:
-            bs = max(1, min(bs, 256))
-        return PairLoader(data.split(split), bs, shuffle=train, seed=r.seed, drop_last=train, device=device)
-    sampling = r.data.balance if train and r.data.balance in ("oversample", "undersample") else "none"
-    if pre.kind != "image":
-        return SequenceLoader(
-            data.split(split), bs, shuffle=train, seed=r.seed, drop_last=train, device=device, sampling=sampling
-        )
-    assert pre.mean is not None and pre.std is not None
-    return BatchLoader(
-        data.split(split),
-        bs,
-        Normalizer(pre.mean, pre.std, device),
-        shuffle=train,
-        seed=r.seed,
-        augment=r.data.augment if train else None,
-        drop_last=train,
-        channels_last=channels_last,
-        device=device,
-        num_classes=len(data.labels),
-        sampling=sampling,
+    return get_task(recipe.task).loader(
+        recipe, data, pre, split, train=train, device=device, channels_last=channels_last, batch_size=batch_size
     )
 
 
-def hf_preprocess(recipe: Recipe, labels: list[str] | None = None) -> Preprocess:
+def hf_preprocess(recipe: Recipe, labels: list[str] | None = None, *, kind: str = "text") -> Preprocess:
     """The preprocessing of a pretrained Hugging Face model: its own tokenizer (a copy of the fast tokenizer's
     backend; truncated and padded for classification, plain for language models), nothing fitted."""
     from tokenizers import Tokenizer
@@ -138,7 +105,7 @@ def hf_preprocess(recipe: Recipe, labels: list[str] | None = None) -> Preprocess
 
     hf_tok = load_tokenizer(HFConfig.model_validate(recipe.model.options))
     tok = Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())
-    if recipe.task == "language_modeling":
+    if kind == "lm":
         ctx = recipe.data.context_length if recipe.data is not None else 2048
         spec = {"kind": "lm", "vocab_size": len(hf_tok), "context_length": ctx, "tokenizer": "hf"}
         return Preprocess(labels=[], mean=None, std=None, input_shape=spec, kind="lm", tokenizer=plain(tok))
@@ -172,119 +139,23 @@ def pretrained_artifact(path: str | Path) -> Any:
             f"{path}: only a pretrained language model (model.name hf, task language_modeling) runs from its recipe "
             f"as it is; train this one first: bigmodel train {path}"
         )
-    pre = hf_preprocess(recipe)
+    pre = hf_preprocess(recipe, kind="lm")
     model = build_model("hf", recipe.model.options, pre.input_shape, 0)
     config = {"task": recipe.task, "model": {"name": "hf", **recipe.model.options}, "input_shape": pre.input_shape}
     return Artifact.from_model(model, pre, config, Path(path))
 
 
 def prepare_data(recipe: Recipe, pre: Preprocess | None = None) -> tuple[Any, Preprocess]:
-    """Load the recipe's data and put it in model form. Without `pre`, fit the preprocessing on the training split
-    (normalisation statistics, the tokenizer); with `pre` (from an artifact), apply exactly that."""
-    cfg, seed = recipe.data, recipe.seed
-    if cfg is None:
+    """Load the recipe's data and put it in model form (the task spec's). Without `pre`, fit the preprocessing on the
+    training split (normalisation statistics, the tokenizer); with `pre` (from an artifact), apply exactly that."""
+    from bigmodel.tasks import get_task
+
+    if recipe.data is None:
         raise UserError(
             f"recipe {recipe.name or ''}: no data block, so nothing to train or evaluate on (a pretrained language "
             "model runs as it is: bigmodel generate RECIPE.yaml)"
         )
-    if recipe.task == "image_classification":
-        from bigmodel.data.sources import load_data
-
-        data = load_data(cfg, seed)
-        if pre is None:
-            mean, std = data.channel_stats()
-            pre = Preprocess(
-                labels=data.labels,
-                mean=mean,
-                std=std,
-                input_shape=list(data.input_shape),
-                tta_flip=recipe.eval.tta_flip,
-            )
-        return data, pre
-    if recipe.task == "sequence_classification":
-        from bigmodel.data.sequences import SeqDataset, load_sequences, standardize
-
-        seq = load_sequences(cfg, seed)
-        if pre is None:
-            mean, std = seq.feature_stats() if cfg.normalize else (None, None)
-            spec = {"kind": "sequence", "features": seq.num_features}
-            pre = Preprocess(labels=seq.labels, mean=mean, std=std, input_shape=spec, kind="sequence")
-        elif pre.input_shape.get("features") != seq.num_features:
-            raise UserError(
-                f"the data has {seq.num_features} features per step, the model expects {pre.input_shape['features']}"
-            )
-        if pre.mean is not None and pre.std is not None:
-            m, sd = pre.mean, pre.std
-            parts = [standardize(s, m, sd) if s is not None else None for s in (seq.train, seq.val, seq.test)]
-            seq = SeqDataset(parts[0], parts[1], parts[2], seq.labels)  # type: ignore[arg-type]
-        return seq, pre
-    if recipe.task == "language_modeling":
-        from bigmodel.data.corpus import load_corpus, tokenize_corpus, train_lm_tokenizer
-
-        corpus = load_corpus(cfg, seed)
-        if pre is None and recipe.model.name == "hf":
-            pre = hf_preprocess(recipe)
-        if pre is None:
-            tok = train_lm_tokenizer(cfg.tokenizer, corpus.train)
-            spec = {
-                "kind": "lm",
-                "vocab_size": tok.get_vocab_size(),
-                "context_length": cfg.context_length,
-                "tokenizer": cfg.tokenizer.kind,
-            }
-            pre = Preprocess(labels=[], mean=None, std=None, input_shape=spec, kind="lm", tokenizer=tok)
-        return tokenize_corpus(corpus, pre.tokenizer), pre
-    if recipe.task == "translation":
-        from bigmodel.data.parallel import load_pairs, tokenize_pairs, train_pair_tokenizers
-
-        pairs = load_pairs(cfg, seed)
-        if pre is None:
-            src_tok, tgt_tok = train_pair_tokenizers(cfg, pairs.train)
-            spec = {
-                "kind": "translation",
-                "src_vocab_size": src_tok.get_vocab_size(),
-                "tgt_vocab_size": (tgt_tok or src_tok).get_vocab_size(),
-                "shared_vocab": tgt_tok is None,
-                "max_length": cfg.tokenizer.max_length,
-                "tokenizer": cfg.tokenizer.kind,
-            }
-            pre = Preprocess(
-                labels=[],
-                mean=None,
-                std=None,
-                input_shape=spec,
-                kind="translation",
-                tokenizer=src_tok,
-                target_tokenizer=tgt_tok,
-            )
-        return tokenize_pairs(
-            pairs, pre.tokenizer, pre.target_tokenizer or pre.tokenizer, cfg.tokenizer.max_length
-        ), pre
-    from bigmodel.data.text import load_text, tokenize_dataset, train_tokenizer
-
-    text = load_text(cfg, seed)
-    if pre is None and recipe.model.name == "hf":
-        pre = hf_preprocess(recipe, text.labels)
-    if pre is None:
-        init = init_from_artifact(recipe)
-        if init is not None:  # fine-tuning a pretrained run: its tokenizer, with this recipe's length limit
-            from bigmodel.data.text import PAD_ID
-
-            tok = init.preprocess.tokenizer
-            tok.enable_truncation(max_length=cfg.tokenizer.max_length)
-            tok.enable_padding(pad_id=PAD_ID, pad_token="[PAD]")
-        else:
-            tok = train_tokenizer(cfg.tokenizer, text.train.texts)
-        spec = {
-            "kind": "text",
-            "vocab_size": tok.get_vocab_size(),
-            "pad_id": 0,
-            "has_cls": cfg.tokenizer.add_cls if init is None else False,
-            "tokenizer": cfg.tokenizer.kind if init is None else init.preprocess.input_shape.get("tokenizer"),
-            "max_length": cfg.tokenizer.max_length,
-        }
-        pre = Preprocess(labels=text.labels, mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
-    return tokenize_dataset(text, pre.tokenizer), pre
+    return get_task(recipe.task).prepare(recipe, pre)
 
 
 def init_from_artifact(recipe: Recipe) -> Any:
@@ -349,9 +220,12 @@ def build_experiment(recipe: Recipe) -> Experiment:
     import torch
 
     from bigmodel.models import build_model
-    from bigmodel.tasks.classification import ClassificationTask
+    from bigmodel.models.base import Capability
+    from bigmodel.registry import get_model
+    from bigmodel.tasks import get_task
     from bigmodel.training.trainer import resolve_device
 
+    spec = get_task(recipe.task)
     device = resolve_device(recipe.train.device)
     data, pre = prepare_data(recipe)
     init = init_from_artifact(recipe)
@@ -363,29 +237,10 @@ def build_experiment(recipe: Recipe) -> Experiment:
         raise UserError(f"model.name {recipe.model.name!r}: {e}") from None
     if init is not None:
         load_pretrained(model, init, recipe)
-    if recipe.task in ("language_modeling", "translation"):
-        from bigmodel.tasks.generative import LanguageModelingTask, TranslationTask
-
-        cls = LanguageModelingTask if recipe.task == "language_modeling" else TranslationTask
-        return Experiment(recipe, data, pre, model, cls(recipe.train.label_smoothing), device, False, options)
+    task = spec.objective(recipe, data, len(data.labels), data.labels)
     cl = recipe.train.channels_last
-    channels_last = bool(getattr(model, "is_convnet", False)) if cl == "auto" else bool(cl)
-    weights = None
-    if recipe.data.balance == "class_weights":
-        counts = torch.bincount(data.train.y, minlength=len(data.labels)).to(torch.float32)
-        # N / (K * n_k): each class contributes equally to the loss; absent classes get weight 0.
-        weights = torch.where(
-            counts > 0, counts.sum() / (len(data.labels) * counts.clamp(min=1)), torch.zeros_like(counts)
-        )
-    task = ClassificationTask(
-        len(data.labels),
-        data.labels,
-        recipe.train.label_smoothing,
-        loss=recipe.train.loss,
-        focal_gamma=recipe.train.focal_gamma,
-        class_weights=weights,
-    )
-    channels_last = channels_last and pre.kind == "image" and device.type != "mps"
+    channels_last = get_model(recipe.model.name).can(Capability.CONVNET) if cl == "auto" else bool(cl)
+    channels_last = channels_last and spec.channels_last and device.type != "mps"
     return Experiment(recipe, data, pre, model, task, device, channels_last, options)
 
 
@@ -449,19 +304,20 @@ def train(
             Trainer.truncate_log(run_dir, trainer.state.step)
         else:
             Trainer.truncate_log(run_dir, -1)
-    t0 = time.perf_counter()
     try:
         state = trainer.fit()
     except TrainingDiverged:
         if index:
             index.upsert(run_dir, status="diverged")
         raise
-    train_time = time.perf_counter() - t0 + getattr(trainer, "_elapsed_before", 0.0)
+    train_time = trainer.train_time_s
 
     # The artifact, then the final evaluation with exactly what the artifact will reproduce.
     if is_main_process():
-        own = getattr(trainer.model, "artifact_options", None)  # e.g. hf: LoRA merged, nothing frozen any more
-        options = own() if own is not None else (exp.model_options or recipe.model.options)
+        from bigmodel.models.base import ModelBase
+
+        own = trainer.model.artifact_options() if isinstance(trainer.model, ModelBase) else None
+        options = own if own is not None else (exp.model_options or recipe.model.options)  # hf: LoRA merged
         save_artifact(
             run_dir / "model", trainer.model, recipe.task, {"name": recipe.model.name, **options}, exp.preprocess
         )
@@ -516,7 +372,7 @@ def evaluate(
     search with `beam_size`, default the model's; `limit` = only the first N pairs)."""
     import torch
 
-    from bigmodel.tasks.classification import ClassificationTask
+    from bigmodel.tasks import get_task
 
     if is_recipe_file(run_dir):  # a pretrained model as it is (before fine-tuning)
         from bigmodel.config import load_recipe
@@ -528,23 +384,16 @@ def evaluate(
         art = load_artifact(run_dir)
     if split not in ("train", "val", "test"):
         raise UserError(f"--split {split!r}: expected test, val or train")
+    spec = get_task(recipe.task)
     data, _ = prepare_data(recipe, art.preprocess)
     loader = make_loader(recipe, data, art.preprocess, split, batch_size=batch_size)
-    if recipe.task in ("language_modeling", "translation"):
-        from bigmodel.tasks.generative import LanguageModelingTask, TranslationTask
-
-        task: Any = LanguageModelingTask() if recipe.task == "language_modeling" else TranslationTask()
-    else:
-        task = ClassificationTask(len(art.labels), art.labels)
+    task = spec.objective(None, data, len(art.labels), art.labels)
     metrics = task.new_metrics()
     with torch.inference_mode():
         for batch in loader.epoch(0):
             task.eval_batch(art.inference_model, batch, metrics)
     out = metrics.compute()
-    if recipe.task == "translation" and decode:
-        from bigmodel.models.seq2seq import score_translations
-
-        out.update(score_translations(art, data.split(split), beam_size=beam_size, limit=limit))
+    out.update(spec.evaluate_extra(art, data, split, decode=decode, beam_size=beam_size, limit=limit))
     return {"run_dir": str(run_dir), "split": split, **out}
 
 
@@ -557,21 +406,7 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Top-k labels from the run's artifact alone: image files, sequence files (.ts, .npy, .npz, .csv) for sequence
     models, strings (`texts`) for text models."""
+    from bigmodel.tasks import get_task
+
     art = load_artifact(run_dir)
-    if art.kind == "lm":
-        raise UserError(f"{run_dir}: a language model generates text: `bigmodel generate {run_dir} --prompt ...`")
-    if art.kind == "translation":
-        if files:
-            raise UserError(f"{run_dir}: a translation model takes sentences (or --lines FILE), not files")
-        texts = list(texts or [])
-        return [{"text": t, "translation": tr} for t, tr in zip(texts, art.translate(texts), strict=True)]
-    if art.kind == "text":
-        if files:
-            raise UserError(f"{run_dir}: a text model takes strings (or --lines FILE), not files")
-        return art.predict_texts(list(texts or []), top_k=top_k)
-    if texts:
-        raise UserError(f"{run_dir}: this is an {art.kind} model; give files, not text")
-    for f in files or []:
-        if not Path(f).is_file():
-            raise UserError(f"{f}: {'image' if art.kind == 'image' else 'sequence'} file not found")
-    return art.predict_files(list(files or []), top_k=top_k)
+    return get_task(art.config["task"]).predict(art, files, texts, top_k)

@@ -20,20 +20,32 @@ class ModelEntry:
     build: Callable[..., Any]  # build(config, input_shape, num_classes) -> nn.Module
     tasks: tuple[str, ...]
     description: str
+    capabilities: frozenset[str] = frozenset()
+    """What the model declares it can do (`bigmodel.models.base.Capability` values): later verbs ask this, never
+    probe attributes; tests/test_model_contract.py holds every registered name to its declarations."""
+
+    def can(self, capability: Any) -> bool:
+        return str(getattr(capability, "value", capability)) in self.capabilities
 
 
 _MODELS: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    name: str, config_cls: type[BaseModel], *, tasks: tuple[str, ...], description: str
+    name: str,
+    config_cls: type[BaseModel],
+    *,
+    tasks: tuple[str, ...],
+    description: str,
+    capabilities: tuple[Any, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register `build(config, input_shape, num_classes)` under `name`."""
+    """Decorator: register `build(config, input_shape, num_classes)` under `name`, with its declared capabilities."""
 
     def deco(build: Callable[..., Any]) -> Callable[..., Any]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} registered twice")
-        _MODELS[name] = ModelEntry(name, config_cls, build, tasks, description)
+        caps = frozenset(str(getattr(c, "value", c)) for c in capabilities)
+        _MODELS[name] = ModelEntry(name, config_cls, build, tasks, description, caps)
         return build
 
     return deco

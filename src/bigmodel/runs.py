@@ -144,12 +144,13 @@ def save_artifact(
     for name, src in (files or {}).items():
         shutil.copy2(src, tmp / name)
     if model is not None:
+        from bigmodel.models.base import ModelBase
+
         # A model may define its artifact weights (merged adapters, tied tensors once) and extra files (hf/).
-        own = getattr(model, "artifact_state_dict", None)
-        weights = own() if own is not None else model.state_dict()
+        weights = model.artifact_state_dict() if isinstance(model, ModelBase) else model.state_dict()
         state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if hasattr(model, "save_artifact_files"):
+        if isinstance(model, ModelBase):
             model.save_artifact_files(tmp)
     config = {
         "format_version": ARTIFACT_FORMAT,

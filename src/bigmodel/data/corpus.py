@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from bigmodel.config import DataConfig, TokenizerConfig
+from bigmodel.data.sampling import SamplingPlan
 from bigmodel.data.sources import Splits
-from bigmodel.data.split import mix_seed
 from bigmodel.errors import UserError
 
 
@@ -214,6 +214,8 @@ class WindowLoader:
         seed: int = 0,
         batches: int | None = None,
         device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.ids = stream.ids.to(device)
         n = len(stream)
@@ -225,22 +227,29 @@ class WindowLoader:
         self.seed = seed
         self.device = device
         self._offsets = torch.arange(self.T + 1, device=device)
-        if train:
-            self.n_batches = batches or max(1, (n - 1) // (self.T * batch_size))
-        else:
-            self.starts = torch.arange(0, n - self.T, self.T, device=device)
-            self.n_batches = -(-len(self.starts) // batch_size)
+        if train:  # windows at uniformly random offsets, drawn per batch
+            plan = SamplingPlan(
+                "with_replacement",
+                num_examples=n - self.T,
+                batch_size=batch_size,
+                seed=seed,
+                num_batches=batches or max(1, (n - 1) // (self.T * batch_size)),
+                rank=rank,
+                world_size=world_size,
+            )
+            self._starts = None
+        else:  # windows stepping by T: every token after the first predicted exactly once
+            self._starts = torch.arange(0, n - self.T, self.T, device=device)
+            plan = SamplingPlan(
+                "sequential", num_examples=len(self._starts), batch_size=batch_size, rank=rank, world_size=world_size
+            )
+        self.plan = plan
 
     def __len__(self) -> int:
-        return self.n_batches
+        return len(self.plan)
 
     def epoch(self, epoch: int, start: int = 0) -> Any:
-        n = len(self.ids)
-        for i in range(start, self.n_batches):
-            if self.train:
-                g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
-                starts = torch.randint(0, n - self.T, (self.batch_size,), generator=g).to(self.device)
-            else:
-                starts = self.starts[i * self.batch_size : (i + 1) * self.batch_size]
+        for idx in self.plan.batches(epoch)[start:]:
+            starts = idx.to(self.device) if self._starts is None else self._starts[idx]
             win = self.ids[starts[:, None] + self._offsets]  # (B, T + 1)
             yield win[:, :-1], win[:, 1:]

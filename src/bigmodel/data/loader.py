@@ -1,7 +1,8 @@
 """In-memory batching without per-sample Python: index a uint8 tensor, convert, normalise, augment — per batch.
 
-The order of epoch e is a permutation seeded by (seed, e); augmentation is seeded by (seed, e, batch). So the loader
-has no hidden state: `epoch(e, start=k)` resumes mid-epoch exactly where an interrupted run stopped.
+The order of epoch e comes from the sampling plan (`data/sampling.py`: a pure function of (seed, e), sharded by
+rank); augmentation is seeded by (seed, e, batch). So the loader has no hidden state: `epoch(e, start=k)` resumes
+mid-epoch exactly where an interrupted run stopped.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from bigmodel.config import AugmentConfig
 from bigmodel.data.augment import augment_batch, is_identity, mix_batch, uses_mixing
+from bigmodel.data.sampling import SamplingPlan
 from bigmodel.data.sequences import SeqSplit
 from bigmodel.data.sources import ImageSplit
 from bigmodel.data.split import mix_seed
@@ -47,6 +49,8 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         num_classes: int | None = None,
         sampling: str = "none",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.x = split.x.to(device)
         self.y = split.y.to(device)
@@ -62,53 +66,40 @@ class BatchLoader:
         if sampling not in ("none", "oversample", "undersample"):
             raise ValueError(f"unknown sampling {sampling!r}")
         self.sampling = sampling
-        counts = torch.bincount(split.y) if len(split.y) else torch.zeros(0, dtype=torch.long)
-        present = counts[counts > 0]
-        # Balanced sampling draws every class equally often: the epoch is K x (largest | smallest class).
-        self.epoch_size = len(split.y)
-        if sampling == "oversample":
-            self.epoch_size = int(present.max()) * len(present)
-        elif sampling == "undersample":
-            self.epoch_size = int(present.min()) * len(present)
-        self._class_index = [torch.nonzero(split.y == c).flatten() for c in range(len(counts)) if counts[c] > 0]
-        # Dropping the ragged last batch keeps BatchNorm statistics sane; never drop when it would leave nothing.
-        self.drop_last = drop_last and self.epoch_size >= batch_size
+        mode = sampling if sampling != "none" else ("permutation" if shuffle else "sequential")
+        self.plan = SamplingPlan(
+            mode,  # type: ignore[arg-type]
+            num_examples=len(split.y),
+            batch_size=batch_size,
+            seed=seed,
+            drop_last=drop_last,
+            labels=split.y if sampling != "none" else None,
+            rank=rank,
+            world_size=world_size,
+        )
         self.channels_last = channels_last
         self.device = torch.device(device)
 
     def __len__(self) -> int:
-        n = self.epoch_size
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self.plan)
 
     @property
     def num_examples(self) -> int:
         return len(self.y)
 
     def order(self, epoch: int) -> torch.Tensor | None:
-        """The example indices of `epoch`: a seeded permutation, or a seeded class-balanced draw."""
-        if not self.shuffle and self.sampling == "none":
+        """The example indices of `epoch` on this rank (None when batches run in order): the sampling plan's
+        seeded permutation or class-balanced draw."""
+        if self.plan.mode == "sequential":
             return None
-        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0x5EED))
-        if self.sampling == "none":
-            return torch.randperm(len(self.y), generator=g).to(self.device)
-        per_class = self.epoch_size // len(self._class_index)
-        picks = []
-        for idx in self._class_index:
-            if self.sampling == "oversample":  # every example once, the rest drawn with replacement
-                extra = idx[torch.randint(0, len(idx), (per_class - len(idx),), generator=g)]
-                picks.append(torch.cat([idx, extra]))
-            else:  # undersample: a fresh subset of each class every epoch
-                picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
-        order = torch.cat(picks)
-        return order[torch.randperm(len(order), generator=g)].to(self.device)
+        return torch.cat([torch.as_tensor(b) for b in self.plan.batches(epoch)])
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Any, torch.Tensor]]:
         """Yield (x, y) batches of `epoch`, beginning at batch index `start`."""
-        perm = self.order(epoch)
-        n = len(self.y) if perm is None else len(perm)
-        for i in range(start, len(self)):
-            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
-            yield self._batch(slice(lo, hi) if perm is None else perm[lo:hi], epoch, i)
+        for i, idx in enumerate(self.plan.batches(epoch)[start:], start):
+            if isinstance(idx, torch.Tensor):
+                idx = idx.to(self.device)
+            yield self._batch(idx, epoch, i)
 
     def _batch(self, idx: slice | torch.Tensor, epoch: int, i: int) -> tuple[Any, torch.Tensor]:
         xb, yb = self.x[idx], self.y[idx]
@@ -143,6 +134,8 @@ class SequenceLoader(BatchLoader):
         drop_last: bool = False,
         device: torch.device | str = "cpu",
         sampling: str = "none",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__(
             split,  # type: ignore[arg-type]
@@ -153,6 +146,8 @@ class SequenceLoader(BatchLoader):
             drop_last=drop_last,
             device=device,
             sampling=sampling,
+            rank=rank,
+            world_size=world_size,
         )
         self.lengths = split.lengths.to(device)
 

@@ -29,13 +29,14 @@ from typing import Any
 import torch
 
 from bigmodel.config import DataConfig
+from bigmodel.data.sampling import SamplingPlan
 from bigmodel.data.sources import Splits
 from bigmodel.data.split import mix_seed
 from bigmodel.errors import UserError
+from bigmodel.tokens import BOS_ID, EOS_ID, PAD_ID  # noqa: F401 (PAD_ID: re-exported)
 
 SWORD_ROOT = Path("/usr/share/sword/modules/texts/ztext")
 BIBLE_MODULES = {"en": "engKJV2006eb", "es": "spaRV1909eb"}
-PAD_ID, BOS_ID, EOS_ID = 0, 2, 3  # the tokenizers' [PAD]; [CLS] and [SEP] start and end every target
 
 
 @dataclass
@@ -300,43 +301,32 @@ class PairLoader:
         seed: int = 0,
         drop_last: bool = False,
         device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.p = pairs
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.drop_last = drop_last and len(pairs) >= batch_size
         self.device = device
-        n = len(pairs)
-        self.n_batches = n // batch_size if self.drop_last else -(-n // batch_size)
+        self.plan = SamplingPlan(
+            "length_buckets" if shuffle else "sequential",
+            num_examples=len(pairs),
+            batch_size=batch_size,
+            seed=seed,
+            drop_last=drop_last,
+            lengths=pairs.tgt_lengths + pairs.src_lengths,
+            rank=rank,
+            world_size=world_size,
+        )
 
     def __len__(self) -> int:
-        return self.n_batches
-
-    def _order(self, epoch: int) -> list[torch.Tensor]:
-        n, bs = len(self.p), self.batch_size
-        if not self.shuffle:
-            return [torch.arange(i, min(i + bs, n)) for i in range(0, n, bs)]
-        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-        perm = torch.randperm(n, generator=g)
-        # Sort chunks of 50 batches by length, cut them into batches, shuffle the batches.
-        chunk = bs * 50
-        batches = []
-        for i in range(0, n, chunk):
-            idx = perm[i : i + chunk]
-            idx = idx[torch.argsort(self.p.tgt_lengths[idx] + self.p.src_lengths[idx], stable=True)]
-            batches += [idx[j : j + bs] for j in range(0, len(idx), bs)]
-        if self.drop_last:
-            batches = [b for b in batches if len(b) == bs]
-            while len(batches) < self.n_batches:  # chunk remainders: refill from the start (rare)
-                batches.append(perm[:bs])
-            batches = batches[: self.n_batches]
-        order = torch.randperm(len(batches), generator=g).tolist()
-        return [batches[i] for i in order]
+        return len(self.plan)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, torch.Tensor]]:
-        batches = self._order(epoch)
-        for idx in batches[start:]:
+        for idx in self.plan.batches(epoch)[start:]:
+            if isinstance(idx, slice):
+                idx = torch.arange(len(self.p))[idx]
             S = int(self.p.src_lengths[idx].max())
             T = int(self.p.tgt_lengths[idx].max())
             src = self.p.src[idx, :S]

@@ -25,9 +25,9 @@ from bigmodel.config import DataConfig, TokenizerConfig
 from bigmodel.data.sequences import SeqDataset, SeqSplit
 from bigmodel.data.sources import Splits
 from bigmodel.errors import UserError
+from bigmodel.tokens import CLS_ID, PAD_ID, UNK_ID  # noqa: F401 (re-exported for data users)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-PAD_ID, UNK_ID, CLS_ID = 0, 1, 2
 
 
 @dataclass

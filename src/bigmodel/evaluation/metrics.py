@@ -17,7 +17,7 @@ class ClassificationMetrics:
         self.labels = labels or [str(i) for i in range(num_classes)]
         self._cm = MulticlassConfusionMatrix(num_classes=num_classes, validate_args=False).to(device)
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self._count = 0
+        self._count = torch.zeros((), dtype=torch.int64, device=device)
         self._has_loss = False
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, loss_sum: torch.Tensor | None = None) -> None:
@@ -27,6 +27,10 @@ class ClassificationMetrics:
             self._loss_sum += loss_sum.detach().to(torch.float64)
             self._has_loss = True
         self._count += target.shape[0]
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The whole state as tensors of sums and counts, for a strategy to all-reduce in place (DDP, federated)."""
+        return {"confusion_matrix": self._cm.confmat, "loss_sum": self._loss_sum, "count": self._count}
 
     def confusion_matrix(self) -> torch.Tensor:
         """(K, K) counts: row = true class, column = predicted class."""
@@ -62,6 +66,7 @@ class ClassificationMetrics:
             ],
             "confusion_matrix": cm.to(torch.int64).tolist(),
         }
-        if self._count and self._has_loss:
-            out["loss"] = self._loss_sum.item() / self._count
+        count = int(self._count)
+        if count and self._has_loss:
+            out["loss"] = self._loss_sum.item() / count
         return out

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from bigmodel.models.base import Capability, ConvClassifier
 from bigmodel.registry import register_model
 
 
@@ -55,10 +56,17 @@ def conv_bn_relu(in_ch: int, out_ch: int, batchnorm: bool = True) -> list[nn.Mod
     return layers
 
 
-class ImageClassifier(nn.Module):
-    """`features` → flatten → `head`; the split every classifier exposes for explain and compress."""
+CONVNET_CAPABILITIES = (
+    Capability.CLASSIFIER,
+    Capability.CONVNET,
+    Capability.EXPORTABLE,
+    Capability.QUANTIZABLE,
+    Capability.EXPLAINABLE,
+)
 
-    is_convnet = True
+
+class ImageClassifier(ConvClassifier):
+    """`features` → flatten → `head`; the split every classifier exposes for explain and compress."""
 
     def __init__(self, features: nn.Module, head: nn.Module) -> None:
         super().__init__()
@@ -74,12 +82,18 @@ class ImageClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def cam_layer(self) -> nn.Module:
+        """The last module with a spatial output: the one before the global average pool (or the last one)."""
+        last = self.features[-1]
+        return self.features[-2] if isinstance(last, nn.AdaptiveAvgPool2d) else last
+
 
 # ------------------------------------------------------------------------------------------------------- models
 @register_model(
     "seed-cnn",
     SeedCNNConfig,
     tasks=("image_classification",),
+    capabilities=(*CONVNET_CAPABILITIES, Capability.PRUNABLE),
     description="The seed documents' CNN: 2x(conv 3x3, ReLU, maxpool 2), fc 128, fc classes; flatten size computed.",
 )
 def build_seed_cnn(cfg: SeedCNNConfig, input_shape: tuple[int, int, int], num_classes: int) -> ImageClassifier:
@@ -105,6 +119,7 @@ def build_seed_cnn(cfg: SeedCNNConfig, input_shape: tuple[int, int, int], num_cl
     "cnn-small",
     CNNSmallConfig,
     tasks=("image_classification",),
+    capabilities=(*CONVNET_CAPABILITIES, Capability.PRUNABLE),
     description="Fast default convnet: conv-BN-ReLU stages, max-pool between, global average pool, dropout, linear.",
 )
 def build_cnn_small(cfg: CNNSmallConfig, input_shape: tuple[int, int, int], num_classes: int) -> ImageClassifier:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from bigmodel.models.base import Capability, Classifier, ModelBase
 from bigmodel.registry import register_model
 
 
@@ -105,7 +106,7 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
-class GPT(nn.Module):
+class GPT(ModelBase):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -300,6 +301,7 @@ class GPTModelConfig(BaseModel):
     "gpt",
     GPTModelConfig,
     tasks=("language_modeling",),
+    capabilities=(Capability.GENERATES, Capability.TOKEN_INPUT),
     description="decoder-only Transformer LM (GPT-2 layout, tied head), KV-cached sampling",
 )
 def _gpt(cfg: GPTModelConfig, input_shape: Any, num_classes: int) -> nn.Module:
@@ -308,7 +310,7 @@ def _gpt(cfg: GPTModelConfig, input_shape: Any, num_classes: int) -> nn.Module:
     return GPT(cfg.gpt_config(input_shape["vocab_size"], input_shape["context_length"]))
 
 
-class GPTClassifier(nn.Module):
+class GPTClassifier(Classifier):
     """A GPT trunk over right-padded token ids, pooled → linear. Causal attention: padding after a text never
     changes its states, so no padding mask is needed; `last` pools the state of the last real token."""
 
@@ -319,22 +321,36 @@ class GPTClassifier(nn.Module):
         self.classifier = nn.Linear(cfg.dim, num_classes)
         self.cfg = cfg
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         ids = ids[:, : self.cfg.max_len]
         h = self.gpt.hidden(ids)  # (B, T, C)
         last = (lengths.clamp(1, ids.shape[1]) - 1).to(ids.device)
         if self.pooling == "last":
-            pooled = h[torch.arange(h.shape[0], device=h.device), last]
-        else:
-            valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] <= last[:, None]).unsqueeze(-1)
-            pooled = (h * valid).sum(dim=1) / valid.sum(dim=1)
-        return self.classifier(pooled)
+            return h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
+        valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] <= last[:, None]).unsqueeze(-1)
+        return (h * valid).sum(dim=1) / valid.sum(dim=1)  # (B, C)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(ids, lengths))
+
+    def input_embedding(self) -> nn.Module:
+        return self.gpt.tok
 
 
 @register_model(
     "gpt-classifier",
     GPTModelConfig,
     tasks=("text_classification",),
+    capabilities=(
+        Capability.CLASSIFIER,
+        Capability.TOKEN_INPUT,
+        Capability.EXPORTABLE,
+        Capability.QUANTIZABLE,
+        Capability.EXPLAINABLE,
+    ),
     description="GPT trunk + last-token/mean pooling → classes; `model.init_from: RUN` fine-tunes a pretrained gpt",
 )
 def _gpt_classifier(cfg: GPTModelConfig, input_shape: Any, num_classes: int) -> nn.Module:

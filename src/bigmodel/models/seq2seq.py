@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from bigmodel.data.parallel import BOS_ID, EOS_ID, PAD_ID
+from bigmodel.models.base import Capability, ModelBase
 from bigmodel.models.layers import MultiHeadAttention, SinusoidalPositionalEncoding, TransformerEncoderBlock
 from bigmodel.registry import register_model
+from bigmodel.tokens import BOS_ID, EOS_ID, PAD_ID
 
 
 class Seq2SeqConfig(BaseModel):
@@ -127,7 +128,7 @@ class DecoderBlock(nn.Module):
         return self._residuals(x, sa, ca)
 
 
-class Seq2SeqTransformer(nn.Module):
+class Seq2SeqTransformer(ModelBase):
     def __init__(self, cfg: Seq2SeqConfig, spec: dict[str, Any]) -> None:
         super().__init__()
         self.cfg = cfg
@@ -301,6 +302,7 @@ class Seq2SeqTransformer(nn.Module):
     "transformer-seq2seq",
     Seq2SeqConfig,
     tasks=("translation",),
+    capabilities=(Capability.TRANSLATES, Capability.TOKEN_INPUT),
     description="encoder-decoder Transformer (cross-attention, tied embeddings), greedy and beam search",
 )
 def _seq2seq(cfg: Seq2SeqConfig, input_shape: Any, num_classes: int) -> nn.Module:

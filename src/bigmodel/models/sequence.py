@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from bigmodel.models.base import Capability, Classifier
 from bigmodel.models.layers import (
     LearnedPositionalEmbedding,
     RotaryEmbedding,
@@ -26,6 +27,7 @@ from bigmodel.models.layers import (
 from bigmodel.registry import register_model
 
 SEQ_TASKS = ("sequence_classification", "text_classification")
+SEQ_CAPABILITIES = (Capability.CLASSIFIER, Capability.EXPORTABLE, Capability.QUANTIZABLE, Capability.EXPLAINABLE)
 
 
 def padding_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
@@ -88,7 +90,7 @@ class VanillaRNNConfig(RNNConfig):
     cell: Literal["rnn", "lstm", "gru"] = "rnn"
 
 
-class RNNClassifier(nn.Module):
+class RNNClassifier(Classifier):
     """Embedding (text) → stacked RNN/LSTM/GRU over packed variable-length sequences → pooling → linear."""
 
     def __init__(self, cfg: RNNConfig, spec: dict[str, Any], num_classes: int) -> None:
@@ -138,8 +140,16 @@ class RNNClassifier(nn.Module):
         out = pad_packed_sequence(out, batch_first=True, total_length=T)[0]
         return self.pool(out, padding_mask(lengths, T))
 
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_dropout(features))
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_dropout(self.forward_features(x, lengths)))
+        return self.forward_head(self.forward_features(x, lengths))
+
+    def input_embedding(self) -> nn.Module | None:
+        """Text: the token embedding (integrated gradients attribute to its output); sequences: None (the input
+        values themselves are attributed)."""
+        return self.embed if self.text else None
 
 
 def _rnn(cfg: RNNConfig, input_shape: Any, num_classes: int) -> nn.Module:
@@ -150,11 +160,22 @@ register_model(
     "lstm-classifier",
     RNNConfig,
     tasks=SEQ_TASKS,
+    capabilities=SEQ_CAPABILITIES,
     description="LSTM (stacked, optionally bidirectional) over packed sequences; last/mean/max/attention pooling",
 )(_rnn)
-register_model("gru-classifier", GRUConfig, tasks=SEQ_TASKS, description="GRU classifier (as lstm-classifier)")(_rnn)
 register_model(
-    "rnn-classifier", VanillaRNNConfig, tasks=SEQ_TASKS, description="Elman RNN (tanh) classifier (as lstm-classifier)"
+    "gru-classifier",
+    GRUConfig,
+    tasks=SEQ_TASKS,
+    capabilities=SEQ_CAPABILITIES,
+    description="GRU classifier (as lstm-classifier)",
+)(_rnn)
+register_model(
+    "rnn-classifier",
+    VanillaRNNConfig,
+    tasks=SEQ_TASKS,
+    capabilities=SEQ_CAPABILITIES,
+    description="Elman RNN (tanh) classifier (as lstm-classifier)",
 )(_rnn)
 
 
@@ -188,7 +209,7 @@ class TransformerClassifierConfig(BaseModel):
         return self
 
 
-class TransformerClassifier(nn.Module):
+class TransformerClassifier(Classifier):
     """Token embedding x √dim (or a linear projection of features) + positions → encoder blocks → pool → linear."""
 
     def __init__(self, cfg: TransformerClassifierConfig, spec: dict[str, Any], num_classes: int) -> None:
@@ -243,14 +264,22 @@ class TransformerClassifier(nn.Module):
         valid = (~pad).unsqueeze(-1)
         return (h * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x, lengths))
+        return self.forward_head(self.forward_features(x, lengths))
+
+    def input_embedding(self) -> nn.Module | None:
+        """Text: the token embedding; sequences: None (the feature projection acts on the attributed values)."""
+        return self.embed if self.text else None
 
 
 @register_model(
     "transformer-classifier",
     TransformerClassifierConfig,
     tasks=SEQ_TASKS,
+    capabilities=SEQ_CAPABILITIES,
     description="Transformer encoder (from-scratch attention), sinusoidal/learned/rotary positions, CLS/mean pooling",
 )
 def _transformer(cfg: TransformerClassifierConfig, input_shape: Any, num_classes: int) -> nn.Module:
@@ -268,7 +297,7 @@ class EmbeddingBagConfig(BaseModel):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
-class EmbeddingBagClassifier(nn.Module):
+class EmbeddingBagClassifier(Classifier):
     """fastText (Joulin et al. 2016): the average of token (and hashed bigram) embeddings → linear."""
 
     def __init__(self, cfg: EmbeddingBagConfig, spec: dict[str, Any], num_classes: int) -> None:
@@ -294,14 +323,21 @@ class EmbeddingBagClassifier(nn.Module):
             ids = torch.cat([x, torch.where(ok, big, torch.full_like(big, self.pad_id))], dim=1)
         return self.dropout(self.bag(ids))
 
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x, lengths))
+        return self.forward_head(self.forward_features(x, lengths))
+
+    def input_embedding(self) -> nn.Module:
+        return self.bag
 
 
 @register_model(
     "embedding-bag",
     EmbeddingBagConfig,
     tasks=("text_classification",),
+    capabilities=(Capability.CLASSIFIER, Capability.TOKEN_INPUT, Capability.EXPORTABLE, Capability.QUANTIZABLE),
     description="fastText-style baseline: mean of token (+ hashed bigram) embeddings → linear",
 )
 def _embedding_bag(cfg: EmbeddingBagConfig, input_shape: Any, num_classes: int) -> nn.Module:

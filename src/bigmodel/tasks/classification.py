@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.evaluation.metrics import ClassificationMetrics
+from bigmodel.tasks.base import TaskSpec
 
 
 def forward(model: nn.Module, x: Any) -> torch.Tensor:
@@ -66,3 +67,36 @@ class ClassificationTask:
         x, y = batch
         logits = forward(model, x).float()
         metrics.update(logits, y, F.cross_entropy(logits, y, reduction="sum"))
+
+
+class ClassificationSpec(TaskSpec):
+    """What image, sequence and text classification share: the objective (class weights from `data.balance`),
+    class-balanced training loaders, and top-k predictions."""
+
+    def objective(self, recipe: Any, data: Any, num_classes: int, labels: list[str]) -> ClassificationTask:
+        if recipe is None:
+            return ClassificationTask(num_classes, labels)
+        weights = None
+        if recipe.data.balance == "class_weights":
+            counts = torch.bincount(data.train.y, minlength=num_classes).to(torch.float32)
+            # N / (K * n_k): each class contributes equally to the loss; absent classes get weight 0.
+            weights = torch.where(
+                counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts)
+            )
+        return ClassificationTask(
+            num_classes,
+            labels,
+            recipe.train.label_smoothing,
+            loss=recipe.train.loss,
+            focal_gamma=recipe.train.focal_gamma,
+            class_weights=weights,
+        )
+
+    @staticmethod
+    def sampling(recipe: Any, train: bool) -> str:
+        balance = recipe.data.balance
+        return balance if train and balance in ("oversample", "undersample") else "none"
+
+    @staticmethod
+    def batch_size(recipe: Any, train: bool, batch_size: int | None) -> int:
+        return batch_size or (recipe.train.batch_size if train else recipe.eval.batch_size)

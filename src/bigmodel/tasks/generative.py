@@ -32,6 +32,10 @@ class TokenMetrics:
         self.tokens += valid.sum()
         self.correct += ((flat.argmax(dim=-1) == tgt) & valid).sum()
 
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The whole state as tensors of sums and counts, for a strategy to all-reduce in place."""
+        return {"loss_sum": self.loss_sum, "tokens": self.tokens, "correct": self.correct}
+
     def compute(self) -> dict[str, Any]:
         n = int(self.tokens)
         loss = float(self.loss_sum) / max(n, 1)

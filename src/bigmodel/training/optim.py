@@ -12,11 +12,7 @@ import torch
 from torch import nn
 
 from bigmodel.config import OptimizerConfig, ScheduleConfig
-
-
-def decays(p: nn.Parameter) -> bool:
-    """Weights (matrices, kernels) get weight decay and L1; biases and norm scales do not (as in timm, nanoGPT)."""
-    return p.ndim >= 2
+from bigmodel.models.base import ModelBase, decays
 
 
 def decay_and_no_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -30,7 +26,7 @@ def decay_and_no_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
 def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Two groups (with / without weight decay), or the model's own groups when it defines `optimizer_groups`
     (per-group learning rates: layer-wise decay of a pretrained model); the schedule scales every group alike."""
-    own = getattr(model, "optimizer_groups", None)
+    own = model.optimizer_groups if isinstance(model, ModelBase) else None
     groups = own(cfg.lr, cfg.weight_decay) if own is not None else None
     if groups is None:
         decay, no_decay = decay_and_no_decay(model)

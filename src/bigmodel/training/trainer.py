@@ -30,6 +30,7 @@ from bigmodel.training import checkpoint as ckpt
 from bigmodel.training.checkpoint import _fault
 from bigmodel.training.distributed import is_main_process
 from bigmodel.training.optim import build_optimizer, decay_and_no_decay, l1_penalty, lr_factor
+from bigmodel.training.strategy import SingleDevice, Strategy
 
 
 # ---------------------------------------------------------------------------------------------- device, precision
@@ -115,20 +116,27 @@ class Trainer:
         run_dir: Path | None = None,
         callbacks: list[Callback] | None = None,
         channels_last: bool = False,
+        strategy: Strategy | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        model = model.to(self.device)
         if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)
         self.task = task
+        # The strategy wraps model, optimizer and loader (DDP, FSDP2, DP-SGD); `self.model` stays the plain module
+        # (what checkpoints, best weights and artifacts hold), `self.train_model` is what the loss is computed with.
+        self.strategy = strategy or SingleDevice()
+        self.train_model, self.optimizer, train_loader = self.strategy.setup(
+            model, lambda m: build_optimizer(cfg.optimizer, m), train_loader
+        )
+        self.model = self.strategy.unwrap(self.train_model)
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if self.run_dir is not None and is_main_process():
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.callbacks = list(callbacks or [])
-        self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.l1_params = decay_and_no_decay(self.model)[0] if cfg.l1 > 0 else []
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
@@ -147,6 +155,8 @@ class Trainer:
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.last_checkpoint: Path | None = None
         self._t_start = time.perf_counter()
+        self._elapsed_before = 0.0  # training time before a resume (from the checkpoint)
+        self._elapsed_total = 0.0  # training time of all `fit` calls so far, resumed time included
         self._higher_better = cfg.monitor != "val_loss"
         self._stop = False
         self._limit = False
@@ -156,6 +166,11 @@ class Trainer:
         if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
             return True
         return cfg.time_limit_s is not None and time.perf_counter() - self._t_start >= cfg.time_limit_s
+
+    @property
+    def train_time_s(self) -> float:
+        """Seconds spent in `fit` so far, over every call and across a resume."""
+        return self._elapsed_total
 
     def request_stop(self) -> None:
         """Ask `fit` to stop after the current step (for callbacks: time budgets, targets reached)."""
@@ -178,42 +193,45 @@ class Trainer:
         self.set_lr(self.state.step)
         total = torch.zeros((), device=self.device)
         n = len(micro_batches)
-        for batch in micro_batches:
-            with self.autocast():
-                loss = self.task.loss(self.model, batch)
-            if self.l1_params:
-                loss = loss + self.cfg.l1 * l1_penalty(self.l1_params)
-            scaled = loss / n if n > 1 else loss
-            if self.scaler is not None:
-                self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+        for i, batch in enumerate(micro_batches):
+            with self.strategy.accumulate(self.train_model, last=i == n - 1):
+                with self.autocast():
+                    loss = self.task.loss(self.train_model, batch)
+                if self.l1_params:
+                    loss = loss + self.cfg.l1 * l1_penalty(self.l1_params)
+                scaled = loss / n if n > 1 else loss
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
             total += loss.detach()
-        if self.cfg.grad_clip is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.strategy.step(self.train_model, self.optimizer, self.cfg.grad_clip, self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
         return total / n if n > 1 else total
 
     # ---------------------------------------------------------------------------------------------------- fit
-    def fit(self) -> TrainState:
-        """Train for `cfg.epochs` (from the restored state, if `resume` was called), with evaluation, early
-        stopping and checkpoints. Returns the final state; `self.model` holds the selected weights."""
+    def fit(self, epochs: int | None = None) -> TrainState:
+        """Train until epoch `cfg.epochs` (from the restored state, if `resume` was called), with evaluation, early
+        stopping and checkpoints. Returns the final state; `self.model` holds the selected weights.
+
+        `fit` can be called again: `fit(epochs=k)` continues for k more epochs from where the last call stopped
+        (the current weights, optimizer moments, step count and data position), e.g. one federated round of k local
+        epochs. Schedules still span `cfg.epochs`; steps past its end keep the schedule's final factor."""
         cfg, st = self.cfg, self.state
+        if epochs is not None:
+            end_epoch = st.epoch + epochs
+            self._stop = self._limit = False
+            st.stopped_early = False
+        else:
+            end_epoch = cfg.epochs
         for cb in self.callbacks:
             cb.on_fit_start(self)
-        self._t_start = time.perf_counter() - getattr(self, "_elapsed_before", 0.0)
+        self._t_start = time.perf_counter() - self._elapsed_total
         check_every_step = self.device.type == "cpu"  # a finiteness check syncs accelerators: do it at log points there
         running = torch.zeros((), device=self.device)
         running_n = 0
-        while st.epoch < cfg.epochs and not st.stopped_early and not self._stop:
-            self.model.train()
+        while st.epoch < end_epoch and not st.stopped_early and not self._stop:
+            self.train_model.train()
             batches = iter(self.train_loader.epoch(st.epoch, start=st.batch_in_epoch))
             while st.batch_in_epoch + self.accum <= self.steps_per_epoch * self.accum:
                 micro = [next(batches) for _ in range(self.accum)]
@@ -250,12 +268,13 @@ class Trainer:
                 break
             st.epoch += 1
             st.batch_in_epoch = 0
-            if self.val_loader is not None and (st.epoch % cfg.eval_every == 0 or st.epoch == cfg.epochs):
+            if self.val_loader is not None and (st.epoch % cfg.eval_every == 0 or st.epoch == end_epoch):
                 metrics = self.evaluate(self.val_loader)
                 self._after_eval(metrics)
             self.save_checkpoint()
         if self.best_weights is not None and cfg.select_best:
             self.model.load_state_dict(self.best_weights)
+        self._elapsed_total = time.perf_counter() - self._t_start
         for cb in self.callbacks:
             cb.on_fit_end(self)
         return st
@@ -304,6 +323,7 @@ class Trainer:
             with self.autocast():
                 self.task.eval_batch(self.model, batch, metrics)
         self.model.train(was_training)
+        self.strategy.reduce_metrics(metrics)  # each process saw its shard: sum the counts before deriving metrics
         return metrics.compute()
 
     # ------------------------------------------------------------------------------------------------- logging
@@ -332,6 +352,8 @@ class Trainer:
             return None
         opt_tensors, opt_meta = ckpt.flatten_optimizer(self.optimizer.state_dict())
         tensors = {f"optim.{k}": v for k, v in opt_tensors.items()}
+        strategy_tensors, strategy_meta = self.strategy.state_dict()
+        tensors.update({f"strategy.{k}": v for k, v in strategy_tensors.items()})
         tensors.update(self._rng_tensors())
         if self.best_weights is not None:
             tensors.update({f"best.{k}": v for k, v in self.best_weights.items()})
@@ -343,6 +365,7 @@ class Trainer:
             "train_state": asdict(self.state),
             "optimizer": opt_meta,
             "elapsed_s": time.perf_counter() - self._t_start,
+            "strategy": strategy_meta,
         }
         self.last_checkpoint = ckpt.save_checkpoint(
             self.checkpoint_dir,
@@ -376,8 +399,10 @@ class Trainer:
             cuda_states = [extra[k] for k in sorted(extra) if k.startswith("rng.cuda.")]
             if cuda_states:
                 torch.cuda.set_rng_state_all(cuda_states)
+        strategy_tensors = {k.removeprefix("strategy."): v for k, v in extra.items() if k.startswith("strategy.")}
+        self.strategy.load_state_dict(strategy_tensors, state.get("strategy", {}))
         self.state = TrainState(**state["train_state"])
-        self._elapsed_before = float(state.get("elapsed_s", 0.0))
+        self._elapsed_before = self._elapsed_total = float(state.get("elapsed_s", 0.0))
         self.last_checkpoint = folder
 
     @staticmethod

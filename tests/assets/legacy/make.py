@@ -19,16 +19,18 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # tests/ for conftest's fixture trainers
 
-from conftest import train_lm_fixture_run, train_text_fixture_run  # noqa: E402
-
 from bigmodel import api  # noqa: E402
 from bigmodel.config import validate_recipe  # noqa: E402
 from bigmodel.runs import load_artifact  # noqa: E402
+from conftest import train_lm_fixture_run, train_text_fixture_run  # noqa: E402
 
 
 def main() -> None:
-    expected: dict[str, object] = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                                            text=True, check=True).stdout.strip()}
+    expected: dict[str, object] = {
+        "commit": subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    }
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         # image: cnn-small on scikit-learn digits, three PNG inputs

@@ -1,0 +1,88 @@
+"""The model contract, declared once (timm's `forward_features` / `forward_head`; torchtitan's models that know
+nothing of devices, optimizers or parallelism).
+
+- `ModelBase`: every bigmodel model. `forward(inputs) -> logits`; the loss lives in the task. Hooks with neutral
+  defaults that a model overrides when it owns more than its `state_dict` (a pretrained model with merged adapters,
+  its own files, its own optimizer groups).
+- `Classifier`: `forward_features(*inputs) -> (B, F)`, `forward_head(features) -> (B, num_classes)`, and
+  `forward = forward_head ∘ forward_features` (explain and compress work on any classifier through these).
+  Convnets add `cam_layer()` (the module whose activations Grad-CAM reads); token models add `input_embedding()`
+  (what integrated gradients attribute to).
+- Generators (`gpt`, `hf` causal LMs, `transformer-seq2seq`) expose `decoder()` / `generate` in their own family
+  files; `Capability.GENERATES` / `TRANSLATES` declare them.
+
+Registry entries declare what each model can do (`capabilities=`), so later verbs ask the registry instead of probing
+attributes; `tests/test_model_contract.py` proves every registered name keeps its declarations.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Capability(str, Enum):
+    CLASSIFIER = "classifier"  # forward_features / forward_head
+    CONVNET = "convnet"  # cam_layer(); channels_last pays off
+    TOKEN_INPUT = "token_input"  # input_embedding(): ids → vectors
+    EXPORTABLE = "exportable"  # bigmodel export (ONNX, TorchScript, torch.export)
+    QUANTIZABLE = "quantizable"  # int8 Linear / Embedding / LSTM
+    PRUNABLE = "prunable"  # structured (channel) pruning; unstructured pruning works on every classifier
+    EXPLAINABLE = "explainable"  # attributions through the contract above
+    GENERATES = "generates"  # a language model: decoder(), stream / generate
+    TRANSLATES = "translates"  # an encoder-decoder: beam search
+
+
+def decays(p: nn.Parameter) -> bool:
+    """Weights (matrices, kernels) get weight decay and L1; biases and norm scales do not (as in timm, nanoGPT)."""
+    return p.ndim >= 2
+
+
+class ModelBase(nn.Module):
+    """Every bigmodel model. The hooks below have neutral defaults; the artifact and the optimizer call them."""
+
+    def artifact_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the artifact stores (a pretrained model: adapters merged, tied tensors once)."""
+        return self.state_dict()
+
+    def save_artifact_files(self, folder: Path) -> None:
+        """Files beyond the weights that rebuild the model (a pretrained model's `hf/` config)."""
+
+    def artifact_options(self) -> dict[str, Any] | None:
+        """The model options the artifact rebuilds from, when they differ from the recipe's (None: the recipe's)."""
+        return None
+
+    def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]] | None:
+        """Own optimizer parameter groups (layer-wise learning rates), or None for the default two groups."""
+        return None
+
+
+class Classifier(ModelBase):
+    """`forward(*inputs) == forward_head(forward_features(*inputs))`. Subclasses define the two halves."""
+
+    def forward_features(self, *inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(*inputs))
+
+
+class ConvClassifier(Classifier):
+    """A convnet classifier: Grad-CAM reads `cam_layer()`'s output (the last spatial feature map)."""
+
+    def cam_layer(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class TokenClassifier(Classifier):
+    """A classifier over token ids: integrated gradients attribute to `input_embedding()`'s output."""
+
+    def input_embedding(self) -> nn.Module:
+        raise NotImplementedError

@@ -1,0 +1,80 @@
+"""Language modelling: a corpus (text files, the bundled Shakespeare, or the text column of a classification
+source), a reversible tokenizer (char / byte-level BPE, or a Hugging Face model's), random training windows and
+non-overlapping evaluation windows. A language model generates: `predict` points to `generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bigmodel.errors import UserError
+from bigmodel.tasks.base import TaskSpec, register_task
+from bigmodel.tasks.generative import LanguageModelingTask
+
+
+class LanguageModeling(TaskSpec):
+    name = "language_modeling"
+    kind = "lm"
+
+    def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
+        from bigmodel.api import hf_preprocess
+        from bigmodel.data.corpus import load_corpus, tokenize_corpus, train_lm_tokenizer
+        from bigmodel.runs import Preprocess
+
+        cfg = recipe.data
+        corpus = load_corpus(cfg, recipe.seed)
+        if pre is None and recipe.model.name == "hf":
+            pre = hf_preprocess(recipe, kind=self.kind)
+        if pre is None:
+            tok = train_lm_tokenizer(cfg.tokenizer, corpus.train)
+            spec = {
+                "kind": "lm",
+                "vocab_size": tok.get_vocab_size(),
+                "context_length": cfg.context_length,
+                "tokenizer": cfg.tokenizer.kind,
+            }
+            pre = Preprocess(labels=[], mean=None, std=None, input_shape=spec, kind="lm", tokenizer=tok)
+        return tokenize_corpus(corpus, pre.tokenizer), pre
+
+    def loader(
+        self,
+        recipe: Any,
+        data: Any,
+        pre: Any,
+        split: str,
+        *,
+        train: bool = False,
+        device: Any = "cpu",
+        channels_last: bool = False,
+        batch_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Any:
+        from bigmodel.data.corpus import WindowLoader
+
+        T = recipe.data.context_length
+        bs = batch_size or (recipe.train.batch_size if train else recipe.eval.batch_size)
+        if not train and batch_size is None:  # keep an evaluation batch's logits under ~256 MB
+            bs = max(1, min(bs, (1 << 26) // (T * int(pre.input_shape["vocab_size"]))))
+        return WindowLoader(
+            data.split(split),
+            T,
+            bs,
+            train=train,
+            seed=recipe.seed,
+            batches=recipe.data.batches_per_epoch if train else None,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def objective(self, recipe: Any, data: Any, num_classes: int, labels: list[str]) -> LanguageModelingTask:
+        return LanguageModelingTask(recipe.train.label_smoothing if recipe is not None else 0.0)
+
+    def predict(
+        self, art: Any, files: list[str | Path] | None, texts: list[str] | None, top_k: int
+    ) -> list[dict[str, Any]]:
+        raise UserError(f"{art.folder}: a language model generates text: `bigmodel generate RUN --prompt ...`")
+
+
+register_task(LanguageModeling())

@@ -1,0 +1,69 @@
+"""Text classification: CSV / TSV / JSONL / aclImdb / the bundled tweets, a tokenizer trained on the training split
+(or a pretrained run's, or a Hugging Face model's own), padded token ids; predicts strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bigmodel.tasks.base import refuse_inputs, register_task
+from bigmodel.tasks.classification import ClassificationSpec
+from bigmodel.tasks.sequence import padded_loader
+
+
+class TextClassification(ClassificationSpec):
+    name = "text_classification"
+    kind = "text"
+
+    def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
+        from bigmodel.api import hf_preprocess, init_from_artifact
+        from bigmodel.data.text import PAD_ID, load_text, tokenize_dataset, train_tokenizer
+        from bigmodel.runs import Preprocess
+
+        cfg = recipe.data
+        text = load_text(cfg, recipe.seed)
+        if pre is None and recipe.model.name == "hf":
+            pre = hf_preprocess(recipe, text.labels)
+        if pre is None:
+            init = init_from_artifact(recipe)
+            if init is not None:  # fine-tuning a pretrained run: its tokenizer, with this recipe's length limit
+                tok = init.preprocess.tokenizer
+                tok.enable_truncation(max_length=cfg.tokenizer.max_length)
+                tok.enable_padding(pad_id=PAD_ID, pad_token="[PAD]")
+            else:
+                tok = train_tokenizer(cfg.tokenizer, text.train.texts)
+            spec = {
+                "kind": "text",
+                "vocab_size": tok.get_vocab_size(),
+                "pad_id": 0,
+                "has_cls": cfg.tokenizer.add_cls if init is None else False,
+                "tokenizer": cfg.tokenizer.kind if init is None else init.preprocess.input_shape.get("tokenizer"),
+                "max_length": cfg.tokenizer.max_length,
+            }
+            pre = Preprocess(labels=text.labels, mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
+        return tokenize_dataset(text, pre.tokenizer), pre
+
+    def loader(
+        self,
+        recipe: Any,
+        data: Any,
+        pre: Any,
+        split: str,
+        *,
+        train: bool = False,
+        device: Any = "cpu",
+        channels_last: bool = False,
+        batch_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Any:
+        return padded_loader(self, recipe, data, split, train, device, batch_size, rank, world_size)
+
+    def predict(
+        self, art: Any, files: list[str | Path] | None, texts: list[str] | None, top_k: int
+    ) -> list[dict[str, Any]]:
+        refuse_inputs(art, files, texts, takes="texts")
+        return art.predict_texts(list(texts or []), top_k=top_k)
+
+
+register_task(TextClassification())

@@ -1,0 +1,99 @@
+"""Trainer strategies: how one training step is spread over devices and processes, applied from outside the model.
+
+The Trainer's loop never changes; a strategy wraps what it needs (torchtitan applies parallelism the same way, from
+outside a single-device model):
+
+    setup(model, optimizer_factory, train_loader) -> (train_model, optimizer, train_loader)
+        wrap the model (DDP, FSDP2, Opacus' GradSampleModule), build the optimizer over the wrapped parameters
+        (DP noise wraps it), and shard or re-sample the training loader (rank / world size, Poisson sampling);
+    accumulate(train_model, last)   a context for each micro-batch's backward (DDP skips the all-reduce until last);
+    step(train_model, optimizer, grad_clip, scaler)   clip, then the optimizer step;
+    reduce_metrics(metrics)         sum the metric state (`metrics.sums()`) across processes, in place;
+    unwrap(train_model)             the plain single-device module: what checkpoints, best weights and artifacts hold;
+    state_dict() / load_state_dict()   the strategy's own state (a privacy accountant, say), saved in every
+                                    checkpoint and restored on resume.
+
+Only `SingleDevice` lives here; DDP / FSDP2 and DP-SGD register as further strategies (`register_strategy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+class Strategy:
+    """The single-process, single-device base: nothing wrapped, nothing reduced. Subclasses override what differs."""
+
+    name = "single"
+
+    def setup(
+        self, model: nn.Module, optimizer_factory: OptimizerFactory, train_loader: Any
+    ) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        return model, optimizer_factory(model), train_loader
+
+    @contextlib.contextmanager
+    def accumulate(self, train_model: nn.Module, last: bool) -> Iterator[None]:
+        """Around the backward of one micro-batch; `last` is the micro-batch after which the optimizer steps."""
+        yield
+
+    def step(
+        self,
+        train_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float | None,
+        scaler: torch.amp.GradScaler | None,
+    ) -> None:
+        """Clip the global gradient norm (after unscaling fp16 gradients), then step the optimizer."""
+        if grad_clip is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(train_model.parameters(), grad_clip, foreach=True)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    def reduce_metrics(self, metrics: Any) -> None:
+        """Sum `metrics.sums()` (loss sums, counts, confusion matrices) over processes, in place. One process: no-op."""
+
+    def reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar over processes (the logged training loss). One process: the value."""
+        return value
+
+    def unwrap(self, train_model: nn.Module) -> nn.Module:
+        return train_model
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-able metadata) of the strategy's own state."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        pass
+
+
+class SingleDevice(Strategy):
+    """One process on one device (CPU, one CUDA GPU, MPS): the default."""
+
+
+_STRATEGIES: dict[str, Callable[..., Strategy]] = {"single": SingleDevice}
+
+
+def register_strategy(name: str, factory: Callable[..., Strategy]) -> None:
+    if name in _STRATEGIES:
+        raise ValueError(f"strategy {name!r} registered twice")
+    _STRATEGIES[name] = factory
+
+
+def get_strategy(name: str, **kwargs: Any) -> Strategy:
+    try:
+        return _STRATEGIES[name](**kwargs)
+    except KeyError:
+        raise KeyError(f"unknown strategy {name!r}; expected one of: {', '.join(sorted(_STRATEGIES))}") from None

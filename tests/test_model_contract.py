@@ -1,0 +1,169 @@
+"""The model contract, over every registered model name (timm's registry-wide test): a tiny config builds, forward
+and backward have the right shapes, every parameter gets a gradient, classifiers split exactly into
+forward_features / forward_head, declared capabilities hold (cam_layer, input_embedding, decoder, export), and a
+save → load round trip through safetensors is bit-identical."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bigmodel.models import build_model
+from bigmodel.models.base import Capability, Classifier, ConvClassifier, ModelBase
+from bigmodel.registry import get_model, model_names
+
+V = 50  # vocabulary of the token inputs
+IMAGE = (1, 16, 16)
+SEQUENCE = {"kind": "sequence", "features": 3}
+TEXT = {"kind": "text", "vocab_size": V, "pad_id": 0, "has_cls": False, "max_length": 16}
+LM = {"kind": "lm", "vocab_size": V, "context_length": 16}
+TRANSLATION = {"kind": "translation", "src_vocab_size": V, "tgt_vocab_size": V, "shared_vocab": True, "max_length": 16}
+
+# Tiny options per registered name; a new model name without an entry here fails test_every_model_has_a_case.
+TINY: dict[str, dict] = {
+    "cnn-small": {"widths": [4, 8]},
+    "seed-cnn": {"conv1_channels": 4, "conv2_channels": 8, "hidden": 16},
+    "resnet": {"widths": [4, 8, 8], "blocks": [1, 1, 1]},
+    "resnet-8": {"widths": [4, 8, 8]},
+    "resnet-14": {"widths": [4, 8, 8]},
+    "resnet-20": {"widths": [4, 8, 8]},
+    "lstm-classifier": {"hidden_size": 8, "embedding_dim": 8},
+    "gru-classifier": {"hidden_size": 8, "embedding_dim": 8},
+    "rnn-classifier": {"hidden_size": 8, "embedding_dim": 8},
+    "transformer-classifier": {"dim": 16, "num_heads": 2, "num_layers": 1, "ff_dim": 32, "max_length": 16},
+    "embedding-bag": {"embedding_dim": 8, "ngram_buckets": 16},
+    "gpt-classifier": {"dim": 16, "num_heads": 2, "num_layers": 1},
+    "gpt": {"dim": 16, "num_heads": 2, "num_layers": 1},
+    "transformer-seq2seq": {"dim": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff_dim": 32},
+    "hf": {},  # a tiny random-init GPT-2 written by the `hf_gpt2` fixture
+}
+
+
+def _inputs(shape) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    if isinstance(shape, tuple):
+        return (torch.randn(2, *shape, generator=g),)
+    kind = shape["kind"]
+    if kind == "sequence":
+        return torch.randn(2, 5, 3, generator=g), torch.tensor([5, 3])
+    if kind == "text":
+        ids = torch.randint(4, V, (2, 6), generator=g)
+        ids[1, 4:] = 0
+        return ids, torch.tensor([6, 4])
+    if kind == "lm":
+        return (torch.randint(0, V, (2, 8), generator=g),)
+    src = torch.randint(4, V, (2, 6), generator=g)
+    return src, torch.tensor([6, 5]), torch.randint(4, V, (2, 5), generator=g)
+
+
+def _cases() -> list[tuple[str, object]]:
+    out = []
+    for name in model_names():
+        tasks = get_model(name).tasks
+        if "image_classification" in tasks:
+            out.append((name, IMAGE))
+        if "sequence_classification" in tasks:
+            out.append((name, SEQUENCE))
+        if "text_classification" in tasks and name != "hf":
+            out.append((name, TEXT))
+        if "language_modeling" in tasks:
+            out.append((name, LM))
+        if "translation" in tasks:
+            out.append((name, TRANSLATION))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory):
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (the hf extra)")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from test_hf import _fast_tokenizer
+
+    path = tmp_path_factory.mktemp("hf") / "gpt2"
+    _fast_tokenizer("bpe", path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(path)
+    return path
+
+
+def _build(name: str, shape, request) -> torch.nn.Module:
+    options = dict(TINY[name])
+    if name == "hf":
+        options["pretrained"] = str(request.getfixturevalue("hf_gpt2"))
+        shape = {**shape, "vocab_size": V}
+    return build_model(name, options, shape, 3)
+
+
+def test_every_model_has_a_case():
+    assert sorted(TINY) == model_names()
+
+
+def _id(v) -> str:
+    return v if isinstance(v, str) else ("image" if isinstance(v, tuple) else v["kind"])
+
+
+@pytest.mark.parametrize(("name", "shape"), _cases(), ids=_id)
+def test_model_contract(name, shape, request, tmp_path):
+    entry = get_model(name)
+    torch.manual_seed(0)
+    model = _build(name, shape, request)
+    assert isinstance(model, ModelBase), "every model follows the contract in models/base.py"
+    x = _inputs(shape)
+    # forward / backward: shapes, and every trainable parameter gets a gradient
+    model.train()
+    out = model(*x)
+    if entry.can(Capability.CLASSIFIER):
+        assert out.shape == (2, 3)
+    elif shape is TRANSLATION:
+        assert out.shape == (2, 5, V)
+    else:
+        assert out.shape[:2] == (2, 8) and out.shape[-1] >= V
+    out.float().square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without a gradient: {missing}"
+    model.eval()
+    with torch.no_grad():
+        ref = model(*x)
+    # declared capabilities hold
+    assert entry.can(Capability.CLASSIFIER) == isinstance(model, Classifier)
+    if entry.can(Capability.CLASSIFIER):
+        with torch.no_grad():
+            features = model.forward_features(*x)
+            assert features.ndim == 2 and features.shape[0] == 2
+            assert torch.equal(model.forward_head(features), ref)
+    if entry.can(Capability.CONVNET):
+        assert isinstance(model, ConvClassifier)
+        seen = []
+        handle = model.cam_layer().register_forward_hook(lambda m, i, o: seen.append(o))
+        with torch.no_grad():
+            model(*x)
+        handle.remove()
+        assert seen and seen[0].ndim == 4, "cam_layer() must output a spatial map (B, C, H, W)"
+    if entry.can(Capability.CLASSIFIER) and isinstance(shape, dict) and shape["kind"] == "text":
+        emb = model.input_embedding()
+        assert isinstance(emb, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+    if entry.can(Capability.TOKEN_INPUT) and entry.can(Capability.CLASSIFIER):
+        assert model.input_embedding() is not None
+    if entry.can(Capability.GENERATES):
+        assert callable(getattr(model, "decoder", None))
+    # save → load: bit-identical outputs from a model built with other random weights
+    save_file({k: v.contiguous() for k, v in model.artifact_state_dict().items()}, str(tmp_path / "m.safetensors"))
+    torch.manual_seed(1)
+    again = _build(name, shape, request)
+    if name == "hf":
+        # the tied LM head is stored once (artifact_state_dict); everything stored must be a key of the model
+        assert not again.load_state_dict(load_file(str(tmp_path / "m.safetensors")), strict=False).unexpected_keys
+    else:
+        again.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(*x), ref)
+    if entry.can(Capability.EXPORTABLE):
+        ep = torch.export.export(model, x, strict=False)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(*x), ref, rtol=1e-5, atol=1e-5)
