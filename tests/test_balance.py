@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bigmodel.api import build_experiment
-from bigmodel.config import DataConfig, ImbalanceConfig, validate_recipe
+from bigmodel.config import ImageDataConfig, ImbalanceConfig, validate_recipe
 from bigmodel.data.loader import BatchLoader, Normalizer
 from bigmodel.data.sources import ImageSplit, load_data, make_imbalanced
 from bigmodel.errors import UserError
@@ -27,7 +27,7 @@ def test_make_imbalanced_keeps_a_fraction_of_the_chosen_classes():
 
 
 def test_imbalance_applies_to_train_only():
-    cfg = DataConfig(source="digits", imbalance=ImbalanceConfig(classes=[0, 1], keep=0.2))
+    cfg = ImageDataConfig(source="digits", imbalance=ImbalanceConfig(classes=[0, 1], keep=0.2))
     ds = load_data(cfg, seed=0)
     counts = torch.bincount(ds.train.y).tolist()
     assert counts[0] < counts[2] / 3 and counts[1] < counts[2] / 3

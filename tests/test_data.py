@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bigmodel.config import AugmentConfig, DataConfig
+from bigmodel.config import AugmentConfig, ImageDataConfig
 from bigmodel.data import sources, standard
 from bigmodel.data.download import download
 from bigmodel.data.idx import read_idx, write_idx
@@ -49,11 +49,11 @@ def test_idx_errors_name_the_file(tmp_path):
 
 def test_fashion_mnist_from_a_folder(tmp_path):
     write_fashion_fixture(tmp_path / "fm")
-    ds = load_data(DataConfig(source="fashion_mnist", path=tmp_path / "fm", val_fraction=0.1), seed=0)
+    ds = load_data(ImageDataConfig(source="fashion_mnist", path=tmp_path / "fm", val_fraction=0.1), seed=0)
     assert ds.input_shape == (1, 28, 28) and ds.labels[0] == "T-shirt/top"
     assert len(ds.train) == 50 and len(ds.val) == 10 and len(ds.test) == 20  # 6 per class: round(0.6) = 1 each
     with pytest.raises(UserError, match="expected the four Fashion-MNIST IDX files"):
-        load_data(DataConfig(source="fashion_mnist", path=tmp_path), seed=0)
+        load_data(ImageDataConfig(source="fashion_mnist", path=tmp_path), seed=0)
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_idx_set_download_with_checksums(tmp_path, http_server, monkeypatch, key
     files = write_fashion_fixture(www)
     md5s = {name: hashlib.md5(data).hexdigest() for name, data in files.items()}
     patch_spec(monkeypatch, key, files=md5s, local_dirs=[])
-    cfg = DataConfig(source=key, cache_dir=tmp_path / "cache")
+    cfg = ImageDataConfig(source=key, cache_dir=tmp_path / "cache")
     train, test, labels = sources.load_standard(cfg, mirrors=["http://127.0.0.1:9/", url])  # first mirror is dead
     assert labels == standard.IDX_SETS[key].labels
     assert len(train) == 60 and len(test) == 20
@@ -115,14 +115,14 @@ def test_download_rejects_a_bad_checksum_and_leaves_nothing(tmp_path, http_serve
 
 def test_offline_without_a_copy_says_how_to_get_it(tmp_path, monkeypatch):
     patch_spec(monkeypatch, "fashion_mnist", local_dirs=[])
-    cfg = DataConfig(source="fashion_mnist", cache_dir=tmp_path / "cache")
+    cfg = ImageDataConfig(source="fashion_mnist", cache_dir=tmp_path / "cache")
     with pytest.raises(UserError, match=r"Fashion-MNIST: could not download .*apt-get install dataset-fashion-mnist"):
         sources.load_standard(cfg, mirrors=["http://127.0.0.1:9/"])
     with pytest.raises(UserError, match="data.download is off"):
-        sources.load_standard(DataConfig(source="fashion_mnist", cache_dir=tmp_path / "c", download=False))
+        sources.load_standard(ImageDataConfig(source="fashion_mnist", cache_dir=tmp_path / "c", download=False))
     monkeypatch.setenv("BIGMODEL_OFFLINE", "1")
     with pytest.raises(UserError, match="CIFAR-10 not found and data.download is off"):
-        sources.load_standard(DataConfig(source="cifar10", cache_dir=tmp_path / "c"))
+        sources.load_standard(ImageDataConfig(source="cifar10", cache_dir=tmp_path / "c"))
 
 
 # -------------------------------------------------------------------------------------------------- CIFAR binary
@@ -130,7 +130,7 @@ def test_offline_without_a_copy_says_how_to_get_it(tmp_path, monkeypatch):
 def test_cifar_binary_from_folder_and_archive(tmp_path, key):
     first = write_cifar_fixture(tmp_path / "raw", key)
     spec = standard.CIFAR_SETS[key]
-    ds = load_data(DataConfig(source=key, path=tmp_path / "raw", val_fraction=0.0), seed=0)
+    ds = load_data(ImageDataConfig(source=key, path=tmp_path / "raw", val_fraction=0.0), seed=0)
     assert ds.input_shape == (3, 32, 32) and len(ds.train) + len(ds.test) == 40
     # Channel planes: the first 1,024 bytes of a record are red, row-major; the last 1,024 blue.
     x0 = standard.read_cifar_binary([tmp_path / "raw" / spec.folder / spec.train_files[0]], spec.label_bytes, 0)[0][0]
@@ -140,10 +140,12 @@ def test_cifar_binary_from_folder_and_archive(tmp_path, key):
     archive = tmp_path / spec.archive
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "raw" / spec.folder, arcname=spec.folder)
-    ds2 = load_data(DataConfig(source=key, path=archive, cache_dir=tmp_path / "cache", val_fraction=0.0), seed=0)
+    ds2 = load_data(ImageDataConfig(source=key, path=archive, cache_dir=tmp_path / "cache", val_fraction=0.0), seed=0)
     assert torch.equal(ds.train.x, ds2.train.x) and torch.equal(ds.test.y, ds2.test.y)
     if key == "cifar100":
-        coarse = load_data(DataConfig(source=key, path=tmp_path / "raw", label_set="coarse", val_fraction=0.0), seed=0)
+        coarse = load_data(
+            ImageDataConfig(source=key, path=tmp_path / "raw", label_set="coarse", val_fraction=0.0), seed=0
+        )
         assert coarse.labels[0] == "coarse0" and int(coarse.train.y.max()) < 20
 
 
@@ -155,17 +157,17 @@ def test_cifar_download_checksum_and_truncated_records(tmp_path, http_server, mo
         tar.add(tmp_path / "raw" / spec.folder, arcname=spec.folder)
     md5 = hashlib.md5((www / spec.archive).read_bytes()).hexdigest()
     monkeypatch.setitem(standard.CIFAR_SETS, "cifar10", dataclasses.replace(spec, md5=md5, mirrors=[url]))
-    ds = load_data(DataConfig(source="cifar10", cache_dir=tmp_path / "cache"), seed=0)
+    ds = load_data(ImageDataConfig(source="cifar10", cache_dir=tmp_path / "cache"), seed=0)
     assert len(ds.test) == 10
     assert not (tmp_path / "cache" / "cifar10" / spec.archive).exists()  # extracted, then the archive removed
     monkeypatch.setitem(standard.CIFAR_SETS, "cifar10", dataclasses.replace(spec, md5="0" * 32, mirrors=[url]))
     with pytest.raises(UserError, match="checksum mismatch"):
-        load_data(DataConfig(source="cifar10", cache_dir=tmp_path / "cache2"), seed=0)
+        load_data(ImageDataConfig(source="cifar10", cache_dir=tmp_path / "cache2"), seed=0)
     assert not any((tmp_path / "cache2" / "cifar10").iterdir())  # no partial file left in the cache
     bad = tmp_path / "raw" / spec.folder / "test_batch.bin"
     bad.write_bytes(bad.read_bytes()[:-5])
     with pytest.raises(UserError, match=r"test_batch.bin: .* is not a whole number of 3073-byte CIFAR records"):
-        load_data(DataConfig(source="cifar10", path=tmp_path / "raw"), seed=0)
+        load_data(ImageDataConfig(source="cifar10", path=tmp_path / "raw"), seed=0)
 
 
 # ------------------------------------------------------------------------------------------------------ image CSV
@@ -175,17 +177,17 @@ def test_image_csv_with_and_without_split_column(tmp_path):
     for f in sorted((tmp_path / "imgs").rglob("*.png")):
         rows.append(f"{f.relative_to(tmp_path)},{f.parent.name},{f.parent.parent.name}")
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-    ds = load_data(DataConfig(source="image_csv", path=tmp_path / "data.csv", val_fraction=0.25), seed=0)
+    ds = load_data(ImageDataConfig(source="image_csv", path=tmp_path / "data.csv", val_fraction=0.25), seed=0)
     assert ds.labels == ["a", "b"] and len(ds.test) == 12 and len(ds.val) == 4 and len(ds.train) == 8
     plain = tmp_path / "plain.csv"
     plain.write_text("file,cls\n" + "\n".join(",".join(r.split(",")[:2]) for r in rows[1:]) + "\n")
     with pytest.raises(UserError, match=r"no column 'path' \(columns: file, cls\)"):
-        load_data(DataConfig(source="image_csv", path=plain), seed=0)
-    ds2 = load_data(DataConfig(source="image_csv", path=plain, path_column="file", label_column="cls"), seed=0)
+        load_data(ImageDataConfig(source="image_csv", path=plain), seed=0)
+    ds2 = load_data(ImageDataConfig(source="image_csv", path=plain, path_column="file", label_column="cls"), seed=0)
     assert len(ds2.train) + len(ds2.val) + len(ds2.test) == 24
     (tmp_path / "missing.csv").write_text("path,label\nnope.png,a\n")
     with pytest.raises(UserError, match="nope.png: image file not found"):
-        load_data(DataConfig(source="image_csv", path=tmp_path / "missing.csv"), seed=0)
+        load_data(ImageDataConfig(source="image_csv", path=tmp_path / "missing.csv"), seed=0)
 
 
 FASHION_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
@@ -193,7 +195,7 @@ FASHION_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.mark.skipif(not standard.has_idx_files(FASHION_DEBIAN), reason="Debian dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_from_the_debian_package():
-    ds = load_data(DataConfig(source="fashion_mnist"), seed=0)
+    ds = load_data(ImageDataConfig(source="fashion_mnist"), seed=0)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (54000, 6000, 10000)
     assert torch.bincount(ds.val.y).tolist() == [600] * 10  # stratified
 
@@ -201,7 +203,7 @@ def test_real_fashion_mnist_from_the_debian_package():
 # ---------------------------------------------------------------------------------------------------- image folder
 def test_image_folder_grey_with_val_carved_stratified(tmp_path):
     make_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=10, splits=("train", "test"))
-    cfg = DataConfig(source="image_folder", path=tmp_path / "imgs", val_fraction=0.2)
+    cfg = ImageDataConfig(source="image_folder", path=tmp_path / "imgs", val_fraction=0.2)
     ds = load_data(cfg, seed=3)
     assert ds.labels == ["a", "b", "c"] and ds.input_shape == (1, 10, 12)
     assert torch.bincount(ds.val.y).tolist() == [2, 2, 2] and len(ds.train) == 24 and len(ds.test) == 30
@@ -213,9 +215,9 @@ def test_image_folder_grey_with_val_carved_stratified(tmp_path):
 
 def test_image_folder_rgb_and_resize(tmp_path):
     make_image_folder(tmp_path / "imgs", mode="RGB", splits=("train", "val", "test"))
-    ds = load_data(DataConfig(source="image_folder", path=tmp_path / "imgs", image_size=16), seed=0)
+    ds = load_data(ImageDataConfig(source="image_folder", path=tmp_path / "imgs", image_size=16), seed=0)
     assert ds.input_shape == (3, 16, 16) and len(ds.val) == 24
-    grey = load_data(DataConfig(source="image_folder", path=tmp_path / "imgs", channels=1), seed=0)
+    grey = load_data(ImageDataConfig(source="image_folder", path=tmp_path / "imgs", channels=1), seed=0)
     assert grey.input_shape == (1, 10, 12)
 
 
@@ -224,19 +226,19 @@ def test_image_folder_corrupt_file_is_named(tmp_path):
     bad = tmp_path / "imgs" / "train" / "dog" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
     with pytest.raises(UserError, match=r"broken.png: not a readable image"):
-        load_data(DataConfig(source="image_folder", path=tmp_path / "imgs"), seed=0)
+        load_data(ImageDataConfig(source="image_folder", path=tmp_path / "imgs"), seed=0)
 
 
 def test_image_folder_layout_errors(tmp_path):
     with pytest.raises(UserError, match="folder not found"):
-        load_data(DataConfig(source="image_folder", path=tmp_path / "nope"), seed=0)
+        load_data(ImageDataConfig(source="image_folder", path=tmp_path / "nope"), seed=0)
     (tmp_path / "flat").mkdir()
     with pytest.raises(UserError, match="no train/ folder"):
-        load_data(DataConfig(source="image_folder", path=tmp_path / "flat"), seed=0)
+        load_data(ImageDataConfig(source="image_folder", path=tmp_path / "flat"), seed=0)
     make_image_folder(tmp_path / "x", splits=("train",))
     (tmp_path / "x" / "test" / "bird").mkdir(parents=True)
     with pytest.raises(UserError, match=r"class folders \['bird'\] do not exist in train/"):
-        load_data(DataConfig(source="image_folder", path=tmp_path / "x"), seed=0)
+        load_data(ImageDataConfig(source="image_folder", path=tmp_path / "x"), seed=0)
 
 
 # ------------------------------------------------------------------------------------------------- splits, batches
@@ -249,7 +251,7 @@ def test_stratified_split_is_seeded_and_stratified():
 
 
 def test_digits_source_and_normalisation_stats():
-    ds = load_data(DataConfig(source="digits"), seed=0)
+    ds = load_data(ImageDataConfig(source="digits"), seed=0)
     assert ds.input_shape == (1, 8, 8) and len(ds.train) + len(ds.val) + len(ds.test) == 1797
     mean, std = ds.channel_stats()
     x = ds.train.x.double() / 255

@@ -87,14 +87,11 @@ def train(
         raise UserError("bigmodel train: --out and --resume exclude each other (a resumed run stays in its folder)")
     rec = load_recipe(recipe, overrides) if recipe is not None else None
     result = api.train(rec, out=out, resume=resume, progress=False if no_progress else None)
-    m = result.metrics
-    split = rec.eval.split if rec else "test"
-    if "perplexity" in m:
-        head = f"{split} loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}"
-        if "bleu" in m:
-            head += f"  BLEU {m['bleu']:.2f}  chrF {m['chrf']:.2f}"
-    else:
-        head = f"{split} accuracy {m.get('accuracy', float('nan')):.4f}  macro_f1 {m.get('macro_f1', float('nan')):.4f}"
+    from bigmodel.config import read_yaml, validate_recipe
+    from bigmodel.tasks import get_task
+
+    ran = rec or validate_recipe(read_yaml(result.run_dir / "recipe.yaml"))
+    head = get_task(ran.task).summary(result.metrics, ran.eval.split)
     typer.echo(
         f"{head}  train_time {result.train_time_s:.1f}s  steps {result.steps}"
         + ("  (stopped early)" if result.stopped_early else "")
@@ -174,7 +171,7 @@ def predict(
 
     art = load_artifact(run_dir)
     items = list(inputs or [])
-    if art.kind in ("text", "translation"):
+    if art.spec.inputs == "texts":
         texts = items + _read_lines(lines)
         if not texts:
             raise UserError("nothing to predict: give texts as arguments or --lines FILE")
@@ -188,13 +185,8 @@ def predict(
     if as_json:
         _echo_json({"predictions": results})
         return
-    if art.kind == "translation":
-        for r in results:
-            typer.echo(r["translation"])
-        return
     for r in results:
-        name = r.get("file", r.get("text", "")).replace("\t", " ").replace("\n", " ")
-        typer.echo(f"{name}\t" + "\t".join(f"{p['label']} {p['score']:.4f}" for p in r["top_k"]))
+        typer.echo(art.spec.format_prediction(r))
 
 
 # ----------------------------------------------------------------------------------------------------- generate
@@ -229,7 +221,10 @@ def generate(
         stop=stop,
         seed=seed,
     )
-    head = "" if getattr(art.model, "uses_chat", False) else prompt  # a chat reply does not continue the prompt
+    from bigmodel.models.base import ModelBase
+
+    chat = isinstance(art.model, ModelBase) and art.model.uses_chat
+    head = "" if chat else prompt  # a chat reply does not continue the prompt
     if no_stream:
         typer.echo(head + "".join(pieces))
         return
@@ -460,7 +455,8 @@ def recipe_validate(
     r = load_recipe(file, list(overrides or []))
     if show:
         typer.echo(yaml.safe_dump(r.to_dict(), sort_keys=False), nl=False)
-    typer.echo(f"{file}: ok ({r.task}, {r.data.source}, {r.model.name})")
+    source = r.data.source if r.data is not None else "no data block"
+    typer.echo(f"{file}: ok ({r.task}, {source}, {r.model.name})")
 
 
 @recipe_app.command("schema")

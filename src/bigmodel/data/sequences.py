@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmodel.config import IMAGE_SOURCES, DataConfig
+from bigmodel.config import IMAGE_SOURCES, SequenceDataConfig
 from bigmodel.data.sources import Splits
 from bigmodel.errors import UserError
 
@@ -160,7 +160,7 @@ def aeon_ts_folder(name: str) -> Path:
     return folder
 
 
-def _ts_pair(cfg: DataConfig) -> tuple[Path, Path | None, Path | None]:
+def _ts_pair(cfg: SequenceDataConfig) -> tuple[Path, Path | None, Path | None]:
     if cfg.train_path is not None:
         return cfg.train_path, cfg.val_path, cfg.test_path
     folder = cfg.path if cfg.path is not None else aeon_ts_folder(cfg.name or "")
@@ -184,7 +184,7 @@ def _ts_pair(cfg: DataConfig) -> tuple[Path, Path | None, Path | None]:
     return train, None, test if test.is_file() else None
 
 
-def load_ts(cfg: DataConfig) -> tuple[SeqSplit, SeqSplit | None, SeqSplit | None, list[str]]:
+def load_ts(cfg: SequenceDataConfig) -> tuple[SeqSplit, SeqSplit | None, SeqSplit | None, list[str]]:
     train_path, val_path, test_path = _ts_pair(cfg)
     tr = read_ts(train_path)
     if any(lbl == "" for lbl in tr.labels):
@@ -232,7 +232,7 @@ def _num(path: Path, line: int, col: str, v: str) -> float:
     return x
 
 
-def read_sequence_csv(path: Path, cfg: DataConfig) -> tuple[list[np.ndarray], list[str], list[int]]:
+def read_sequence_csv(path: Path, cfg: SequenceDataConfig) -> tuple[list[np.ndarray], list[str], list[int]]:
     """Wide form (one univariate sequence per row) or long form (`sequence_column`: one time step per row).
     Returns the sequences, their labels and the line each starts on."""
     header, rows = _csv_rows(path)
@@ -337,7 +337,7 @@ def _sort_labels(values: list[str]) -> list[str]:
         return sorted(uniq)
 
 
-def _load_files(cfg: DataConfig) -> tuple[SeqSplit, SeqSplit | None, SeqSplit | None, list[str]]:
+def _load_files(cfg: SequenceDataConfig) -> tuple[SeqSplit, SeqSplit | None, SeqSplit | None, list[str]]:
     train_path = cfg.train_path or cfg.path
     assert train_path is not None
     paths = {"train": train_path, "val": cfg.val_path, "test": cfg.test_path}
@@ -374,7 +374,7 @@ def image_rows(split: Any) -> SeqSplit:
     return SeqSplit(x, torch.full((N,), H, dtype=torch.int64), split.y)
 
 
-def load_sequences(cfg: DataConfig, seed: int) -> SeqDataset:
+def load_sequences(cfg: SequenceDataConfig, seed: int) -> SeqDataset:
     """Load a sequence-classification data set (not yet standardised; see `standardize`)."""
     from bigmodel.data.sources import finish_splits, load_data
 

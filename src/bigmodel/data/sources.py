@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmodel.config import DataConfig
+from bigmodel.config import ImageDataConfig, SequenceDataConfig
 from bigmodel.data import standard
 from bigmodel.data.images import IMAGE_SUFFIXES, is_grey, read_image
 from bigmodel.data.split import mix_seed, stratified_split
 from bigmodel.errors import UserError
+
+ImageSourceConfig = ImageDataConfig | SequenceDataConfig  # images are read for both tasks (sequences: row by row)
 
 
 @dataclass
@@ -72,7 +74,7 @@ IDX_SOURCES = ("fashion_mnist", "mnist", "kmnist")
 CIFAR_SOURCES = ("cifar10", "cifar100")
 
 
-def load_standard(cfg: DataConfig, mirrors: list[str] | None = None) -> tuple[ImageSplit, ImageSplit, list[str]]:
+def load_standard(cfg: ImageSourceConfig, mirrors: list[str] | None = None) -> tuple[ImageSplit, ImageSplit, list[str]]:
     """MNIST-family (IDX) and CIFAR (binary) sets: (train, test, label names)."""
     if cfg.source in IDX_SOURCES:
         folder = standard.find_idx_set(cfg.source, cfg.path, cfg.cache_dir, cfg.download, mirrors)
@@ -103,7 +105,7 @@ def _list_split(root: Path, split: str) -> dict[str, list[Path]]:
     return classes
 
 
-def load_image_folder(cfg: DataConfig) -> tuple[ImageSplit, ImageSplit | None, ImageSplit | None, list[str]]:
+def load_image_folder(cfg: ImageSourceConfig) -> tuple[ImageSplit, ImageSplit | None, ImageSplit | None, list[str]]:
     root = cfg.path
     assert root is not None
     if not root.is_dir():
@@ -129,7 +131,7 @@ def load_image_folder(cfg: DataConfig) -> tuple[ImageSplit, ImageSplit | None, I
 
 
 def _read_splits(
-    splits: dict[str, list[tuple[Path, int]]], cfg: DataConfig, labels: list[str]
+    splits: dict[str, list[tuple[Path, int]]], cfg: ImageSourceConfig, labels: list[str]
 ) -> tuple[ImageSplit, ImageSplit | None, ImageSplit | None, list[str]]:
     """Decode every listed file at one channel count and size (from the recipe, else from the training images)."""
     train_paths = [p for p, _ in splits["train"]]
@@ -148,7 +150,7 @@ def _read_splits(
 
 
 # ------------------------------------------------------------------------------------------------------ image CSV
-def load_image_csv(cfg: DataConfig) -> tuple[ImageSplit, ImageSplit | None, ImageSplit | None, list[str]]:
+def load_image_csv(cfg: ImageSourceConfig) -> tuple[ImageSplit, ImageSplit | None, ImageSplit | None, list[str]]:
     """A CSV with a header: image path (relative to the CSV's folder or absolute), label, optional split."""
     import csv
 
@@ -212,7 +214,7 @@ def make_imbalanced(split: Any, labels: list[str], classes: list[int | str], kee
 
 
 # ---------------------------------------------------------------------------------------------------------- entry
-def load_data(cfg: DataConfig, seed: int) -> ImageDataset:
+def load_data(cfg: ImageSourceConfig, seed: int) -> ImageDataset:
     """Load the recipe's image data with train/val/test splits; carved splits depend only on `seed`."""
     val = test = None
     if cfg.source in IDX_SOURCES or cfg.source in CIFAR_SOURCES:
@@ -229,7 +231,7 @@ def load_data(cfg: DataConfig, seed: int) -> ImageDataset:
     return ImageDataset(train, val, test, labels)
 
 
-def finish_splits(train: Any, val: Any, test: Any, labels: list[str], cfg: DataConfig, seed: int) -> tuple[Any, ...]:
+def finish_splits(train: Any, val: Any, test: Any, labels: list[str], cfg: Any, seed: int) -> tuple[Any, ...]:
     """Carve the missing test and validation splits (seeded, stratified), then apply `imbalance` and
     `limit_train`. Works for any split type with `.y` and `.subset(idx)`."""
     if test is None:

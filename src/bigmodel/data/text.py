@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bigmodel.config import DataConfig, TokenizerConfig
+from bigmodel.config import TextDataConfig, TokenizerConfig
 from bigmodel.data.sequences import SeqDataset, SeqSplit
 from bigmodel.data.sources import Splits
 from bigmodel.errors import UserError
@@ -51,7 +51,7 @@ class TextDataset(Splits):
 
 
 # ------------------------------------------------------------------------------------------------------ readers
-def _read_table(path: Path, cfg: DataConfig, delimiter: str, encoding: str = "utf-8") -> list[tuple[str, str, str]]:
+def _read_table(path: Path, cfg: TextDataConfig, delimiter: str, encoding: str = "utf-8") -> list[tuple[str, str, str]]:
     """(text, label, where) per row of a CSV/TSV with a header."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -79,7 +79,7 @@ def _read_table(path: Path, cfg: DataConfig, delimiter: str, encoding: str = "ut
     return out
 
 
-def _read_jsonl(path: Path, cfg: DataConfig) -> list[tuple[str, str, str]]:
+def _read_jsonl(path: Path, cfg: TextDataConfig) -> list[tuple[str, str, str]]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     out = []
@@ -106,7 +106,7 @@ def _read_jsonl(path: Path, cfg: DataConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-def read_text_file(path: Path, cfg: DataConfig) -> list[tuple[str, str, str]]:
+def read_text_file(path: Path, cfg: TextDataConfig) -> list[tuple[str, str, str]]:
     if cfg.source == "jsonl":
         rows = _read_jsonl(path, cfg)
     else:
@@ -161,7 +161,7 @@ def _rows_to_split(rows: list[tuple[str, str, str]], labels: list[str], path: Pa
     return TextSplit([t for t, _, _ in rows], torch.tensor([labels.index(lbl) for _, lbl, _ in rows]))
 
 
-def load_text(cfg: DataConfig, seed: int) -> TextDataset:
+def load_text(cfg: TextDataConfig, seed: int) -> TextDataset:
     """Load a text-classification data set with train/val/test splits (carved ones seeded and stratified)."""
     from bigmodel.data.sources import finish_splits
 

@@ -50,18 +50,11 @@ def count_params(model: nn.Module) -> int:
     return n
 
 
-def latency_p50(art: Any, inputs: tuple[torch.Tensor, ...], batch: int, repeats: int = 30) -> float:
-    """Median seconds of one forward pass at `batch` (eval, inference mode, the artifact's inference path)."""
-    model = art.inference_model
-    if art.kind == "image":
-        x = inputs[0][:batch]
-        if len(x) < batch:
-            x = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
-        args: tuple[torch.Tensor, ...] = (art.normalizer(x),)
-    else:
-        x, lengths = inputs
-        idx = torch.arange(batch) % len(lengths)
-        args = (x[idx][:, : int(lengths[idx].max())], lengths[idx])
+def latency_p50(sig: Any, batch: int, repeats: int = 30) -> float:
+    """Median seconds of one forward pass at `batch` through the export signature's module (the artifact's
+    preprocessing and inference path), eval and inference mode."""
+    model = sig.module.eval()
+    args = sig.select(torch.arange(batch) % len(sig.inputs[0]))
     times = []
     with torch.inference_mode():
         for _ in range(5):
@@ -73,16 +66,18 @@ def latency_p50(art: Any, inputs: tuple[torch.Tensor, ...], batch: int, repeats:
     return statistics.median(times)
 
 
-def measure(run_dir: Path, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+def measure(run_dir: Path) -> dict[str, Any]:
     from bigmodel.api import evaluate
+    from bigmodel.deploy.export import signature
 
     art = load_artifact(run_dir)
     m = evaluate(run_dir, "test")
+    sig = signature(art, run_dir, 256)
     return {
         "size_bytes": artifact_bytes(artifact_dir(run_dir)),
         "parameters": count_params(art.model),
-        "latency_ms_b1": round(1000 * latency_p50(art, inputs, 1), 4),
-        "latency_ms_b32": round(1000 * latency_p50(art, inputs, 32), 4),
+        "latency_ms_b1": round(1000 * latency_p50(sig, 1), 4),
+        "latency_ms_b32": round(1000 * latency_p50(sig, 32), 4),
         "accuracy": m["accuracy"],
         "macro_f1": m["macro_f1"],
     }
@@ -272,27 +267,22 @@ def compress(
     alpha: float = 0.7,
 ) -> dict[str, Any]:
     from bigmodel.config import load_recipe, read_yaml, validate_recipe
-    from bigmodel.deploy.export import check_inputs
+    from bigmodel.deploy.export import refuse_unexportable
     from bigmodel.models import build_model
+    from bigmodel.models.base import Capability
+    from bigmodel.registry import get_model
 
     src = require_run_dir(run_dir)
     recipe = validate_recipe(read_yaml(src / "recipe.yaml"), source=str(src / "recipe.yaml"))
     art = load_artifact(src)
-    if art.kind in ("lm", "translation"):
-        raise UserError(
-            f"{src}: a {'language' if art.kind == 'lm' else 'translation'} model; "
-            f"compress supports classifiers (image, sequence, text) so far"
-        )
-    if art.config.get("model", {}).get("name") == "hf":
-        raise UserError(f"{src}: a pretrained Hugging Face model (model.name hf); compress does not take these yet")
+    refuse_unexportable(src, art, "compress")
     if art.config.get("quantization"):
         raise UserError(f"{src}: already quantized; compress the fp32 run it came from")
     if method not in ("prune", "quantize", "distill"):
         raise UserError(f"--method {method!r}: expected prune, quantize or distill")
     if not 0.0 < amount < 1.0:
         raise UserError(f"--amount {amount}: expected a fraction between 0 and 1")
-    inputs = check_inputs(art, src, 256)
-    before = measure(src, inputs)
+    before = measure(src)
     dst = _new_run(src, Path(out))
     model = art.model.train()
     model_cfg = dict(art.config["model"])
@@ -317,8 +307,11 @@ def compress(
         zeros = sum(int((m == 0).sum()) for m in masks.values())
         details["zeroed_weights"] = zeros
     elif method == "quantize" and static:
-        if art.kind != "image":
-            raise UserError(f"--static: static int8 (calibrated) is for image models; this is a {art.kind} model")
+        if not get_model(model_cfg["name"]).can(Capability.CONVNET):
+            raise UserError(
+                f"--static: static int8 (calibrated) is for image models (convnets); {model_cfg['name']!r} is not one "
+                "(use the dynamic mode)"
+            )
         from bigmodel.api import prepare_data
         from bigmodel.deploy.ort import calibration_images, quantize_static_onnx
 
@@ -370,7 +363,7 @@ def compress(
         write_text_atomic(dst / "recipe.yaml", _recipe_yaml(recipe))
     if model is not None:
         save_artifact(dst / "model", model.eval(), recipe.task, model_cfg, art.preprocess, extra=extra)
-    after = measure(dst, inputs)
+    after = measure(dst)
     report = _report(before, after, details, src, dst)
     write_json_atomic(dst / "compress.json", report)
     write_json_atomic(

@@ -1,11 +1,13 @@
 """Export a trained model (ONNX, TorchScript, torch.export) with a dynamic batch axis, and prove it: the exported
 model runs on real test inputs of the run and must match the eager fp32 model within a tolerance.
 
-The exported graph for an image model takes raw pixel values (float, 0..255, shape (B, C, H, W)) — normalisation
-(and flip TTA) are inside. Sequence and text models take `(x, lengths)`: standardised features (B, T, F) or token ids
-(B, T), exactly what `Artifact.prepare_sequences` / `encode_texts` produce; `preprocess.json` and `tokenizer.json`
-travel in the bundle. The bundle (the edge bundle) holds the model file, `preprocess.json`, `labels.json`,
-`config.json`, `tokenizer.json` (text) and `export.json` (format, inputs, the parity figures).
+The task spec says what the graph takes (`TaskSpec.export_signature`): an image model takes raw pixel values (float,
+0..255, shape (B, C, H, W)) — normalisation (and flip TTA) are inside. Sequence and text models take `(x, lengths)`:
+standardised features (B, T, F) or token ids (B, T), exactly what `Artifact.prepare_sequences` / `encode_texts`
+produce. Tables take raw numbers (B, Fn) and category indices (B, Fc), standardised inside; `preprocess.json` (the
+vocabularies) and `tokenizer.json` travel in the bundle. The bundle (the edge bundle) holds the model file,
+`preprocess.json`, `labels.json`, `config.json`, `tokenizer.json` (text) and `export.json` (format, inputs, the
+parity figures).
 """
 
 from __future__ import annotations
@@ -18,42 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from bigmodel.errors import UserError
+from bigmodel.models.base import Capability
+from bigmodel.registry import get_model
 from bigmodel.runs import Artifact, artifact_dir, load_artifact
+from bigmodel.tasks import get_task
+from bigmodel.tasks.base import ExportSignature
+from bigmodel.tasks.image import ImageExport  # noqa: F401 (the image graph wrapper; benchmarks/deploy.py uses it)
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 FILENAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported-program": "model.pt2"}
 
 
-class ImageExport(nn.Module):
-    """Raw pixels (B, C, H, W) float 0..255 → logits: the artifact's normalisation and TTA inside the graph."""
-
-    def __init__(self, art: Artifact) -> None:
-        super().__init__()
-        C = len(art.preprocess.mean or [])
-        mean = torch.tensor(art.preprocess.mean, dtype=torch.float32).view(1, C, 1, 1)
-        std = torch.tensor(art.preprocess.std, dtype=torch.float32).view(1, C, 1, 1)
-        self.register_buffer("scale", 1.0 / (255.0 * std))
-        self.register_buffer("shift", -mean / std)
-        self.model = art.inference_model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x * self.scale + self.shift)
-
-
-class SequenceExport(nn.Module):
-    def __init__(self, art: Artifact) -> None:
-        super().__init__()
-        self.model = art.model
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.model(x, lengths)
-
-
-def check_inputs(art: Artifact, run_dir: Path | None, n: int) -> tuple[torch.Tensor, ...]:
-    """Up to `n` real test inputs of the run (its recipe rebuilds the split), in the exported graph's input form."""
+def signature(art: Artifact, run_dir: Path | None, n: int) -> ExportSignature:
+    """The task spec's export signature over up to `n` real test inputs of the run (its recipe rebuilds the split)."""
     from bigmodel.api import prepare_data
     from bigmodel.config import read_yaml, validate_recipe
 
@@ -61,20 +42,22 @@ def check_inputs(art: Artifact, run_dir: Path | None, n: int) -> tuple[torch.Ten
         raise UserError(f"{art.folder}: export checks parity on the run's test inputs; pass the run directory")
     recipe = validate_recipe(read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))
     data, _ = prepare_data(recipe, art.preprocess)
-    test = data.split("test")
-    k = min(n, len(test))
-    if art.kind == "image":
-        return (test.x[:k].to(torch.float32),)
-    lengths = test.lengths[:k]
-    return (test.x[:k][:, : int(lengths.max())], lengths)
+    return get_task(recipe.task).export_signature(art, data, n)
 
 
-def _dynamic_shapes(kind: str) -> Any:
-    batch = torch.export.Dim("batch", min=1, max=65_536)
-    if kind == "image":
-        return ({0: batch},)
-    steps = torch.export.Dim("steps", min=1, max=65_536)
-    return ({0: batch, 1: steps}, {0: batch})
+def check_inputs(art: Artifact, run_dir: Path | None, n: int) -> tuple[torch.Tensor, ...]:
+    """Up to `n` real test inputs of the run, in the exported graph's input form."""
+    return signature(art, run_dir, n).inputs
+
+
+def refuse_unexportable(src: Path, art: Artifact, verb: str) -> None:
+    """One line when the task or the model does not export / compress (generative tasks, pretrained hf models)."""
+    spec = get_task(art.config["task"])
+    if spec.generative:
+        raise UserError(f"{src}: a {spec.name.replace('_', ' ')} model; {verb} supports classifiers so far")
+    name = art.config.get("model", {}).get("name")
+    if name is not None and not get_model(name).can(Capability.EXPORTABLE):
+        raise UserError(f"{src}: model.name {name!r} ({get_model(name).description}); {verb} does not take these yet")
 
 
 def _run_exported(fmt: str, path: Path, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -109,20 +92,13 @@ def export(
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     src = Path(run_dir)
     art = load_artifact(src)
-    if art.kind in ("lm", "translation"):
-        raise UserError(
-            f"{src}: a {'language' if art.kind == 'lm' else 'translation'} model; "
-            f"export supports classifiers (image, sequence, text) so far"
-        )
-    if art.config.get("model", {}).get("name") == "hf":
-        raise UserError(f"{src}: a pretrained Hugging Face model (model.name hf); export does not take these yet")
+    refuse_unexportable(src, art, "export")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: already exists and is not empty")
     run = src if (src / "recipe.yaml").is_file() else (src.parent if (src.parent / "recipe.yaml").is_file() else None)
-    inputs = check_inputs(art, run, n_check)
-    wrapper = (ImageExport(art) if art.kind == "image" else SequenceExport(art)).eval()
-    names = ["pixels"] if art.kind == "image" else ["x", "lengths"]
+    sig = signature(art, run, n_check)
+    inputs, names, wrapper = sig.inputs, sig.names, sig.module.eval()
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -144,7 +120,7 @@ def export(
                     dynamo=True,
                     input_names=names,
                     output_names=["logits"],
-                    dynamic_shapes=_dynamic_shapes(art.kind),
+                    dynamic_shapes=sig.dynamic_shapes,
                     opset_version=opset,
                     verbose=False,
                 )
@@ -153,7 +129,7 @@ def export(
                 with torch.no_grad():
                     torch.jit.save(torch.jit.trace(wrapper, inputs, check_trace=False), str(path))
             else:
-                ep = torch.export.export(wrapper, inputs, dynamic_shapes=_dynamic_shapes(art.kind))
+                ep = torch.export.export(wrapper, inputs, dynamic_shapes=sig.dynamic_shapes)
                 torch.export.save(ep, str(path))
         except UserError:
             raise
@@ -168,9 +144,7 @@ def export(
     with torch.inference_mode():
         ref = wrapper(*inputs).float()
     got = _run_exported(fmt, path, inputs).float()
-    one = tuple(t[:1] for t in inputs)  # the batch axis really is dynamic
-    if art.kind != "image":
-        one = (one[0][:, : int(one[1].max())], one[1])
+    one = sig.batch_one()  # the batch axis really is dynamic
     with torch.inference_mode():
         ref1 = wrapper(*one).float()
     got1 = _run_exported(fmt, path, one).float()
@@ -182,14 +156,8 @@ def export(
         "kind": art.kind,
         "model": art.config["model"],
         "inputs": [
-            {
-                "name": n,
-                "shape": ["batch", *list(t.shape[1:])]
-                if art.kind == "image"
-                else ["batch", "steps", *list(t.shape[2:])][: t.dim()],
-                "dtype": str(t.dtype).removeprefix("torch."),
-            }
-            for n, t in zip(names, inputs, strict=True)
+            {"name": n, "shape": shape, "dtype": str(t.dtype).removeprefix("torch.")}
+            for n, t, shape in zip(names, inputs, sig.shapes, strict=True)
         ],
         "output": {"name": "logits", "shape": ["batch", len(art.labels)]},
         "parity": {

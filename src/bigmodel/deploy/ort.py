@@ -88,3 +88,8 @@ def calibration_images(data: Any, normalizer: Any, n: int, seed: int) -> torch.T
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data.train), generator=g)[:n]
     return normalizer(data.train.x[idx]).to(torch.float32)
+
+
+def load_runtime(folder: Path, config: dict[str, Any], build: Any) -> OrtClassifier:
+    """The `onnxruntime` artifact runtime (entry point `bigmodel.runtimes`): the graph in `model.onnx` is the model."""
+    return OrtClassifier(folder / "model.onnx")

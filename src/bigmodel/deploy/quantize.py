@@ -18,6 +18,9 @@ fp32.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -239,3 +242,14 @@ def quantize_model(model: nn.Module, mode: str = "dynamic") -> tuple[nn.Module, 
 
     walk(model, "")
     return model, replaced
+
+
+def load_runtime(folder: Path, config: dict[str, Any], build: Any) -> nn.Module:
+    """The `int8` artifact runtime (entry point `bigmodel.runtimes`): the fp32 model rebuilt, its Linear / Embedding /
+    LSTM layers swapped for the int8 ones, then the stored int8 weights and scales loaded."""
+    from bigmodel.artifact import load_weights
+
+    model = build().eval()
+    quantize_model(model, config["quantization"].get("mode", "dynamic"))
+    load_weights(model, folder)
+    return model

@@ -60,6 +60,21 @@ class ModelBase(nn.Module):
         """Own optimizer parameter groups (layer-wise learning rates), or None for the default two groups."""
         return None
 
+    # Generators: how a prompt becomes ids and when generation stops, when the model knows better than the
+    # artifact's tokenizer (a pretrained chat model: its template, BOS, end-of-turn ids).
+    @property
+    def uses_chat(self) -> bool:
+        """Whether prompts are wrapped in a chat template (then a reply does not continue the prompt)."""
+        return False
+
+    def prompt_ids(self, prompt: str) -> list[int] | None:
+        """Token ids of a generation prompt, or None to encode it with the artifact's tokenizer."""
+        return None
+
+    def stop_token_ids(self) -> set[int] | None:
+        """Ids that end generation (besides `--stop` strings), or None."""
+        return None
+
 
 class Classifier(ModelBase):
     """`forward(*inputs) == forward_head(forward_features(*inputs))`. Subclasses define the two halves."""

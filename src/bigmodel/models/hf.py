@@ -387,6 +387,7 @@ def _prepare(model: HFModel) -> HFModel:
     # The classification heads of transformers differ per architecture (BERT's pooler + classifier, Llama's `score`
     # on the last token), so `hf` classifiers do not (yet) declare the forward_features / forward_head split.
     capabilities=(Capability.GENERATES, Capability.TOKEN_INPUT),
+    load_artifact=lambda folder, options, num_classes: load_hf_artifact(folder, options, num_classes),
     description="A pretrained Hugging Face model (bundled minilm-l6 / smollm2-135m, a folder, or a hub id)",
 )
 def build_hf(cfg: HFConfig, input_shape: Any, num_classes: int) -> HFModel:

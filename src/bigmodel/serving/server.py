@@ -10,30 +10,29 @@
     GET  /             a page to try the model (draw or upload an image, type text, paste a sequence)
     GET  /docs         OpenAPI (Swagger UI); /openapi.json
 
-Each input is a string (text models), `{"image_base64": "..."}` (PNG/JPEG/BMP; image models) or `{"array": [...]}`
-(nested numbers: an image as (C, H, W) or (H, W) pixel values 0..255, or a sequence as (T, F)). Inputs go through the
+Each input is a string (text models), `{"image_base64": "..."}` (PNG/JPEG/BMP; image models), `{"array": [...]}`
+(nested numbers: an image as (C, H, W) or (H, W) pixel values 0..255, or a sequence as (T, F)) or a table row
+`{"column": value, ...}` (tabular models); the task spec (`serve_item`) says which a model takes. Inputs go through the
 artifact's own preprocessing and prediction code, so the answers are those of `bigmodel predict`.
 Client mistakes are 4xx (422 malformed, 413 too large, 401 without the API key), never 500.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from bigmodel.errors import UserError
+from bigmodel.models.base import Capability
 from bigmodel.runs import Artifact
 from bigmodel.serving.batcher import DynamicBatcher
+from bigmodel.tasks.base import InputError
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -146,76 +145,24 @@ class Metrics:
 
 
 class Predictor:
-    """Validates and prepares one input at a time (in the request), predicts whole batches (in the batcher)."""
+    """Validates and prepares one input at a time (in the request), predicts whole batches (in the batcher); what an
+    input may be and how it becomes model input is the task spec's (`serve_item`, `serve_batch`)."""
 
     def __init__(self, art: Artifact) -> None:
+        from bigmodel.tasks import get_task
+
         self.art = art
-        self.kind = art.kind
-        shape = art.preprocess.input_shape
-        self.image_shape = tuple(shape) if self.kind == "image" else None
-        self.features = int(shape["features"]) if self.kind == "sequence" else None
+        self.spec = get_task(art.config["task"])
 
     def prepare(self, i: int, x: Any) -> Any:
-        where = f"inputs[{i}]"
-        if self.kind == "lm":
-            raise HTTPException(422, "this is a language model: POST /v1/generate with a prompt")
-        if self.kind == "translation":
-            raise HTTPException(422, "this is a translation model: POST /v1/translate with sentences")
-        if self.kind == "text":
-            if not isinstance(x, str):
-                raise HTTPException(422, f"{where}: this is a text model; expected a string")
-            if not x.strip():
-                raise HTTPException(422, f"{where}: empty text")
-            return x
-        if isinstance(x, str):
-            raise HTTPException(422, f"{where}: this is an {self.kind} model; expected an object, not a string")
-        if isinstance(x, ImageInput):
-            if self.kind != "image":
-                raise HTTPException(422, f"{where}: this is a {self.kind} model; image_base64 is for image models")
-            from bigmodel.data.images import decode_image
-
-            try:
-                data = base64.b64decode(x.image_base64, validate=True)
-            except (binascii.Error, ValueError):
-                raise HTTPException(422, f"{where}.image_base64: not valid base64") from None
-            C, H, W = self.image_shape  # type: ignore[misc]
-            try:
-                return decode_image(data, C, (H, W), name=f"{where}.image_base64").astype(np.float32)
-            except UserError as e:
-                raise HTTPException(422, str(e)) from None
+        raw = x.model_dump() if isinstance(x, BaseModel) else x
         try:
-            arr = np.asarray(x.array, dtype=np.float32)
-        except (ValueError, TypeError):
-            raise HTTPException(422, f"{where}.array: expected nested lists of numbers of one shape") from None
-        if not np.isfinite(arr).all():
-            raise HTTPException(422, f"{where}.array: values must be finite numbers")
-        if self.kind == "image":
-            C, H, W = self.image_shape  # type: ignore[misc]
-            if arr.shape == (H, W) and C == 1:
-                arr = arr[None]
-            if arr.shape != (C, H, W):
-                raise HTTPException(
-                    422, f"{where}.array: expected shape {[C, H, W]} (pixel values 0..255), got {list(arr.shape)}"
-                )
-            return arr
-        if arr.ndim == 1 and self.features == 1:
-            arr = arr[:, None]
-        if arr.ndim != 2 or arr.shape[1] != self.features:
-            raise HTTPException(
-                422, f"{where}.array: expected a sequence of shape [steps, {self.features}], got {list(arr.shape)}"
-            )
-        return arr
+            return self.spec.serve_item(self.art, i, raw)
+        except InputError as e:
+            raise HTTPException(422, str(e)) from None
 
     def run(self, batch: list[Any]) -> list[Any]:
-        import torch
-
-        if self.kind == "text":
-            probs = self.art.predict_texts_proba(batch)
-        elif self.kind == "sequence":
-            probs = self.art.predict_sequences_proba(batch)
-        else:
-            probs = self.art.predict_proba(torch.from_numpy(np.stack(batch)))
-        return list(probs)
+        return self.spec.serve_batch(self.art, batch)
 
 
 class _Gate:
@@ -350,7 +297,7 @@ def create_app(
         t0 = time.perf_counter()
         try:
             check_key(request)
-            if art.kind != "lm":
+            if not art.can(Capability.GENERATES):
                 raise HTTPException(422, f"this is a {art.kind} model; /v1/generate needs a language model")
             if req.max_new_tokens > max_new_tokens:
                 raise HTTPException(
@@ -395,7 +342,7 @@ def create_app(
         status = 200
         try:
             check_key(request)
-            if art.kind != "translation":
+            if not art.can(Capability.TRANSLATES):
                 raise HTTPException(422, f"this is a {art.kind} model; /v1/translate needs a translation model")
             if len(req.inputs) > max_inputs:
                 raise HTTPException(413, f"{len(req.inputs)} inputs in one request; at most {max_inputs}")

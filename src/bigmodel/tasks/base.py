@@ -10,10 +10,44 @@ outside `tasks/` and the recipe schema, and an unknown task is an error. A new t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel
+
+from bigmodel.config import TokenizerConfig
 from bigmodel.errors import UserError
+
+
+class InputError(UserError):
+    """A malformed input to a served model (the server answers 422 with this message)."""
+
+
+@dataclass
+class ExportSignature:
+    """What `bigmodel export` traces: a module taking raw inputs (preprocessing inside the graph), real example
+    inputs, their names and dynamic axes, and how each input's shape is described in export.json."""
+
+    module: Any  # nn.Module
+    inputs: tuple[Any, ...]
+    names: list[str]
+    dynamic_shapes: Any
+    shapes: list[list[Any]]
+    padded: bool = False  # inputs are (values (B, T, ...), lengths (B,)): a selection is cut to its longest
+
+    def select(self, idx: Any) -> tuple[Any, ...]:
+        """The inputs of examples `idx` (a batch for a latency measurement, or of one for the dynamic-batch check)."""
+        out = tuple(t[idx] for t in self.inputs)
+        if self.padded:
+            x, lengths = out
+            out = (x[:, : int(lengths.max())], lengths)
+        return out
+
+    def batch_one(self) -> tuple[Any, ...]:
+        import torch
+
+        return self.select(torch.arange(1))
 
 
 class TaskSpec(ABC):
@@ -23,6 +57,53 @@ class TaskSpec(ABC):
     name: str
     kind: str
     channels_last: bool = False  # whether its inputs are images that a convnet may take channels-last
+    data_config: type[BaseModel]  # the class that validates the recipe's `data` block (its keys are the task's)
+    inputs: Literal["files", "texts", "prompt"] = "files"  # what `predict` takes: files or strings (or generate)
+    generative: bool = False  # monitors val_loss; needs a reversible tokenizer
+
+    # -------------------------------------------------------------------------------------------------- recipe
+    def check_recipe(self, recipe: Any) -> None:
+        """Cross-field checks and task defaults of a recipe whose `data` block is set (raise ValueError naming the
+        field); the data block's own keys were checked by `data_config`."""
+        data = recipe.data
+        hf = recipe.model.name == "hf"
+        tok = getattr(type(data), "model_fields", {}).get("tokenizer") and data.tokenizer
+        if hf and tok:
+            default = TokenizerConfig()
+            extra = [
+                k for k in TokenizerConfig.model_fields if k != "max_length" and getattr(tok, k) != getattr(default, k)
+            ]
+            if extra:
+                raise ValueError(
+                    f"data.tokenizer.{extra[0]} does not apply to model.name 'hf': the tokenizer comes with the "
+                    "pretrained model (only data.tokenizer.max_length applies)"
+                )
+        if recipe.eval.tta_flip and not self.channels_last:
+            raise ValueError(f"eval.tta_flip applies to image_classification only, not {self.name!r}")
+        if self.generative:
+            self.monitor_val_loss(recipe)
+            if not hf:
+                # Generated text should read like the data: keep case and no [CLS] unless asked for.
+                if "lowercase" not in tok.model_fields_set:
+                    tok.lowercase = False
+                if "add_cls" not in tok.model_fields_set:
+                    tok.add_cls = False
+                if "kind" not in tok.model_fields_set:
+                    tok.kind = "bpe"
+                if tok.kind not in ("char", "bpe"):
+                    raise ValueError(
+                        f"data.tokenizer.kind {tok.kind!r}: generative tasks need a reversible tokenizer (char or bpe)"
+                    )
+        if recipe.train.early_stopping is not None and not data.may_have_val_split():
+            raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
+
+    def monitor_val_loss(self, recipe: Any) -> None:
+        if "monitor" not in recipe.train.model_fields_set:
+            recipe.train.monitor = "val_loss"
+        elif recipe.train.monitor != "val_loss":
+            raise ValueError(f"train.monitor {recipe.train.monitor!r}: generative tasks monitor val_loss")
+
+    # ---------------------------------------------------------------------------------------------------- data
 
     @abstractmethod
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
@@ -60,6 +141,40 @@ class TaskSpec(ABC):
         self, art: Any, files: list[str | Path] | None, texts: list[str] | None, top_k: int
     ) -> list[dict[str, Any]]:
         """User-facing predictions from raw inputs (files or strings), with the artifact's own preprocessing."""
+
+    def predict_files(self, art: Any, files: list[Path], top_k: int) -> list[dict[str, Any]]:
+        """Top-k predictions for input files (images, sequence files, tables)."""
+        raise UserError(f"{art.folder}: a {art.kind} model does not take files")
+
+    def prepare_artifact(self, art: Any) -> None:
+        """Set up what the artifact's inference needs beyond the model (images: the pixel normaliser)."""
+        return None
+
+    # ----------------------------------------------------------------------------------------------- the CLI
+    def summary(self, metrics: dict[str, Any], split: str) -> str:
+        """The one line `bigmodel train` / `evaluate` print for these metrics."""
+        m = metrics
+        return f"{split} accuracy {m.get('accuracy', float('nan')):.4f}  macro_f1 {m.get('macro_f1', float('nan')):.4f}"
+
+    def format_prediction(self, result: dict[str, Any]) -> str:
+        """One prediction as a line of `bigmodel predict` (name, then label and score per top-k entry)."""
+        key = next((k for k in ("file", "row", "text") if k in result), "")
+        name = str(result.get(key, "")).replace("\t", " ").replace("\n", " ")
+        return f"{name}\t" + "\t".join(f"{p['label']} {p['score']:.4f}" for p in result["top_k"])
+
+    # --------------------------------------------------------------------------------------------- serving
+    def serve_item(self, art: Any, i: int, x: Any) -> Any:
+        """Validate and prepare `inputs[i]` of a /v1/predict request (raise `InputError` for a bad one)."""
+        raise InputError(f"this is a {art.kind} model; /v1/predict does not take it")
+
+    def serve_batch(self, art: Any, batch: list[Any]) -> list[Any]:
+        """Class probabilities for prepared items (one tensor (K,) each), run as one batch."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------------- export
+    def export_signature(self, art: Any, data: Any, n: int) -> ExportSignature:
+        """The graph `bigmodel export` traces and up to `n` real test inputs of `data` for its parity check."""
+        raise UserError(f"{art.folder}: a {self.name} model does not export (export takes classifiers)")
 
 
 _TASKS: dict[str, TaskSpec] = {}

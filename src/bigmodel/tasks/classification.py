@@ -5,6 +5,7 @@ The loss lives here, not in the model (`forward(x) -> logits`); the Trainer know
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.evaluation.metrics import ClassificationMetrics
-from bigmodel.tasks.base import TaskSpec
+from bigmodel.tasks.base import InputError, TaskSpec
 
 
 def forward(model: nn.Module, x: Any) -> torch.Tensor:
@@ -92,6 +93,28 @@ class ClassificationSpec(TaskSpec):
             class_weights=weights,
         )
 
+    def predict(
+        self, art: Any, files: list[str | Path] | None, texts: list[str] | None, top_k: int
+    ) -> list[dict[str, Any]]:
+        """File-based classifiers (images, sequences, tables): files must exist, strings are refused."""
+        from bigmodel.errors import UserError
+        from bigmodel.tasks.base import refuse_inputs
+
+        refuse_inputs(art, files, texts, takes="files")
+        for f in files or []:
+            if not Path(f).is_file():
+                raise UserError(f"{f}: {self.file_noun} not found")
+        return self.predict_files(art, [Path(f) for f in files or []], top_k)
+
+    file_noun = "input file"
+
+    def serve_batch(self, art: Any, batch: list[Any]) -> list[Any]:
+        return list(self.probabilities(art, batch))
+
+    def probabilities(self, art: Any, batch: list[Any]) -> torch.Tensor:
+        """(N, K) class probabilities for a list of items prepared by `serve_item`."""
+        raise NotImplementedError
+
     @staticmethod
     def sampling(recipe: Any, train: bool) -> str:
         balance = recipe.data.balance
@@ -100,3 +123,18 @@ class ClassificationSpec(TaskSpec):
     @staticmethod
     def batch_size(recipe: Any, train: bool, batch_size: int | None) -> int:
         return batch_size or (recipe.train.batch_size if train else recipe.eval.batch_size)
+
+
+def as_array(where: str, x: Any) -> Any:
+    """`{"array": nested numbers}` of a request → a finite float32 array, or an InputError naming the input."""
+    import numpy as np
+
+    if not isinstance(x, dict) or set(x) != {"array"}:
+        raise InputError(f'{where}: expected {{"array": [...]}}')
+    try:
+        arr = np.asarray(x["array"], dtype=np.float32)
+    except (ValueError, TypeError):
+        raise InputError(f"{where}.array: expected nested lists of numbers of one shape") from None
+    if not np.isfinite(arr).all():
+        raise InputError(f"{where}.array: values must be finite numbers")
+    return arr

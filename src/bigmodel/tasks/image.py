@@ -6,15 +6,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from bigmodel.config import ImageDataConfig
 from bigmodel.errors import UserError
-from bigmodel.tasks.base import refuse_inputs, register_task
-from bigmodel.tasks.classification import ClassificationSpec
+from bigmodel.tasks.base import ExportSignature, InputError, register_task
+from bigmodel.tasks.classification import ClassificationSpec, as_array
+
+
+class ImageExport(nn.Module):
+    """Raw pixels (B, C, H, W) float 0..255 → logits: the artifact's normalisation and TTA inside the graph."""
+
+    def __init__(self, art: Any) -> None:
+        super().__init__()
+        C = len(art.preprocess.mean or [])
+        mean = torch.tensor(art.preprocess.mean, dtype=torch.float32).view(1, C, 1, 1)
+        std = torch.tensor(art.preprocess.std, dtype=torch.float32).view(1, C, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("shift", -mean / std)
+        self.model = art.inference_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.scale + self.shift)
 
 
 class ImageClassification(ClassificationSpec):
     name = "image_classification"
     kind = "image"
     channels_last = True
+    data_config = ImageDataConfig
 
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
         from bigmodel.data.sources import load_data
@@ -65,14 +86,59 @@ class ImageClassification(ClassificationSpec):
             world_size=world_size,
         )
 
-    def predict(
-        self, art: Any, files: list[str | Path] | None, texts: list[str] | None, top_k: int
-    ) -> list[dict[str, Any]]:
-        refuse_inputs(art, files, texts, takes="files")
-        for f in files or []:
-            if not Path(f).is_file():
-                raise UserError(f"{f}: image file not found")
-        return art.predict_files(list(files or []), top_k=top_k)
+    file_noun = "image file"
+
+    def prepare_artifact(self, art: Any) -> None:
+        from bigmodel.data.loader import Normalizer
+
+        if art.preprocess.mean is not None:
+            art.normalizer = Normalizer(art.preprocess.mean, art.preprocess.std)
+
+    def predict_files(self, art: Any, files: list[Path], top_k: int) -> list[dict[str, Any]]:
+        return art.top_k([str(f) for f in files], art.predict_proba(art.load_images(files)), top_k, "file")
+
+    def serve_item(self, art: Any, i: int, x: Any) -> Any:
+        """`{"image_base64": PNG/JPEG/BMP}` or `{"array": (C, H, W) or (H, W) pixels 0..255}` → float (C, H, W)."""
+        import base64
+        import binascii
+
+        where = f"inputs[{i}]"
+        C, H, W = art.preprocess.input_shape
+        if isinstance(x, str):
+            raise InputError(f"{where}: this is an image model; expected an object, not a string")
+        if isinstance(x, dict) and "image_base64" in x:
+            from bigmodel.data.images import decode_image
+
+            try:
+                data = base64.b64decode(x["image_base64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise InputError(f"{where}.image_base64: not valid base64") from None
+            try:
+                return decode_image(data, C, (H, W), name=f"{where}.image_base64").astype("float32")
+            except UserError as e:
+                raise InputError(str(e)) from None
+        arr = as_array(where, x)
+        if arr.shape == (H, W) and C == 1:
+            arr = arr[None]
+        if arr.shape != (C, H, W):
+            raise InputError(f"{where}.array: expected shape {[C, H, W]} (pixel values 0..255), got {list(arr.shape)}")
+        return arr
+
+    def probabilities(self, art: Any, batch: list[Any]) -> torch.Tensor:
+        import numpy as np
+
+        return art.predict_proba(torch.from_numpy(np.stack(batch)))
+
+    def export_signature(self, art: Any, data: Any, n: int) -> ExportSignature:
+        test = data.split("test")
+        x = test.x[: min(n, len(test))].to(torch.float32)
+        return ExportSignature(
+            module=ImageExport(art),
+            inputs=(x,),
+            names=["pixels"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65_536)},),
+            shapes=[["batch", *list(x.shape[1:])]],
+        )
 
 
 register_task(ImageClassification())

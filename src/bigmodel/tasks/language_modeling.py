@@ -7,14 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bigmodel.config import LanguageModelDataConfig
 from bigmodel.errors import UserError
-from bigmodel.tasks.base import TaskSpec, register_task
+from bigmodel.tasks.base import InputError, TaskSpec, register_task
 from bigmodel.tasks.generative import LanguageModelingTask
 
 
 class LanguageModeling(TaskSpec):
     name = "language_modeling"
     kind = "lm"
+    data_config = LanguageModelDataConfig
+    inputs = "prompt"
+    generative = True
 
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
         from bigmodel.api import hf_preprocess
@@ -75,6 +79,15 @@ class LanguageModeling(TaskSpec):
         self, art: Any, files: list[str | Path] | None, texts: list[str] | None, top_k: int
     ) -> list[dict[str, Any]]:
         raise UserError(f"{art.folder}: a language model generates text: `bigmodel generate RUN --prompt ...`")
+
+    def summary(self, metrics: dict[str, Any], split: str) -> str:
+        return f"{split} loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}"
+
+    def serve_item(self, art: Any, i: int, x: Any) -> Any:
+        raise InputError("this is a language model: POST /v1/generate with a prompt")
+
+    def export_signature(self, art: Any, data: Any, n: int) -> Any:
+        raise UserError(f"{art.folder}: a language model; export takes classifiers (generate with bigmodel serve)")
 
 
 register_task(LanguageModeling())

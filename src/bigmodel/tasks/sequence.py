@@ -6,9 +6,42 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from bigmodel.config import SequenceDataConfig
 from bigmodel.errors import UserError
-from bigmodel.tasks.base import refuse_inputs, register_task
-from bigmodel.tasks.classification import ClassificationSpec
+from bigmodel.tasks.base import ExportSignature, InputError, register_task
+from bigmodel.tasks.classification import ClassificationSpec, as_array
+
+
+class PaddedExport(nn.Module):
+    """(values (B, T, ...), lengths (B,)) → logits: sequences (standardised) and token ids alike."""
+
+    def __init__(self, art: Any) -> None:
+        super().__init__()
+        self.model = art.model
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.model(x, lengths)
+
+
+def padded_signature(art: Any, data: Any, n: int) -> ExportSignature:
+    """Padded values and lengths with dynamic batch and step axes (sequence and text models)."""
+    test = data.split("test")
+    k = min(n, len(test))
+    lengths = test.lengths[:k]
+    x = test.x[:k][:, : int(lengths.max())]
+    batch = torch.export.Dim("batch", min=1, max=65_536)
+    steps = torch.export.Dim("steps", min=1, max=65_536)
+    return ExportSignature(
+        module=PaddedExport(art),
+        inputs=(x, lengths),
+        names=["x", "lengths"],
+        dynamic_shapes=({0: batch, 1: steps}, {0: batch}),
+        shapes=[["batch", "steps", *list(x.shape[2:])], ["batch"]],
+        padded=True,
+    )
 
 
 def padded_loader(
@@ -41,6 +74,7 @@ def padded_loader(
 class SequenceClassification(ClassificationSpec):
     name = "sequence_classification"
     kind = "sequence"
+    data_config = SequenceDataConfig
 
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
         from bigmodel.data.sequences import SeqDataset, load_sequences, standardize
@@ -78,14 +112,38 @@ class SequenceClassification(ClassificationSpec):
     ) -> Any:
         return padded_loader(self, recipe, data, split, train, device, batch_size, rank, world_size)
 
-    def predict(
-        self, art: Any, files: list[str | Path] | None, texts: list[str] | None, top_k: int
-    ) -> list[dict[str, Any]]:
-        refuse_inputs(art, files, texts, takes="files")
-        for f in files or []:
-            if not Path(f).is_file():
-                raise UserError(f"{f}: sequence file not found")
-        return art.predict_files(list(files or []), top_k=top_k)
+    file_noun = "sequence file"
+
+    def predict_files(self, art: Any, files: list[Path], top_k: int) -> list[dict[str, Any]]:
+        from bigmodel.data.sequences import read_sequence_file
+
+        seqs, names = [], []
+        for f in files:
+            s, n = read_sequence_file(Path(f), int(art.preprocess.input_shape["features"]))
+            seqs += s
+            names += n
+        return art.top_k(names, art.predict_sequences_proba(seqs), top_k, "file")
+
+    def serve_item(self, art: Any, i: int, x: Any) -> Any:
+        """`{"array": (T, F)}` (or (T,) for one feature) → float (T, F)."""
+        where = f"inputs[{i}]"
+        if isinstance(x, str):
+            raise InputError(f"{where}: this is a sequence model; expected an object, not a string")
+        if isinstance(x, dict) and "image_base64" in x:
+            raise InputError(f"{where}: this is a sequence model; image_base64 is for image models")
+        features = int(art.preprocess.input_shape["features"])
+        arr = as_array(where, x)
+        if arr.ndim == 1 and features == 1:
+            arr = arr[:, None]
+        if arr.ndim != 2 or arr.shape[1] != features:
+            raise InputError(f"{where}.array: expected a sequence of shape [steps, {features}], got {list(arr.shape)}")
+        return arr
+
+    def probabilities(self, art: Any, batch: list[Any]) -> torch.Tensor:
+        return art.predict_sequences_proba(batch)
+
+    def export_signature(self, art: Any, data: Any, n: int) -> ExportSignature:
+        return padded_signature(art, data, n)
 
 
 register_task(SequenceClassification())

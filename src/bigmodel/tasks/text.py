@@ -6,14 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bigmodel.tasks.base import refuse_inputs, register_task
+import torch
+
+from bigmodel.config import TextDataConfig
+from bigmodel.tasks.base import ExportSignature, InputError, refuse_inputs, register_task
 from bigmodel.tasks.classification import ClassificationSpec
-from bigmodel.tasks.sequence import padded_loader
+from bigmodel.tasks.sequence import padded_loader, padded_signature
 
 
 class TextClassification(ClassificationSpec):
     name = "text_classification"
     kind = "text"
+    data_config = TextDataConfig
+    inputs = "texts"
 
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
         from bigmodel.api import hf_preprocess, init_from_artifact
@@ -64,6 +69,19 @@ class TextClassification(ClassificationSpec):
     ) -> list[dict[str, Any]]:
         refuse_inputs(art, files, texts, takes="texts")
         return art.predict_texts(list(texts or []), top_k=top_k)
+
+    def serve_item(self, art: Any, i: int, x: Any) -> Any:
+        if not isinstance(x, str):
+            raise InputError(f"inputs[{i}]: this is a text model; expected a string")
+        if not x.strip():
+            raise InputError(f"inputs[{i}]: empty text")
+        return x
+
+    def probabilities(self, art: Any, batch: list[Any]) -> torch.Tensor:
+        return art.predict_texts_proba(batch)
+
+    def export_signature(self, art: Any, data: Any, n: int) -> ExportSignature:
+        return padded_signature(art, data, n)
 
 
 register_task(TextClassification())

@@ -6,13 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bigmodel.tasks.base import TaskSpec, refuse_inputs, register_task
+from bigmodel.config import TranslationDataConfig
+from bigmodel.errors import UserError
+from bigmodel.tasks.base import InputError, TaskSpec, refuse_inputs, register_task
 from bigmodel.tasks.generative import TranslationTask
 
 
 class Translation(TaskSpec):
     name = "translation"
     kind = "translation"
+    data_config = TranslationDataConfig
+    inputs = "texts"
+    generative = True
 
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
         from bigmodel.data.parallel import load_pairs, tokenize_pairs, train_pair_tokenizers
@@ -91,6 +96,20 @@ class Translation(TaskSpec):
         refuse_inputs(art, files, texts, takes="texts")
         texts = list(texts or [])
         return [{"text": t, "translation": tr} for t, tr in zip(texts, art.translate(texts), strict=True)]
+
+    def summary(self, metrics: dict[str, Any], split: str) -> str:
+        m = metrics
+        line = f"{split} loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}"
+        return line + (f"  BLEU {m['bleu']:.2f}  chrF {m['chrf']:.2f}" if "bleu" in m else "")
+
+    def format_prediction(self, result: dict[str, Any]) -> str:
+        return str(result["translation"])
+
+    def serve_item(self, art: Any, i: int, x: Any) -> Any:
+        raise InputError("this is a translation model: POST /v1/translate with sentences")
+
+    def export_signature(self, art: Any, data: Any, n: int) -> Any:
+        raise UserError(f"{art.folder}: a translation model; export takes classifiers (translate with bigmodel serve)")
 
 
 register_task(Translation())
