@@ -55,3 +55,8 @@ def test_deploy_quick_json():
     for key in ("batching_throughput_ratio", "prune_speedup_ratio", "int8_size_ratio", "int8_speedup_ratio"):
         assert out[key] > 0, key
     assert out["onnx_max_abs_diff"] <= 1e-4
+
+
+def test_tabular_json():
+    out = run_bench("benchmarks/tabular.py", "--seeds", "0", "--json", "train.epochs=2")
+    assert 0 < out["mlp_accuracy"] <= 1 and 0 < out["hgb_accuracy"] <= 1 and out["mlp_vs_hgb_accuracy_ratio"] > 0

@@ -20,6 +20,7 @@ IMAGE = (1, 16, 16)
 SEQUENCE = {"kind": "sequence", "features": 3}
 TEXT = {"kind": "text", "vocab_size": V, "pad_id": 0, "has_cls": False, "max_length": 16}
 LM = {"kind": "lm", "vocab_size": V, "context_length": 16}
+TABLE = {"kind": "tabular", "numeric": ["a", "b", "c"], "categorical": {"d": ["x", "y"]}, "cardinalities": [3]}
 TRANSLATION = {"kind": "translation", "src_vocab_size": V, "tgt_vocab_size": V, "shared_vocab": True, "max_length": 16}
 
 # Tiny options per registered name; a new model name without an entry here fails test_every_model_has_a_case.
@@ -36,6 +37,7 @@ TINY: dict[str, dict] = {
     "transformer-classifier": {"dim": 16, "num_heads": 2, "num_layers": 1, "ff_dim": 32, "max_length": 16},
     "embedding-bag": {"embedding_dim": 8, "ngram_buckets": 16},
     "gpt-classifier": {"dim": 16, "num_heads": 2, "num_layers": 1},
+    "mlp": {"hidden": [8, 8]},
     "gpt": {"dim": 16, "num_heads": 2, "num_layers": 1},
     "transformer-seq2seq": {"dim": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff_dim": 32},
     "hf": {},  # a tiny random-init GPT-2 written by the `hf_gpt2` fixture
@@ -55,6 +57,8 @@ def _inputs(shape) -> tuple:
         return ids, torch.tensor([6, 4])
     if kind == "lm":
         return (torch.randint(0, V, (2, 8), generator=g),)
+    if kind == "tabular":
+        return torch.randn(2, 3, generator=g), torch.tensor([[1], [2]])
     src = torch.randint(4, V, (2, 6), generator=g)
     return src, torch.tensor([6, 5]), torch.randint(4, V, (2, 5), generator=g)
 
@@ -69,6 +73,8 @@ def _cases() -> list[tuple[str, object]]:
             out.append((name, SEQUENCE))
         if "text_classification" in tasks and name != "hf":
             out.append((name, TEXT))
+        if "tabular_classification" in tasks:
+            out.append((name, TABLE))
         if "language_modeling" in tasks:
             out.append((name, LM))
         if "translation" in tasks:

@@ -21,6 +21,7 @@ TaskName = Literal[
     "image_classification",
     "sequence_classification",
     "text_classification",
+    "tabular_classification",
     "language_modeling",
     "translation",
 ]

@@ -61,6 +61,7 @@ def _load_builtin_models() -> None:
     import bigmodel.models.cnn  # noqa: F401
     import bigmodel.models.gpt  # noqa: F401
     import bigmodel.models.hf  # noqa: F401
+    import bigmodel.models.mlp  # noqa: F401
     import bigmodel.models.resnet  # noqa: F401
     import bigmodel.models.seq2seq  # noqa: F401
     import bigmodel.models.sequence  # noqa: F401

@@ -47,9 +47,12 @@ class ArrayInput(BaseModel):
     array: Annotated[list[Any], Field(min_length=1, description="Nested numbers in the model's input shape.")]
 
 
+TableRow = dict[str, str | float | int | bool | None]  # a table row: column → value
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    inputs: Annotated[list[str | ImageInput | ArrayInput], Field(min_length=1)]
+    inputs: Annotated[list[str | ImageInput | ArrayInput | TableRow], Field(min_length=1)]
     top_k: Annotated[int, Field(ge=1, le=1000)] = 1
 
 
