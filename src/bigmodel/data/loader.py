@@ -63,17 +63,14 @@ class BatchLoader:
         if self.mixing and num_classes is None:
             raise ValueError("mixup/cutmix need num_classes")
         self.num_classes = num_classes
-        if sampling not in ("none", "oversample", "undersample"):
-            raise ValueError(f"unknown sampling {sampling!r}")
         self.sampling = sampling
-        mode = sampling if sampling != "none" else ("permutation" if shuffle else "sequential")
-        self.plan = SamplingPlan(
-            mode,  # type: ignore[arg-type]
-            num_examples=len(split.y),
-            batch_size=batch_size,
+        self.plan = SamplingPlan.for_labels(
+            split.y,
+            batch_size,
+            shuffle=shuffle,
             seed=seed,
             drop_last=drop_last,
-            labels=split.y if sampling != "none" else None,
+            sampling=sampling,
             rank=rank,
             world_size=world_size,
         )

@@ -65,6 +65,34 @@ class SamplingPlan:
         # Dropping the ragged last batch keeps BatchNorm statistics sane; never drop when it would leave nothing.
         self.drop_last = self.drop_last and self.epoch_size >= self.batch_size
 
+    @classmethod
+    def for_labels(
+        cls,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        sampling: str = "none",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> SamplingPlan:
+        """The plan of a labelled split: in order, shuffled, or class-balanced (`sampling` oversample/undersample)."""
+        if sampling not in ("none", "oversample", "undersample"):
+            raise ValueError(f"unknown sampling {sampling!r}")
+        mode = sampling if sampling != "none" else ("permutation" if shuffle else "sequential")
+        return cls(
+            mode,  # type: ignore[arg-type]
+            num_examples=len(labels),
+            batch_size=batch_size,
+            seed=seed,
+            drop_last=drop_last,
+            labels=labels if sampling != "none" else None,
+            rank=rank,
+            world_size=world_size,
+        )
+
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank: each rank takes its part of every global batch)."""
         if self.mode == "with_replacement":

@@ -295,14 +295,13 @@ class TableLoader:
         assert split.num is not None and split.cat is not None, "encode the split first"
         self.num, self.cat, self.y = split.num.to(device), split.cat.to(device), split.y.to(device)
         self.device = torch.device(device)
-        mode = sampling if sampling != "none" else ("permutation" if shuffle else "sequential")
-        self.plan = SamplingPlan(
-            mode,  # type: ignore[arg-type]
-            num_examples=len(split.y),
-            batch_size=batch_size,
+        self.plan = SamplingPlan.for_labels(
+            split.y,
+            batch_size,
+            shuffle=shuffle,
             seed=seed,
             drop_last=drop_last,
-            labels=split.y if sampling != "none" else None,
+            sampling=sampling,
             rank=rank,
             world_size=world_size,
         )

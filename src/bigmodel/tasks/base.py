@@ -50,6 +50,25 @@ class ExportSignature:
         return self.select(torch.arange(1))
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a loader is asked for: training or evaluation, where, how big, and which share of each batch."""
+
+    train: bool
+    device: Any
+    channels_last: bool
+    batch_size: int
+    default_batch_size: bool  # the recipe's size (a task may cap an evaluation batch's memory), not the caller's
+    rank: int = 0
+    world_size: int = 1
+
+    def plan_kwargs(self, recipe: Any, drop: bool = True) -> dict[str, Any]:
+        """The sampling plan's arguments every loader takes: seed, sharding, device (and drop_last: training drops
+        a ragged last batch)."""
+        kw = {"seed": recipe.seed, "device": self.device, "rank": self.rank, "world_size": self.world_size}
+        return {**kw, "drop_last": self.train} if drop else kw
+
+
 class TaskSpec(ABC):
     """The interface every task implements. `kind` names the model input the task produces (the artifact's
     `preprocess.kind`: image, sequence, text, lm, translation, ...)."""
@@ -110,7 +129,6 @@ class TaskSpec(ABC):
         """Load the recipe's data in model form → (data, Preprocess). Without `pre`, fit the preprocessing on the
         training split (normalisation statistics, tokenizer); with `pre` (from an artifact), apply exactly that."""
 
-    @abstractmethod
     def loader(
         self,
         recipe: Any,
@@ -125,7 +143,15 @@ class TaskSpec(ABC):
         rank: int = 0,
         world_size: int = 1,
     ) -> Any:
-        """The batch loader of `split`: training order and augmentation when `train`, else in order."""
+        """The batch loader of `split`: training order and augmentation when `train`, else in order; this process's
+        share (`rank` of `world_size`) of every batch. `batch_size` overrides the recipe's."""
+        default = recipe.train.batch_size if train else recipe.eval.batch_size
+        opts = LoaderOptions(train, device, channels_last, batch_size or default, batch_size is None, rank, world_size)
+        return self.build_loader(recipe, data.split(split), pre, opts)
+
+    @abstractmethod
+    def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
+        """The loader over one split's data (what `loader` calls with its options gathered)."""
 
     @abstractmethod
     def objective(self, recipe: Any, data: Any, num_classes: int, labels: list[str]) -> Any:

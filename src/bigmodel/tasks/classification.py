@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.evaluation.metrics import ClassificationMetrics
-from bigmodel.tasks.base import InputError, TaskSpec
+from bigmodel.tasks.base import InputError, LoaderOptions, TaskSpec
 
 
 def forward(model: nn.Module, x: Any) -> torch.Tensor:
@@ -116,13 +116,11 @@ class ClassificationSpec(TaskSpec):
         raise NotImplementedError
 
     @staticmethod
-    def sampling(recipe: Any, train: bool) -> str:
+    def loader_kwargs(recipe: Any, opts: LoaderOptions) -> dict[str, Any]:
+        """A classification loader's arguments: shuffled and balanced (`data.balance`) when training."""
         balance = recipe.data.balance
-        return balance if train and balance in ("oversample", "undersample") else "none"
-
-    @staticmethod
-    def batch_size(recipe: Any, train: bool, batch_size: int | None) -> int:
-        return batch_size or (recipe.train.batch_size if train else recipe.eval.batch_size)
+        sampling = balance if opts.train and balance in ("oversample", "undersample") else "none"
+        return {"shuffle": opts.train, "sampling": sampling, **opts.plan_kwargs(recipe)}
 
 
 def as_array(where: str, x: Any) -> Any:

@@ -11,7 +11,7 @@ from torch import nn
 
 from bigmodel.config import ImageDataConfig
 from bigmodel.errors import UserError
-from bigmodel.tasks.base import ExportSignature, InputError, register_task
+from bigmodel.tasks.base import ExportSignature, InputError, LoaderOptions, register_task
 from bigmodel.tasks.classification import ClassificationSpec, as_array
 
 
@@ -53,37 +53,18 @@ class ImageClassification(ClassificationSpec):
             )
         return data, pre
 
-    def loader(
-        self,
-        recipe: Any,
-        data: Any,
-        pre: Any,
-        split: str,
-        *,
-        train: bool = False,
-        device: Any = "cpu",
-        channels_last: bool = False,
-        batch_size: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> Any:
+    def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.loader import BatchLoader, Normalizer
 
         assert pre.mean is not None and pre.std is not None
         return BatchLoader(
-            data.split(split),
-            self.batch_size(recipe, train, batch_size),
-            Normalizer(pre.mean, pre.std, device),
-            shuffle=train,
-            seed=recipe.seed,
-            augment=recipe.data.augment if train else None,
-            drop_last=train,
-            channels_last=channels_last,
-            device=device,
-            num_classes=len(data.labels),
-            sampling=self.sampling(recipe, train),
-            rank=rank,
-            world_size=world_size,
+            split,
+            opts.batch_size,
+            Normalizer(pre.mean, pre.std, opts.device),
+            augment=recipe.data.augment if opts.train else None,
+            channels_last=opts.channels_last,
+            num_classes=len(pre.labels),
+            **self.loader_kwargs(recipe, opts),
         )
 
     file_noun = "image file"

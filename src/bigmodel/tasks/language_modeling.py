@@ -9,7 +9,7 @@ from typing import Any
 
 from bigmodel.config import LanguageModelDataConfig
 from bigmodel.errors import UserError
-from bigmodel.tasks.base import InputError, TaskSpec, register_task
+from bigmodel.tasks.base import InputError, LoaderOptions, TaskSpec, register_task
 from bigmodel.tasks.generative import LanguageModelingTask
 
 
@@ -40,37 +40,14 @@ class LanguageModeling(TaskSpec):
             pre = Preprocess(labels=[], mean=None, std=None, input_shape=spec, kind="lm", tokenizer=tok)
         return tokenize_corpus(corpus, pre.tokenizer), pre
 
-    def loader(
-        self,
-        recipe: Any,
-        data: Any,
-        pre: Any,
-        split: str,
-        *,
-        train: bool = False,
-        device: Any = "cpu",
-        channels_last: bool = False,
-        batch_size: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> Any:
+    def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.corpus import WindowLoader
 
-        T = recipe.data.context_length
-        bs = batch_size or (recipe.train.batch_size if train else recipe.eval.batch_size)
-        if not train and batch_size is None:  # keep an evaluation batch's logits under ~256 MB
+        T, bs = recipe.data.context_length, opts.batch_size
+        if not opts.train and opts.default_batch_size:  # keep an evaluation batch's logits under ~256 MB
             bs = max(1, min(bs, (1 << 26) // (T * int(pre.input_shape["vocab_size"]))))
-        return WindowLoader(
-            data.split(split),
-            T,
-            bs,
-            train=train,
-            seed=recipe.seed,
-            batches=recipe.data.batches_per_epoch if train else None,
-            device=device,
-            rank=rank,
-            world_size=world_size,
-        )
+        batches = recipe.data.batches_per_epoch if opts.train else None
+        return WindowLoader(split, T, bs, train=opts.train, batches=batches, **opts.plan_kwargs(recipe, drop=False))
 
     def objective(self, recipe: Any, data: Any, num_classes: int, labels: list[str]) -> LanguageModelingTask:
         return LanguageModelingTask(recipe.train.label_smoothing if recipe is not None else 0.0)

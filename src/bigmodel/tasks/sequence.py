@@ -11,7 +11,7 @@ from torch import nn
 
 from bigmodel.config import SequenceDataConfig
 from bigmodel.errors import UserError
-from bigmodel.tasks.base import ExportSignature, InputError, register_task
+from bigmodel.tasks.base import ExportSignature, InputError, LoaderOptions, register_task
 from bigmodel.tasks.classification import ClassificationSpec, as_array
 
 
@@ -44,33 +44,6 @@ def padded_signature(art: Any, data: Any, n: int) -> ExportSignature:
     )
 
 
-def padded_loader(
-    spec: ClassificationSpec,
-    recipe: Any,
-    data: Any,
-    split: str,
-    train: bool,
-    device: Any,
-    batch_size: int | None,
-    rank: int,
-    world_size: int,
-) -> Any:
-    """Sequences and token ids share one loader: values cut per batch to its longest example."""
-    from bigmodel.data.loader import SequenceLoader
-
-    return SequenceLoader(
-        data.split(split),
-        spec.batch_size(recipe, train, batch_size),
-        shuffle=train,
-        seed=recipe.seed,
-        drop_last=train,
-        device=device,
-        sampling=spec.sampling(recipe, train),
-        rank=rank,
-        world_size=world_size,
-    )
-
-
 class SequenceClassification(ClassificationSpec):
     name = "sequence_classification"
     kind = "sequence"
@@ -96,21 +69,10 @@ class SequenceClassification(ClassificationSpec):
             seq = SeqDataset(parts[0], parts[1], parts[2], seq.labels)  # type: ignore[arg-type]
         return seq, pre
 
-    def loader(
-        self,
-        recipe: Any,
-        data: Any,
-        pre: Any,
-        split: str,
-        *,
-        train: bool = False,
-        device: Any = "cpu",
-        channels_last: bool = False,
-        batch_size: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> Any:
-        return padded_loader(self, recipe, data, split, train, device, batch_size, rank, world_size)
+    def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
+        from bigmodel.data.loader import SequenceLoader
+
+        return SequenceLoader(split, opts.batch_size, **self.loader_kwargs(recipe, opts))
 
     file_noun = "sequence file"
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from bigmodel.data.tabular import TableSchema, TabularDataConfig, encode_rows, read_table
 from bigmodel.errors import UserError
-from bigmodel.tasks.base import ExportSignature, InputError, register_task
+from bigmodel.tasks.base import ExportSignature, InputError, LoaderOptions, register_task
 from bigmodel.tasks.classification import ClassificationSpec
 
 
@@ -66,33 +66,10 @@ class TabularClassification(ClassificationSpec):
             pre = Preprocess(labels=data.labels, mean=schema.mean, std=schema.std, input_shape=spec, kind="tabular")
         return encode_dataset(data, schema_of(pre)), pre
 
-    def loader(
-        self,
-        recipe: Any,
-        data: Any,
-        pre: Any,
-        split: str,
-        *,
-        train: bool = False,
-        device: Any = "cpu",
-        channels_last: bool = False,
-        batch_size: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> Any:
+    def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.tabular import TableLoader
 
-        return TableLoader(
-            data.split(split),
-            self.batch_size(recipe, train, batch_size),
-            shuffle=train,
-            seed=recipe.seed,
-            drop_last=train,
-            device=device,
-            sampling=self.sampling(recipe, train),
-            rank=rank,
-            world_size=world_size,
-        )
+        return TableLoader(split, opts.batch_size, **self.loader_kwargs(recipe, opts))
 
     # -------------------------------------------------------------------------------------------- prediction
     def probabilities(self, art: Any, rows: list[Any], where: str = "input") -> torch.Tensor:

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from bigmodel.config import TextDataConfig
-from bigmodel.tasks.base import ExportSignature, InputError, refuse_inputs, register_task
+from bigmodel.tasks.base import ExportSignature, InputError, LoaderOptions, refuse_inputs, register_task
 from bigmodel.tasks.classification import ClassificationSpec
-from bigmodel.tasks.sequence import padded_loader, padded_signature
+from bigmodel.tasks.sequence import padded_signature
 
 
 class TextClassification(ClassificationSpec):
@@ -48,21 +48,10 @@ class TextClassification(ClassificationSpec):
             pre = Preprocess(labels=text.labels, mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
         return tokenize_dataset(text, pre.tokenizer), pre
 
-    def loader(
-        self,
-        recipe: Any,
-        data: Any,
-        pre: Any,
-        split: str,
-        *,
-        train: bool = False,
-        device: Any = "cpu",
-        channels_last: bool = False,
-        batch_size: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> Any:
-        return padded_loader(self, recipe, data, split, train, device, batch_size, rank, world_size)
+    def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
+        from bigmodel.data.loader import SequenceLoader
+
+        return SequenceLoader(split, opts.batch_size, **self.loader_kwargs(recipe, opts))
 
     def predict(
         self, art: Any, files: list[str | Path] | None, texts: list[str] | None, top_k: int

@@ -8,7 +8,7 @@ from typing import Any
 
 from bigmodel.config import TranslationDataConfig
 from bigmodel.errors import UserError
-from bigmodel.tasks.base import InputError, TaskSpec, refuse_inputs, register_task
+from bigmodel.tasks.base import InputError, LoaderOptions, TaskSpec, refuse_inputs, register_task
 from bigmodel.tasks.generative import TranslationTask
 
 
@@ -47,35 +47,11 @@ class Translation(TaskSpec):
         tgt = pre.target_tokenizer or pre.tokenizer
         return tokenize_pairs(pairs, pre.tokenizer, tgt, cfg.tokenizer.max_length), pre
 
-    def loader(
-        self,
-        recipe: Any,
-        data: Any,
-        pre: Any,
-        split: str,
-        *,
-        train: bool = False,
-        device: Any = "cpu",
-        channels_last: bool = False,
-        batch_size: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> Any:
+    def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.parallel import PairLoader
 
-        bs = batch_size or (recipe.train.batch_size if train else recipe.eval.batch_size)
-        if not train and batch_size is None:
-            bs = max(1, min(bs, 256))
-        return PairLoader(
-            data.split(split),
-            bs,
-            shuffle=train,
-            seed=recipe.seed,
-            drop_last=train,
-            device=device,
-            rank=rank,
-            world_size=world_size,
-        )
+        bs = opts.batch_size if opts.train or not opts.default_batch_size else max(1, min(opts.batch_size, 256))
+        return PairLoader(split, bs, shuffle=opts.train, **opts.plan_kwargs(recipe))
 
     def objective(self, recipe: Any, data: Any, num_classes: int, labels: list[str]) -> TranslationTask:
         return TranslationTask(recipe.train.label_smoothing if recipe is not None else 0.0)
