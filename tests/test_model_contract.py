@@ -21,6 +21,8 @@ SEQUENCE = {"kind": "sequence", "features": 3}
 TEXT = {"kind": "text", "vocab_size": V, "pad_id": 0, "has_cls": False, "max_length": 16}
 LM = {"kind": "lm", "vocab_size": V, "context_length": 16}
 TABLE = {"kind": "tabular", "numeric": ["a", "b", "c"], "categorical": {"d": ["x", "y"]}, "cardinalities": [3]}
+HF_BERT = {**TEXT, "hf": "bert"}  # hf classifiers: a tiny BERT (pooler + classifier) and GPT-2 (score) layout
+HF_GPT2 = {**TEXT, "hf": "gpt2"}
 TRANSLATION = {"kind": "translation", "src_vocab_size": V, "tgt_vocab_size": V, "shared_vocab": True, "max_length": 16}
 
 # Tiny options per registered name; a new model name without an entry here fails test_every_model_has_a_case.
@@ -71,8 +73,8 @@ def _cases() -> list[tuple[str, object]]:
             out.append((name, IMAGE))
         if "sequence_classification" in tasks:
             out.append((name, SEQUENCE))
-        if "text_classification" in tasks and name != "hf":
-            out.append((name, TEXT))
+        if "text_classification" in tasks:
+            out.extend([(name, TEXT)] if name != "hf" else [(name, HF_BERT), (name, HF_GPT2)])
         if "tabular_classification" in tasks:
             out.append((name, TABLE))
         if "language_modeling" in tasks:
@@ -83,25 +85,32 @@ def _cases() -> list[tuple[str, object]]:
 
 
 @pytest.fixture(scope="module")
-def hf_gpt2(tmp_path_factory):
+def hf_models(tmp_path_factory):
+    """Tiny random-init GPT-2 and BERT folders (save_pretrained layout, with tokenizers)."""
     if importlib.util.find_spec("transformers") is None:
         pytest.skip("transformers is not installed (the hf extra)")
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
     from test_hf import _fast_tokenizer
 
-    path = tmp_path_factory.mktemp("hf") / "gpt2"
-    _fast_tokenizer("bpe", path)
+    root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(path)
-    return path
+    _fast_tokenizer("bpe", root / "gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=32)).save_pretrained(
+        root / "gpt2"
+    )
+    _fast_tokenizer("wordpiece", root / "bert")
+    bert = BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(bert).save_pretrained(root / "bert")
+    return root
 
 
 def _build(name: str, shape, request) -> torch.nn.Module:
     options = dict(TINY[name])
     if name == "hf":
-        options["pretrained"] = str(request.getfixturevalue("hf_gpt2"))
-        shape = {**shape, "vocab_size": V}
+        which = shape.get("hf", "gpt2")
+        options["pretrained"] = str(request.getfixturevalue("hf_models") / which)
+        shape = {k: v for k, v in shape.items() if k != "hf"}
     return build_model(name, options, shape, 3)
 
 
@@ -110,7 +119,7 @@ def test_every_model_has_a_case():
 
 
 def _id(v) -> str:
-    return v if isinstance(v, str) else ("image" if isinstance(v, tuple) else v["kind"])
+    return v if isinstance(v, str) else ("image" if isinstance(v, tuple) else v.get("hf", v["kind"]))
 
 
 @pytest.mark.parametrize(("name", "shape"), _cases(), ids=_id)
@@ -123,7 +132,9 @@ def test_model_contract(name, shape, request, tmp_path):
     # forward / backward: shapes, and every trainable parameter gets a gradient
     model.train()
     out = model(*x)
-    if entry.can(Capability.CLASSIFIER):
+    classifying = shape not in (LM, TRANSLATION)
+    if classifying:
+        assert entry.can(Capability.CLASSIFIER) and isinstance(model, Classifier)
         assert out.shape == (2, 3)
     elif shape is TRANSLATION:
         assert out.shape == (2, 5, V)
@@ -137,7 +148,7 @@ def test_model_contract(name, shape, request, tmp_path):
         ref = model(*x)
     # declared capabilities hold
     assert entry.can(Capability.CLASSIFIER) == isinstance(model, Classifier)
-    if entry.can(Capability.CLASSIFIER):
+    if classifying:
         with torch.no_grad():
             features = model.forward_features(*x)
             assert features.ndim == 2 and features.shape[0] == 2
@@ -150,10 +161,10 @@ def test_model_contract(name, shape, request, tmp_path):
             model(*x)
         handle.remove()
         assert seen and seen[0].ndim == 4, "cam_layer() must output a spatial map (B, C, H, W)"
-    if entry.can(Capability.CLASSIFIER) and isinstance(shape, dict) and shape["kind"] == "text":
+    if classifying and isinstance(shape, dict) and shape["kind"] == "text":
         emb = model.input_embedding()
         assert isinstance(emb, (torch.nn.Embedding, torch.nn.EmbeddingBag))
-    if entry.can(Capability.TOKEN_INPUT) and entry.can(Capability.CLASSIFIER):
+    if entry.can(Capability.TOKEN_INPUT) and classifying:
         assert model.input_embedding() is not None
     if entry.can(Capability.GENERATES):
         assert callable(getattr(model, "decoder", None))

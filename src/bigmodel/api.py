@@ -95,21 +95,31 @@ def make_loader(
     )
 
 
-def hf_preprocess(recipe: Recipe, labels: list[str] | None = None, *, kind: str = "text") -> Preprocess:
-    """The preprocessing of a pretrained Hugging Face model: its own tokenizer (a copy of the fast tokenizer's
-    backend; truncated and padded for classification, plain for language models), nothing fitted."""
+def _hf_tokenizers(recipe: Recipe) -> tuple[Any, Any]:
+    """A pretrained Hugging Face model's tokenizer and a copy of its fast backend (what bigmodel encodes with)."""
     from tokenizers import Tokenizer
 
-    from bigmodel.data.corpus import plain
     from bigmodel.models.hf import HFConfig, load_tokenizer
 
     hf_tok = load_tokenizer(HFConfig.model_validate(recipe.model.options))
-    tok = Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())
-    if kind == "lm":
-        ctx = recipe.data.context_length if recipe.data is not None else 2048
-        spec = {"kind": "lm", "vocab_size": len(hf_tok), "context_length": ctx, "tokenizer": "hf"}
-        return Preprocess(labels=[], mean=None, std=None, input_shape=spec, kind="lm", tokenizer=plain(tok))
+    return hf_tok, Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())
+
+
+def hf_lm_preprocess(recipe: Recipe) -> Preprocess:
+    """A pretrained language model's preprocessing: its own tokenizer, plain (no truncation or padding)."""
+    from bigmodel.data.corpus import plain
+
+    hf_tok, tok = _hf_tokenizers(recipe)
+    ctx = recipe.data.context_length if recipe.data is not None else 2048
+    spec = {"kind": "lm", "vocab_size": len(hf_tok), "context_length": ctx, "tokenizer": "hf"}
+    return Preprocess(labels=[], mean=None, std=None, input_shape=spec, kind="lm", tokenizer=plain(tok))
+
+
+def hf_text_preprocess(recipe: Recipe, labels: list[str]) -> Preprocess:
+    """A pretrained classifier's preprocessing: its own tokenizer, truncated to `data.tokenizer.max_length` and
+    padded with its pad (or EOS) token; nothing fitted."""
     assert recipe.data is not None
+    hf_tok, tok = _hf_tokenizers(recipe)
     max_length = recipe.data.tokenizer.max_length
     pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else (hf_tok.eos_token_id or 0)
     tok.enable_truncation(max_length=max_length)
@@ -121,9 +131,9 @@ def hf_preprocess(recipe: Recipe, labels: list[str] | None = None, *, kind: str 
         "has_cls": True,
         "tokenizer": "hf",
         "max_length": max_length,
-        "labels": list(labels or []),
+        "labels": list(labels),
     }
-    return Preprocess(labels=list(labels or []), mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
+    return Preprocess(labels=list(labels), mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
 
 
 def pretrained_artifact(path: str | Path) -> Any:
@@ -132,14 +142,15 @@ def pretrained_artifact(path: str | Path) -> Any:
     from bigmodel.config import load_recipe
     from bigmodel.models import build_model
     from bigmodel.runs import Artifact
+    from bigmodel.tasks import get_task
 
     recipe = load_recipe(path)
-    if recipe.model.name != "hf" or recipe.task != "language_modeling":
+    if recipe.model.name != "hf" or get_task(recipe.task).inputs != "prompt":
         raise UserError(
             f"{path}: only a pretrained language model (model.name hf, task language_modeling) runs from its recipe "
             f"as it is; train this one first: bigmodel train {path}"
         )
-    pre = hf_preprocess(recipe, kind="lm")
+    pre = hf_lm_preprocess(recipe)
     model = build_model("hf", recipe.model.options, pre.input_shape, 0)
     config = {"task": recipe.task, "model": {"name": "hf", **recipe.model.options}, "input_shape": pre.input_shape}
     return Artifact.from_model(model, pre, config, Path(path))

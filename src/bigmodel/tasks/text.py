@@ -21,14 +21,14 @@ class TextClassification(ClassificationSpec):
     inputs = "texts"
 
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
-        from bigmodel.api import hf_preprocess, init_from_artifact
+        from bigmodel.api import hf_text_preprocess, init_from_artifact
         from bigmodel.data.text import PAD_ID, load_text, tokenize_dataset, train_tokenizer
         from bigmodel.runs import Preprocess
 
         cfg = recipe.data
         text = load_text(cfg, recipe.seed)
         if pre is None and recipe.model.name == "hf":
-            pre = hf_preprocess(recipe, text.labels)
+            pre = hf_text_preprocess(recipe, text.labels)
         if pre is None:
             init = init_from_artifact(recipe)
             if init is not None:  # fine-tuning a pretrained run: its tokenizer, with this recipe's length limit
