@@ -18,8 +18,8 @@ import torch
 from pydantic import Field, model_validator
 
 from bigmodel.config import ImbalanceConfig, Strict
-from bigmodel.data.sampling import SamplingPlan
-from bigmodel.data.sources import Splits
+from bigmodel.data.loader import BatchLoader
+from bigmodel.data.sources import ImageSplit, Splits
 from bigmodel.errors import UserError
 
 BUNDLED = ("breast_cancer", "wine", "iris")  # scikit-learn's bundled tables (offline)
@@ -276,41 +276,14 @@ def encode_dataset(data: TableDataset, schema: TableSchema) -> TableDataset:
 
 
 # ---------------------------------------------------------------------------------------------------- batches
-class TableLoader:
-    """Batches `((numeric (B, Fn), categorical (B, Fc)), y)`, in the sampling plan's order."""
+class TableLoader(BatchLoader):
+    """Batches `((numeric (B, Fn), categorical (B, Fc)), y)` in the sampling plan's order (the image / sequence
+    loader's order, balancing and sharding; only the batch differs). Keyword arguments as `BatchLoader`'s."""
 
-    def __init__(
-        self,
-        split: TableSplit,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int = 0,
-        drop_last: bool = False,
-        device: torch.device | str = "cpu",
-        sampling: str = "none",
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
+    def __init__(self, split: TableSplit, batch_size: int, **kwargs: Any) -> None:
         assert split.num is not None and split.cat is not None, "encode the split first"
-        self.num, self.cat, self.y = split.num.to(device), split.cat.to(device), split.y.to(device)
-        self.device = torch.device(device)
-        self.plan = SamplingPlan.for_labels(
-            split.y,
-            batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-            sampling=sampling,
-            rank=rank,
-            world_size=world_size,
-        )
+        super().__init__(ImageSplit(split.num, split.y), batch_size, None, **kwargs)
+        self.cat = split.cat.to(self.device)
 
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def epoch(self, epoch: int = 0, start: int = 0) -> Any:
-        for idx in self.plan.batches(epoch)[start:]:
-            if isinstance(idx, torch.Tensor):
-                idx = idx.to(self.device)
-            yield (self.num[idx], self.cat[idx]), self.y[idx]
+    def _batch(self, idx: slice | torch.Tensor, epoch: int, i: int) -> tuple[Any, torch.Tensor]:
+        return (self.x[idx], self.cat[idx]), self.y[idx]
