@@ -50,3 +50,12 @@ def test_predict_goes_through_the_task_spec(tmp_path):
         api.predict(run, texts=["hello"])
     with pytest.raises(UserError, match="nope.png: image file not found"):
         api.predict(run, [tmp_path / "nope.png"])
+
+
+def test_recipe_models_lists_tasks_and_capabilities():
+    from conftest import run_cli
+
+    p = run_cli("recipe", "models")
+    rows = {line.split("\t")[0]: line.split("\t") for line in p.stdout.splitlines()}
+    assert p.returncode == 0 and rows["mlp"][1] == "tabular_classification"
+    assert "convnet" in rows["cnn-small"][2].split(", ") and "generates" in rows["gpt"][2].split(", ")

@@ -469,12 +469,12 @@ def recipe_schema() -> None:
 
 @recipe_app.command("models")
 def recipe_models() -> None:
-    """The registered models."""
+    """The registered models: name, tasks, declared capabilities, description (tab-separated)."""
     from bigmodel.registry import get_model, model_names
 
     for name in model_names():
         e = get_model(name)
-        typer.echo(f"{name}\t{', '.join(e.tasks)}\t{e.description}")
+        typer.echo(f"{name}\t{', '.join(e.tasks)}\t{', '.join(sorted(e.capabilities))}\t{e.description}")
 
 
 # --------------------------------------------------------------------------------------------------------- main
