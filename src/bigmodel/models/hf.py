@@ -185,10 +185,6 @@ def load_tokenizer(cfg: HFConfig) -> Any:
     return tok
 
 
-def default_head(task: str) -> str:
-    return "causal_lm" if task == "language_modeling" else "sequence_classification"
-
-
 # -------------------------------------------------------------------------------------------------------- model
 class HFDecoder:
     """Next-token logits for `stream`, with the model's own KV cache; past its context window, a sliding window."""

@@ -95,7 +95,7 @@ class RNNClassifier(Classifier):
 
     def __init__(self, cfg: RNNConfig, spec: dict[str, Any], num_classes: int) -> None:
         super().__init__()
-        self.text = spec["kind"] == "text"
+        self.text = "vocab_size" in spec  # token ids (embedded) or feature vectors
         if self.text:
             self.embed = nn.Embedding(spec["vocab_size"], cfg.embedding_dim, padding_idx=spec.get("pad_id", 0))
             in_size = cfg.embedding_dim
@@ -214,7 +214,7 @@ class TransformerClassifier(Classifier):
 
     def __init__(self, cfg: TransformerClassifierConfig, spec: dict[str, Any], num_classes: int) -> None:
         super().__init__()
-        self.text = spec["kind"] == "text"
+        self.text = "vocab_size" in spec  # token ids (embedded) or feature vectors
         d = cfg.dim
         if self.text:
             self.embed = nn.Embedding(spec["vocab_size"], d, padding_idx=spec.get("pad_id", 0))
@@ -302,7 +302,7 @@ class EmbeddingBagClassifier(Classifier):
 
     def __init__(self, cfg: EmbeddingBagConfig, spec: dict[str, Any], num_classes: int) -> None:
         super().__init__()
-        if spec["kind"] != "text":
+        if "vocab_size" not in spec:
             raise ValueError("embedding-bag needs text input (token ids)")
         self.vocab = spec["vocab_size"]
         self.pad_id = spec.get("pad_id", 0)

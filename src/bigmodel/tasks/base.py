@@ -86,7 +86,7 @@ class TaskSpec(ABC):
         field); the data block's own keys were checked by `data_config`."""
         data = recipe.data
         hf = recipe.model.name == "hf"
-        tok = getattr(type(data), "model_fields", {}).get("tokenizer") and data.tokenizer
+        tok = getattr(data, "tokenizer", None)  # text, language-model and translation blocks have one
         if hf and tok:
             default = TokenizerConfig()
             extra = [
