@@ -78,9 +78,24 @@ def test_recipe_debug_size_trains(path, tmp_path):
         "--out",
         str(out),
         "--no-progress",
+        "--report",
         check=True,
     )
     summary = json.loads((out / "summary.json").read_text())
+    # The run report works for every task: its sections are the task's, its numbers the summary's.
+    html = (out / "report.html").read_text()
+    data = json.loads(html.split('id="report-data">', 1)[1].split("</script>", 1)[0].replace("<\\/", "</"))
+    run = data["runs"][0]
+    assert run["overview"]["status"] in ("finished", "early-stopped")
+    assert run["final_metrics"] == {k: v for k, v in summary["metrics"].items() if type(v) in (int, float)}
+    if recipe.task == "language_modeling":
+        assert run["samples"] and all(s["generated"] for s in run["samples"])
+    elif recipe.task == "translation":
+        assert run["translations"] == summary["metrics"]["examples"]
+    else:
+        assert run["confusion_matrix"] == summary["metrics"]["confusion_matrix"]
+        assert len(run["worst"]) == min(12, summary["metrics"]["num_examples"])
+        assert run["calibration"]["num_examples"] == summary["metrics"]["num_examples"]
     m = summary["metrics"]
     assert summary["steps"] >= 1
     if recipe.task in ("language_modeling", "translation"):

@@ -5,6 +5,7 @@ recipe ─► data ─► model ─► task ─► Trainer.fit ─► run direct
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,8 +267,10 @@ def train(
     resume: str | Path | None = None,
     progress: bool | None = None,
     callbacks: list[Any] | None = None,
+    report: bool = False,
 ) -> TrainResult:
-    """Train `recipe` into a new run directory, or continue the run in `resume` exactly where it stopped."""
+    """Train `recipe` into a new run directory, or continue the run in `resume` exactly where it stopped.
+    `report`: also write RUN/report.html (`bigmodel report`) at the end."""
     from bigmodel.training import checkpoint as ckpt
     from bigmodel.training.progress import ProgressCallback
     from bigmodel.training.trainer import Trainer
@@ -282,9 +285,13 @@ def train(
         recipe = saved
     elif recipe is None:
         raise UserError("nothing to train: give a recipe file or --resume RUN_DIR")
-    else:
-        run_dir = new_run_dir(out, recipe.name or "run") if is_main_process() else Path(out or ".")
     assert recipe is not None
+    if recipe.train.track:  # a missing tracker fails before anything is written
+        from bigmodel.training.tracking import require
+
+        require(recipe.train.track)
+    if resume is None:
+        run_dir = new_run_dir(out, recipe.name or "run") if is_main_process() else Path(out or ".")
 
     exp = build_experiment(recipe)
     if resume is None and is_main_process():
@@ -315,12 +322,49 @@ def train(
             Trainer.truncate_log(run_dir, trainer.state.step)
         else:
             Trainer.truncate_log(run_dir, -1)
+        if is_main_process():
+            append_event(run_dir, {"event": "resume", "from_step": trainer.state.step})
+    tracking = None
+    if recipe.train.track and is_main_process():
+        from bigmodel.training.tracking import TrackingCallback, open_trackers
+
+        env_file = run_dir / "env.json"
+        env = json.loads(env_file.read_text(encoding="utf-8")) if env_file.is_file() else None
+        resume_step = trainer.state.step if resume is not None else None
+        tracking = TrackingCallback(
+            open_trackers(
+                recipe.train.track,
+                run_dir,
+                recipe.to_dict(),
+                env,
+                uri=recipe.train.tracking_uri,
+                resume_step=resume_step,
+            )
+        )
+        trainer.callbacks.append(tracking)
     try:
-        state = trainer.fit()
-    except TrainingDiverged:
-        if index:
-            index.upsert(run_dir, status="diverged")
+        result = _fit_and_finish(recipe, exp, trainer, run_dir, index)
+    except BaseException as e:
+        if isinstance(e, TrainingDiverged):
+            if index:
+                index.upsert(run_dir, status="diverged")
+            if is_main_process():
+                append_event(run_dir, {"event": "diverged", "step": trainer.state.step, "message": str(e)})
+        if tracking is not None:
+            tracking.close("failed")
         raise
+    if tracking is not None:
+        tracking.close("finished")
+    if report and is_main_process():
+        from bigmodel.report import write_report
+
+        write_report([run_dir])
+    return result
+
+
+def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path, index: Any) -> TrainResult:
+    """Fit, save the artifact, evaluate it and write summary.json."""
+    state = trainer.fit()
     train_time = trainer.train_time_s
 
     # The artifact, then the final evaluation with exactly what the artifact will reproduce.
@@ -360,6 +404,17 @@ def train(
     return TrainResult(run_dir, metrics, train_time, state.step, state.stopped_early)
 
 
+def append_event(run_dir: Path, record: dict[str, Any]) -> None:
+    """One lifecycle event (resume, diverged) in RUN/events.jsonl, with the wall-clock time. metrics.jsonl stays the
+    log of the training itself, identical for a resumed and an uninterrupted run."""
+    import json
+    import time
+
+    rec = {**record, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with (run_dir / "events.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -369,7 +424,37 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix]
 
 
-def evaluate(
+@dataclass
+class Evaluation:
+    """An evaluation with what it ran on: the artifact, the prepared data and, when kept, the per-example logits
+    and targets of a classifier (in split order)."""
+
+    metrics: dict[str, Any]
+    recipe: Recipe
+    artifact: Any
+    data: Any
+    logits: Any = None  # (N, K) float32
+    targets: Any = None  # (N,) int64
+
+
+class _Recorder:
+    """Metrics that also keep each batch's logits and targets (classification metrics' `update(logits, y, ...)`)."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
+        self.logits: list[Any] = []
+        self.targets: list[Any] = []
+
+    def update(self, logits: Any, target: Any, *rest: Any) -> None:
+        self.logits.append(logits.detach().float().cpu())
+        self.targets.append(target.detach().cpu())
+        self.metrics.update(logits, target, *rest)
+
+    def compute(self) -> dict[str, Any]:
+        return self.metrics.compute()
+
+
+def evaluation(
     run_dir: str | Path,
     split: str = "test",
     batch_size: int | None = None,
@@ -377,13 +462,13 @@ def evaluate(
     decode: bool = True,
     beam_size: int | None = None,
     limit: int | None = None,
-) -> dict[str, Any]:
-    """Metrics of the run's saved model on `split` of the run's own data (rebuilt from its recipe and seed).
-    Language models: loss and perplexity. Translation: also BLEU and chrF of decoded translations (`decode`; beam
-    search with `beam_size`, default the model's; `limit` = only the first N pairs)."""
+    keep_outputs: bool = False,
+) -> Evaluation:
+    """`evaluate`, returning the artifact and data it used and (`keep_outputs`, classifiers) the logits."""
     import torch
 
     from bigmodel.tasks import get_task
+    from bigmodel.tasks.classification import ClassificationSpec
 
     if is_recipe_file(run_dir):  # a pretrained model as it is (before fine-tuning)
         from bigmodel.config import load_recipe
@@ -400,12 +485,34 @@ def evaluate(
     loader = make_loader(recipe, data, art.preprocess, split, batch_size=batch_size)
     task = spec.objective(None, data, len(art.labels), art.labels)
     metrics = task.new_metrics()
+    keep = keep_outputs and isinstance(spec, ClassificationSpec)
+    sink = _Recorder(metrics) if keep else metrics
     with torch.inference_mode():
         for batch in loader.epoch(0):
-            task.eval_batch(art.inference_model, batch, metrics)
+            task.eval_batch(art.inference_model, batch, sink)
     out = metrics.compute()
     out.update(spec.evaluate_extra(art, data, split, decode=decode, beam_size=beam_size, limit=limit))
-    return {"run_dir": str(run_dir), "split": split, **out}
+    result = Evaluation({"run_dir": str(run_dir), "split": split, **out}, recipe, art, data)
+    if keep:
+        assert isinstance(sink, _Recorder)
+        result.logits = torch.cat(sink.logits) if sink.logits else torch.zeros(0, len(art.labels))
+        result.targets = torch.cat(sink.targets) if sink.targets else torch.zeros(0, dtype=torch.long)
+    return result
+
+
+def evaluate(
+    run_dir: str | Path,
+    split: str = "test",
+    batch_size: int | None = None,
+    *,
+    decode: bool = True,
+    beam_size: int | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Metrics of the run's saved model on `split` of the run's own data (rebuilt from its recipe and seed).
+    Language models: loss and perplexity. Translation: also BLEU and chrF of decoded translations (`decode`; beam
+    search with `beam_size`, default the model's; `limit` = only the first N pairs)."""
+    return evaluation(run_dir, split, batch_size, decode=decode, beam_size=beam_size, limit=limit).metrics
 
 
 def predict(

@@ -68,6 +68,7 @@ def train(
     ] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run from its last checkpoint.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress output.")] = False,
+    report: Annotated[bool, typer.Option("--report", help="Also write RUN/report.html (bigmodel report).")] = False,
 ) -> None:
     """Train a recipe; print the test metrics; the last line of stdout is the run directory."""
     from bigmodel import api
@@ -86,7 +87,7 @@ def train(
     if out is not None and resume is not None:
         raise UserError("bigmodel train: --out and --resume exclude each other (a resumed run stays in its folder)")
     rec = load_recipe(recipe, overrides) if recipe is not None else None
-    result = api.train(rec, out=out, resume=resume, progress=False if no_progress else None)
+    result = api.train(rec, out=out, resume=resume, progress=False if no_progress else None, report=report)
     from bigmodel.config import read_yaml, validate_recipe
     from bigmodel.tasks import get_task
 
@@ -380,6 +381,34 @@ def serve(
     run_server(art, host, port, max_batch_size, max_delay_ms, api_key, max_new_tokens=max_new_tokens)
 
 
+# ------------------------------------------------------------------------------------------------------- report
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="One run directory, or several to compare.")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="The HTML file (default RUN/report.html for one run).")
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option("--split", help="test, val or train (default: the run's final evaluation split).")
+    ] = None,
+    no_inference: Annotated[
+        bool,
+        typer.Option("--no-inference", help="From the run's files only: no calibration or highest-loss examples."),
+    ] = False,
+    top_losses: Annotated[
+        int, typer.Option("--top-losses", min=0, help="Examples in the worst-examples gallery.")
+    ] = 12,
+) -> None:
+    """One self-contained HTML page: overview, learning curves, the task's sections (confusion, calibration,
+    worst examples; samples; translations), privacy and compression; several runs are compared. Opens offline."""
+    from bigmodel.report import write_report
+
+    out, rep = write_report(runs, output, inference=not no_inference, split=split, top_losses=top_losses)
+    size = out.stat().st_size
+    typer.echo(f"report: {out} ({size / 1024:.0f} KiB, {rep.timings['total_s']:.1f} s)", err=True)
+    typer.echo(str(out))
+
+
 # --------------------------------------------------------------------------------------------------------- runs
 @runs_app.command("list")
 def runs_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -438,6 +467,34 @@ def runs_compare(runs: Annotated[list[str], typer.Argument(help="Two or more run
     for k in keys:
         t.add_row(k, *[_fmt(r["metrics"].get(k, "")) for r in rows])
     Console(width=200).print(t)
+
+
+@runs_app.command("export")
+def runs_export(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    to: Annotated[str, typer.Option("--to", help="mlflow | tensorboard")],
+    uri: Annotated[
+        str | None,
+        typer.Option("--uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite beside the run)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="TensorBoard: the log folder (default RUN/tensorboard).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Send a finished run's metrics log to MLflow or TensorBoard (the `track` extra)."""
+    from bigmodel.training.tracking import export_run
+
+    if to not in ("mlflow", "tensorboard"):
+        raise UserError(f"--to {to!r}: expected mlflow or tensorboard")
+    from bigmodel.training.tracking import require
+
+    require([to])
+    res = export_run(run, to, uri=uri, out=out)
+    if as_json:
+        _echo_json(res)
+        return
+    typer.echo(f"exported {res['points']} points ({res['records']} records) of {run} to {to}: {res['where']}")
 
 
 # ------------------------------------------------------------------------------------------------------- recipe

@@ -475,6 +475,17 @@ class TrainConfig(Strict):
     """Stop after this many optimizer steps (schedules end there); evaluates once more on the way out."""
     time_limit_s: Annotated[float, Field(gt=0.0)] | None = None
     """Stop after this many seconds of training (schedules still span the full run); evaluates once more."""
+    track: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
+    """Mirror the metrics log to trackers as it is written: `tensorboard` (event files in RUN/tensorboard) and / or
+    `mlflow` (one MLflow run per bigmodel run; the `track` extra installs both)."""
+    tracking_uri: str | None = None
+    """MLflow's tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite store `mlflow.db` beside the run
+    directory, e.g. runs/mlflow.db)."""
+
+    @field_validator("track", mode="before")
+    @classmethod
+    def _track(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
     @field_validator("monitor")
     @classmethod

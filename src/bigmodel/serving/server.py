@@ -23,6 +23,7 @@ import hmac
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -366,11 +367,34 @@ def create_app(
         check_key(request)
         return metrics.render()
 
+    def report_file() -> Path | None:
+        """The run's `bigmodel report` page (RUN/report.html beside the artifact folder), if one was written."""
+        folder = getattr(art, "folder", None)
+        if folder is None:
+            return None
+        f = Path(folder).parent / "report.html"
+        return f if f.is_file() else None
+
+    @app.get("/report", response_class=HTMLResponse, include_in_schema=False)
+    async def report() -> Any:
+        from bigmodel.report.html import CSP
+
+        f = report_file()
+        if f is None:
+            return PlainTextResponse("no report for this run: bigmodel report RUN_DIR writes one", status_code=404)
+        return HTMLResponse(f.read_text(encoding="utf-8"), headers={"Content-Security-Policy": CSP})
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
         html = resources.files("bigmodel.serving").joinpath("page.html").read_text(encoding="utf-8")
         shape = art.preprocess.input_shape
-        info = {"kind": art.kind, "labels": art.labels, "shape": shape, "needs_key": api_key is not None}
+        info = {
+            "kind": art.kind,
+            "labels": art.labels,
+            "shape": shape,
+            "needs_key": api_key is not None,
+            "report": report_file() is not None,
+        }
         import json
 
         return html.replace("__BIGMODEL_INFO__", json.dumps(info))

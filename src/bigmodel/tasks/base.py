@@ -197,6 +197,14 @@ class TaskSpec(ABC):
         """Class probabilities for prepared items (one tensor (K,) each), run as one batch."""
         raise NotImplementedError
 
+    # ---------------------------------------------------------------------------------------------- report
+    def report_sections(self, ctx: Any) -> list[Any]:
+        """The task's own sections of `bigmodel report` (`bigmodel.report.html.Section`s), given the report context
+        of one run (`ctx.final_metrics()`, `ctx.evaluation()`, `ctx.data`, `ctx.downloads`). Default: a note."""
+        from bigmodel.report.html import Section, note
+
+        return [Section(ctx.id("task"), "Task", note(f"No task-specific sections for {self.name}."))]
+
     # ---------------------------------------------------------------------------------------------- export
     def export_signature(self, art: Any, data: Any, n: int) -> ExportSignature:
         """The graph `bigmodel export` traces and up to `n` real test inputs of `data` for its parity check."""

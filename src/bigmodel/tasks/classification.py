@@ -115,6 +115,18 @@ class ClassificationSpec(TaskSpec):
         """(N, K) class probabilities for a list of items prepared by `serve_item`."""
         raise NotImplementedError
 
+    def report_sections(self, ctx: Any) -> list[Any]:
+        """Confusion matrix, per-class table, calibration and the highest-loss examples."""
+        from bigmodel.report.classification import sections
+
+        return sections(self, ctx)
+
+    def report_example(self, art: Any, split: Any, i: int) -> str:
+        """Example `i` of a split as HTML for the report's gallery (images: the picture; text: its tokens)."""
+        from bigmodel.report.html import esc
+
+        return f"<code>example {esc(i)}</code>"
+
     @staticmethod
     def loader_kwargs(recipe: Any, opts: LoaderOptions) -> dict[str, Any]:
         """A classification loader's arguments: shuffled and balanced (`data.balance`) when training."""

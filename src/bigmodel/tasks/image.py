@@ -69,6 +69,11 @@ class ImageClassification(ClassificationSpec):
 
     file_noun = "image file"
 
+    def report_example(self, art: Any, split: Any, i: int) -> str:
+        from bigmodel.report.classification import image_view
+
+        return image_view(split.x[i])
+
     def prepare_artifact(self, art: Any) -> None:
         from bigmodel.data.loader import Normalizer
 

@@ -60,6 +60,11 @@ class LanguageModeling(TaskSpec):
     def summary(self, metrics: dict[str, Any], split: str) -> str:
         return f"{split} loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}"
 
+    def report_sections(self, ctx: Any) -> list[Any]:
+        from bigmodel.report.generative import language_model_sections
+
+        return language_model_sections(ctx)
+
     def serve_item(self, art: Any, i: int, x: Any) -> Any:
         raise InputError("this is a language model: POST /v1/generate with a prompt")
 

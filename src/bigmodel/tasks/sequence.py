@@ -76,6 +76,11 @@ class SequenceClassification(ClassificationSpec):
 
     file_noun = "sequence file"
 
+    def report_example(self, art: Any, split: Any, i: int) -> str:
+        from bigmodel.report.classification import sequence_view
+
+        return sequence_view(split.x[i], int(split.lengths[i]))
+
     def predict_files(self, art: Any, files: list[Path], top_k: int) -> list[dict[str, Any]]:
         from bigmodel.data.sequences import read_sequence_file
 

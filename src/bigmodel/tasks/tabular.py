@@ -71,6 +71,12 @@ class TabularClassification(ClassificationSpec):
 
         return TableLoader(split, opts.batch_size, **self.loader_kwargs(recipe, opts))
 
+    def report_example(self, art: Any, split: Any, i: int) -> str:
+        from bigmodel.report.classification import row_view
+
+        label = art.preprocess.input_shape.get("label_column")
+        return row_view({k: v for k, v in split.rows[i].items() if k != label})
+
     # -------------------------------------------------------------------------------------------- prediction
     def probabilities(self, art: Any, rows: list[Any], where: str = "input") -> torch.Tensor:
         num, cat = encode_rows(rows, schema_of(art.preprocess), where)

@@ -59,6 +59,11 @@ class TextClassification(ClassificationSpec):
         refuse_inputs(art, files, texts, takes="texts")
         return art.predict_texts(list(texts or []), top_k=top_k)
 
+    def report_example(self, art: Any, split: Any, i: int) -> str:
+        from bigmodel.report.classification import tokens_view
+
+        return tokens_view(art.preprocess.tokenizer, split.x[i], int(split.lengths[i]))
+
     def serve_item(self, art: Any, i: int, x: Any) -> Any:
         if not isinstance(x, str):
             raise InputError(f"inputs[{i}]: this is a text model; expected a string")

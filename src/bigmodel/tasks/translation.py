@@ -81,6 +81,11 @@ class Translation(TaskSpec):
     def format_prediction(self, result: dict[str, Any]) -> str:
         return str(result["translation"])
 
+    def report_sections(self, ctx: Any) -> list[Any]:
+        from bigmodel.report.generative import translation_sections
+
+        return translation_sections(ctx)
+
     def serve_item(self, art: Any, i: int, x: Any) -> Any:
         raise InputError("this is a translation model: POST /v1/translate with sentences")
 

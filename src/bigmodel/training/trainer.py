@@ -86,6 +86,8 @@ class Callback:
     def on_step_end(self, trainer: Trainer, loss: float | None) -> None: ...
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
     def on_fit_end(self, trainer: Trainer) -> None: ...
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """Each record as it is appended to metrics.jsonl (trackers mirror the log from here)."""
 
 
 @dataclass
@@ -334,6 +336,8 @@ class Trainer:
         rec["time"] = round(time.perf_counter() - self._t_start, 3)
         with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
+        for cb in self.callbacks:
+            cb.on_log(self, rec)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     @property
