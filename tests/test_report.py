@@ -237,3 +237,29 @@ def test_served_from_the_run(run, page):
         assert r.status_code == 200 and r.text == page[2]
         assert "default-src 'none'" in r.headers["content-security-policy"]
         assert '"report": true' in client.get("/").text
+
+
+def test_a_compressed_run_shows_before_and_after(run, tmp_path):
+    q = tmp_path / "int8"
+    run_cli("compress", str(run), "--method", "quantize", "--out", str(q), check=True)
+    rep = build_report([q], inference=False)
+    data = report_data(rep.html)["runs"][0]
+    compress = json.loads((q / "compress.json").read_text())
+    assert data["compression"] == compress
+    table = rep.html[rep.html.index('class="compression"') :]
+    assert "<td>size_bytes</td>" in table and f'data-v="{compress["after"]["size_bytes"]!r}"' in table
+    assert "Not a compressed run" not in rep.html
+    assert "Not a compressed run" in build_report([run], inference=False).html
+
+
+def test_labels_are_drawn_as_written():
+    """Class labels with `$` (prices, currencies) are text, not matplotlib mathematics; `<` and `&` stay escaped."""
+    import base64
+
+    import numpy as np
+
+    from bigmodel.report import figures
+
+    uri = figures.confusion(np.array([[3, 1], [0, 2]]), ["$5 off", "a<b & $x$"], normalise=False)
+    svg = base64.b64decode(uri.split(",", 1)[1]).decode()
+    assert "$5 off" in svg and "a&lt;b &amp; $x$" in svg

@@ -32,6 +32,7 @@ class ReportContext:
     downloads: Downloads = field(default_factory=Downloads)
     data: dict[str, Any] = field(default_factory=dict)
     _evaluation: Any = None
+    _loaded: Any = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -53,6 +54,27 @@ class ReportContext:
             self._evaluation = evaluation(self.run.path, self.eval_split, keep_outputs=True, decode=False)
             self.timings["inference_s"] = time.perf_counter() - t0
         return self._evaluation
+
+    def loaded(self) -> tuple[Any, Any] | None:
+        """(artifact, prepared data) without an evaluation pass (what generation samples need), or None without
+        inference or a saved model."""
+        if not self.inference or not self.run.has_model:
+            return None
+        if self._evaluation is not None:
+            return self._evaluation.artifact, self._evaluation.data
+        if self._loaded is None:
+            from bigmodel.api import prepare_data
+            from bigmodel.config import read_yaml, validate_recipe
+            from bigmodel.runs import load_artifact
+
+            t0 = time.perf_counter()
+            recipe = validate_recipe(
+                read_yaml(self.run.path / "recipe.yaml"), source=str(self.run.path / "recipe.yaml")
+            )
+            art = load_artifact(self.run.path)
+            self._loaded = (art, prepare_data(recipe, art.preprocess)[0])
+            self.timings["load_s"] = time.perf_counter() - t0
+        return self._loaded
 
     def final_metrics(self) -> dict[str, Any]:
         """The final evaluation: summary.json's when it is of the report's split, else the inference's."""

@@ -74,6 +74,11 @@ def smooth(values: Sequence[float], weight: float = 0.6) -> list[float]:
     return out
 
 
+def plain(text: str) -> str:
+    """A label drawn as written: matplotlib would read `$...$` as mathematics."""
+    return text.replace("$", r"\$")
+
+
 def _with_style(fn: Any) -> Any:
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         import matplotlib
@@ -102,14 +107,16 @@ def curves(
         color = s.get("color", PALETTE[i % len(PALETTE)])
         style = s.get("style", "line")
         if style == "raw":
-            ax.plot(s["x"], s["y"], color=color, alpha=0.25, linewidth=0.8, label=s["label"])
+            ax.plot(s["x"], s["y"], color=color, alpha=0.25, linewidth=0.8, label=plain(s["label"]))
         elif style == "points":
-            ax.plot(s["x"], s["y"], color=color, marker="o", markersize=3, linewidth=1.2, label=s["label"])
+            ax.plot(s["x"], s["y"], color=color, marker="o", markersize=3, linewidth=1.2, label=plain(s["label"]))
         else:
-            ax.plot(s["x"], s["y"], color=color, linewidth=1.4, label=s["label"])
+            ax.plot(s["x"], s["y"], color=color, linewidth=1.4, label=plain(s["label"]))
     for x, label in marks or []:
         ax.axvline(x, color="#555555", linestyle="--", linewidth=0.9)
-        ax.annotate(label, (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -10), textcoords="offset points")
+        ax.annotate(
+            plain(label), (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -10), textcoords="offset points"
+        )
     positive = all(v > 0 for s in series for v in s["y"] if math.isfinite(v))
     if log_y and positive and any(s["y"] for s in series):
         ax.set_yscale("log")
@@ -133,7 +140,7 @@ def confusion(cm: np.ndarray, labels: list[str], *, normalise: bool) -> str:
     shown = np.divide(cm, np.maximum(rows, 1)) if normalise else cm
     im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalise else max(1, int(cm.max())))
     fig.colorbar(im, ax=ax, shrink=0.8)
-    short = [lab if len(lab) <= 14 else lab[:13] + "…" for lab in labels]
+    short = [plain(lab if len(lab) <= 14 else lab[:13] + "…") for lab in labels]
     ax.set_xticks(range(k), short, rotation=60 if k > 4 else 0, ha="right" if k > 4 else "center")
     ax.set_yticks(range(k), short)
     ax.set_xlabel("predicted")

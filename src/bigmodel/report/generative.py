@@ -20,12 +20,13 @@ def language_model_sections(ctx: Any) -> list[Section]:
     else:
         head = note("No final evaluation: no perplexity.")
     out = [Section(ctx.id("perplexity"), "Perplexity", head)]
-    if not ctx.inference or not ctx.run.has_model:
+    loaded = ctx.loaded()
+    if loaded is None:
         why = "the report was made with --no-inference" if not ctx.inference else "the run has no saved model"
         out.append(Section(ctx.id("samples"), "Sample generations", note(f"No samples: {why}.")))
         return out
-    ev = ctx.evaluation()
-    art, stream = ev.artifact, ev.data.split(ctx.eval_split)
+    art, data = loaded
+    stream = data.split(ctx.eval_split)
     tok = art.preprocess.tokenizer
     ids = stream.ids
     step = max(PROMPT_TOKENS, len(ids) // PROMPTS)
