@@ -611,6 +611,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def dotted(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested recipe dict as dotted keys → leaf values (`train.optimizer.lr` → 0.01), the override syntax."""
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(dotted(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

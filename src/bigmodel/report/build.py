@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bigmodel.config import dotted
 from bigmodel.errors import UserError
 from bigmodel.report import figures
 from bigmodel.report.html import Downloads, Section, esc, fmt, img, kv, note, page, table
@@ -280,15 +281,6 @@ def run_sections(ctx: ReportContext) -> list[Section]:
 
 
 # ---------------------------------------------------------------------------------------------------- several runs
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
 def comparison(ctxs: list[ReportContext]) -> list[Section]:
     runs = [c.run for c in ctxs]
     names = [r.name for r in runs]
@@ -300,7 +292,7 @@ def comparison(ctxs: list[ReportContext]) -> list[Section]:
     ]
     rows += [[k, *[m.get(k, "") for m in metrics]] for k in keys]
     body = table(["", *names], rows, cls="compare")
-    flat = [_flatten(r.recipe) for r in runs]
+    flat = [dotted(r.recipe) for r in runs]
     diff_keys = sorted(k for k in set().union(*flat) if len({repr(f.get(k)) for f in flat}) > 1)
     diffs = [[k, *[repr(f.get(k, "—")) if f.get(k) is not None else "—" for f in flat]] for k in diff_keys]
     recipe_body = table(["recipe key", *names], diffs) if diffs else note("The recipes are identical.")

@@ -38,15 +38,6 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, str]:
-    if isinstance(d, dict):
-        out: dict[str, str] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: json.dumps(d) if not isinstance(d, str) else d}
-
-
 def _need(module: str, kind: str) -> None:
     import importlib.util
 
@@ -145,9 +136,11 @@ class MLflowTracker(Tracker):
                 tags.update({f"env.{k}": str(v) for k, v in (env or {}).items() if k not in ("argv",)})
                 run = self.client.create_run(exp_id, run_name=run_dir.name, tags=tags)
                 run_id = run.info.run_id
-                params = _flatten(recipe)
                 from mlflow.entities import Param
 
+                from bigmodel.config import dotted
+
+                params = {k: v if isinstance(v, str) else json.dumps(v) for k, v in dotted(recipe).items()}
                 items = [Param(k, v[:6000]) for k, v in params.items()]
                 for i in range(0, len(items), 100):
                     self.client.log_batch(run_id, params=items[i : i + 100])
