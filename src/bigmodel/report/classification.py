@@ -212,6 +212,6 @@ def tokens_view(tok: Any, ids: torch.Tensor, length: int, pad_id: int = 0) -> st
 
 def row_view(row: dict[str, Any]) -> str:
     items = list(row.items())
-    body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items[:14])
-    more = f'<tr><td colspan="2">… {len(items) - 14} more columns</td></tr>' if len(items) > 14 else ""
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items[:8])
+    more = f'<tr><td colspan="2">… {len(items) - 8} more columns</td></tr>' if len(items) > 8 else ""
     return f'<table class="kv"><tbody>{body}{more}</tbody></table>'

@@ -208,12 +208,17 @@ def histogram(values: np.ndarray, correct: np.ndarray) -> str:
 
 
 @_with_style
-def heatmap(values: np.ndarray, *, xlabel: str, ylabel: str, width: float = 3.2, height: float = 1.8) -> str:
-    """A small heat map of a (rows, cols) array (a sequence's time steps × features)."""
+def heatmap(values: np.ndarray, *, xlabel: str, ylabel: str, width: float = 2.1, height: float = 1.6) -> str:
+    """A small heat map of a (rows, cols) array (a sequence's time steps × features), integer ticks."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = figure(width, height)
     ax = fig.add_subplot()
     ax.grid(False)
     ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    ax.tick_params(labelsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     return svg_uri(fig)

@@ -138,7 +138,7 @@ pre { background: #f3f5f8; padding: 8px 10px; border-radius: 4px; white-space: p
 .gallery figure { margin: 0; border: 1px solid var(--line); border-radius: 4px; padding: 6px; width: 220px;
                   font-size: 12px; }
 .gallery figure.wide { width: 360px; }
-.gallery img { display: block; margin: 0 auto 4px; image-rendering: pixelated; }
+.gallery img { display: block; margin: 0 auto 4px; image-rendering: pixelated; max-width: 100%; height: auto; }
 .gallery figcaption b { color: #b3261e; }
 .tok { border: 1px solid var(--line); border-radius: 3px; padding: 0 2px; margin: 1px; display: inline-block; }
 a.dl { font-size: 12px; margin-right: 10px; color: var(--accent); }
