@@ -156,6 +156,11 @@ def test_no_inference_is_files_only(run):
     assert "calibration" not in data and "worst" not in data
     assert "confusion_matrix" in data  # from summary.json
     assert "report was made with --no-inference" in rep.html
+    other = build_report([run], inference=False, split="val").html
+    assert "final evaluation is of the test split; --split val needs inference" in other
+    val = report_data(build_report([run], split="val").html)["runs"][0]
+    assert val["final_metrics"]["num_examples"] == sum(map(sum, val["confusion_matrix"]))
+    assert val["final_metrics"] == {k: v for k, v in api.evaluate(run, "val").items() if type(v) in (int, float)}
 
 
 def test_early_stopped_resumed_and_diverged_runs(tmp_path):

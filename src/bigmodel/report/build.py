@@ -153,7 +153,13 @@ def final_metrics(ctx: ReportContext) -> Section:
     m = ctx.final_metrics()
     title = f"Final metrics ({ctx.eval_split})"
     if not m:
-        why = "the run diverged" if ctx.run.status == "diverged" else "the run has no final evaluation (not finished)"
+        done = (ctx.run.summary or {}).get("split")
+        if ctx.run.status == "diverged":
+            why = "the run diverged"
+        elif done and done != ctx.eval_split and not ctx.inference:
+            why = f"the run's final evaluation is of the {done} split; --split {ctx.eval_split} needs inference"
+        else:
+            why = "the run has no final evaluation (not finished)"
         return Section(ctx.id("metrics"), title, note(f"No final metrics: {why}."))
     scalars = [(k, v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     ctx.data["final_metrics"] = dict(scalars)
