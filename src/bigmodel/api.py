@@ -468,7 +468,6 @@ def evaluation(
     import torch
 
     from bigmodel.tasks import get_task
-    from bigmodel.tasks.classification import ClassificationSpec
 
     if is_recipe_file(run_dir):  # a pretrained model as it is (before fine-tuning)
         from bigmodel.config import load_recipe
@@ -485,7 +484,7 @@ def evaluation(
     loader = make_loader(recipe, data, art.preprocess, split, batch_size=batch_size)
     task = spec.objective(None, data, len(art.labels), art.labels)
     metrics = task.new_metrics()
-    keep = keep_outputs and isinstance(spec, ClassificationSpec)
+    keep = keep_outputs and spec.per_example_outputs
     sink = _Recorder(metrics) if keep else metrics
     with torch.inference_mode():
         for batch in loader.epoch(0):

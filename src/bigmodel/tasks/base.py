@@ -79,6 +79,7 @@ class TaskSpec(ABC):
     data_config: type[BaseModel]  # the class that validates the recipe's `data` block (its keys are the task's)
     inputs: Literal["files", "texts", "prompt"] = "files"  # what `predict` takes: files or strings (or generate)
     generative: bool = False  # monitors val_loss; needs a reversible tokenizer
+    per_example_outputs: bool = False  # evaluation can keep (N, K) logits per example (the report's calibration)
 
     # -------------------------------------------------------------------------------------------------- recipe
     def check_recipe(self, recipe: Any) -> None:

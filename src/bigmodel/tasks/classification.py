@@ -74,6 +74,8 @@ class ClassificationSpec(TaskSpec):
     """What image, sequence and text classification share: the objective (class weights from `data.balance`),
     class-balanced training loaders, and top-k predictions."""
 
+    per_example_outputs = True
+
     def objective(self, recipe: Any, data: Any, num_classes: int, labels: list[str]) -> ClassificationTask:
         if recipe is None:
             return ClassificationTask(num_classes, labels)
