@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -60,3 +61,12 @@ def test_deploy_quick_json():
 def test_tabular_json():
     out = run_bench("benchmarks/tabular.py", "--seeds", "0", "--json", "train.epochs=2")
     assert 0 < out["mlp_accuracy"] <= 1 and 0 < out["hgb_accuracy"] <= 1 and out["mlp_vs_hgb_accuracy_ratio"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("captum") is None, reason="captum is not installed (the explain extra)")
+def test_explain_quick_json():
+    out = run_bench("benchmarks/explain.py", "--quick", "--json")
+    for m in ("saliency", "integrated_gradients", "gradcam", "occlusion", "lime", "kernel_shap"):
+        assert out[f"{m}_seconds_per_100"] > 0, m
+    assert out["lime_batched_speedup_ratio"] > 0 and 0 <= out["random_deletion_auc"] <= 1
+    assert 0 <= out["integrated_gradients_deletion_auc"] <= 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 
 import pytest
@@ -38,6 +39,11 @@ def test_text_page_predicts(browser, tmp_path):
         cells = page.locator(".prediction .label").all_text_contents()
         # two inputs, top-3 of two labels each → the first label of each row is the prediction
         assert cells[0] == "pos" and cells[2] == "neg"
+        if importlib.util.find_spec("captum") is not None:  # explain: the tokens, coloured by their score
+            page.click("#explain")
+            page.wait_for_selector(".explanation .tok")
+            assert page.locator(".explanation").count() == 2
+            assert page.locator(".explanation .tok").all_text_contents()[-2:] == ["awful", "plot"]
     finally:
         server.stop()
 
@@ -61,6 +67,17 @@ def test_image_page_draws_and_predicts(browser, tmp_path):
         page.wait_for_selector(".prediction")
         labels = page.locator(".prediction .label").all_text_contents()
         assert len(labels) == 3 and all(lbl in [str(i) for i in range(10)] for lbl in labels)
+        if importlib.util.find_spec("captum") is not None:  # explain: the heat map over the drawn digit
+            page.select_option("#method", "gradcam")
+            page.click("#explain")
+            page.wait_for_selector("img.heatmap")
+            src = page.get_attribute("img.heatmap", "src")
+            assert src.startswith("data:image/png;base64,")
+            size = page.evaluate(
+                "() => { const i = document.querySelector('img.heatmap'); return [i.naturalWidth, i.naturalHeight]; }"
+            )
+            assert size[0] > 100 and size[1] > 50  # decoded: the picture beside its heat map
+            assert "Grad-CAM" in page.text_content(".explanation")
     finally:
         server.stop()
 

@@ -29,7 +29,11 @@ def lm_server(tmp_path_factory):
 
 
 def test_no_server_errors(server):
-    fuzz(server, {"POST /v1/predict", "GET /healthz", "POST /v1/generate", "POST /v1/translate"}, 60)
+    fuzz(
+        server,
+        {"POST /v1/predict", "GET /healthz", "POST /v1/generate", "POST /v1/translate", "POST /v1/explain"},
+        60,
+    )
 
 
 def test_no_server_errors_from_a_language_model(lm_server):

@@ -188,6 +188,15 @@ def test_bert_fine_tunes_saves_and_reloads_offline_with_identical_predictions(ti
     assert _predict_offline(res.run_dir, texts, 2, tmp_path) == before
     again = api.evaluate(res.run_dir, "test")
     assert again["accuracy"] == res.metrics["accuracy"]
+    if importlib.util.find_spec("captum") is not None:  # explain: LayerIG on the pretrained word embeddings
+        from bigmodel.explain import explain
+
+        for method in ("integrated_gradients", "occlusion"):
+            r = explain(res.run_dir, texts=["what a lovely day"], method=method)[0]
+            toks = [t["token"] for t in r["tokens"]]
+            assert toks[0] == "[CLS]" and toks[-1] == "[SEP]" and r["prediction"]["label"] == "pos"
+            inner = r["tokens"][1:-1]
+            assert max(inner, key=lambda t: t["score"])["token"] == "lovely", (method, r["tokens"])
     proc = run_cli("export", str(res.run_dir), "--format", "onnx", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "export does not take these yet" in proc.stderr
 

@@ -343,9 +343,7 @@ class Artifact:
         from bigmodel.models.base import ModelBase
 
         own = isinstance(self.model, ModelBase)
-        ids = self.model.prompt_ids(prompt) if own else None  # pretrained models: chat template, BOS
-        if ids is None:
-            ids = tok.encode(prompt or "\n", add_special_tokens=False).ids or [1]
+        ids = self.prompt_ids(prompt)
         stop_ids = self.model.stop_token_ids() if own else None
         torch = self._torch
         new: list[int] = []
@@ -381,6 +379,15 @@ class Artifact:
         text = tok.decode(new, skip_special_tokens=True)
         if len(text) > len(emitted):
             yield text[len(emitted) :]
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The token ids a language model continues for `prompt` (a pretrained chat model: its template, BOS)."""
+        from bigmodel.models.base import ModelBase
+
+        ids = self.model.prompt_ids(prompt) if isinstance(self.model, ModelBase) else None
+        if ids is None:
+            ids = self.preprocess.tokenizer.encode(prompt or "\n", add_special_tokens=False).ids or [1]
+        return ids
 
     def generate_text(self, prompt: str, max_new_tokens: int = 200, **kw: Any) -> str:
         return "".join(self.stream_text(prompt, max_new_tokens, **kw))

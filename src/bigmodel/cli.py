@@ -5,6 +5,7 @@
     bigmodel predict RUN_DIR FILE... [--top-k K] [--json]
     bigmodel generate RUN_DIR|RECIPE --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     bigmodel translate RUN_DIR "text" ... [--beam-size K]
+    bigmodel explain RUN_DIR INPUT... [--method M] [--target LABEL] [--out DIR] [--json] | --evaluate [--limit N]
     bigmodel runs list | show RUN | compare RUN RUN...
     bigmodel recipe validate FILE [key=value ...] | schema | models
 
@@ -345,6 +346,171 @@ def export(
         f"{p['checked_inputs']} test inputs (tolerance {p['tolerance']:g}) — parity ok"
     )
     typer.echo(str(out))
+
+
+# ------------------------------------------------------------------------------------------------------ explain
+@app.command()
+def explain(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory or model artifact folder.")],
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(help="Image, sequence or table files; texts for a text model; prompts for a language model."),
+    ] = None,
+    lines: Annotated[Path | None, typer.Option("--lines", help="Text models: one text per line.")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            "-m",
+            help="saliency | integrated_gradients | gradcam | occlusion | lime | kernel_shap | activations "
+            "(default: integrated_gradients; occlusion for tables and embedding bags).",
+        ),
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option("--target", help="The label to explain (name or index; default: the predicted one).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for pictures and raw attributions (default RUN/explanations).")
+    ] = None,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Language models: tokens to explain.")] = 8,
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate", help="Measure faithfulness and sanity on a split (no inputs).")
+    ] = False,
+    split: Annotated[str, typer.Option("--split", help="--evaluate: test, val or train.")] = "test",
+    limit: Annotated[int, typer.Option("--limit", min=1, help="--evaluate: how many examples.")] = 500,
+    methods: Annotated[
+        str | None, typer.Option("--methods", help="--evaluate: comma-separated methods (default: the fast ones).")
+    ] = None,
+    no_sanity: Annotated[bool, typer.Option("--no-sanity", help="--evaluate: skip the randomisation check.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+) -> None:
+    """Explain predictions (which pixels, tokens, time steps or columns drove them), show activations, or with
+    --evaluate measure how faithful the explanations are (deletion/insertion vs random, sanity, completeness)."""
+    from bigmodel.artifact import artifact_dir
+
+    try:
+        import bigmodel.explain as ex
+    except ImportError as e:
+        raise UserError(f"explain needs the explain extra: pip install 'bigmodel[explain]' ({e.name})") from None
+    if evaluate:
+        if inputs or lines:
+            raise UserError("--evaluate measures a split; give no inputs")
+        chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+        result = ex.evaluate(run_dir, split=split, limit=limit, methods=chosen, sanity=not no_sanity)
+        if as_json:
+            _echo_json(result)
+            return
+        _print_faithfulness(result)
+        return
+    from bigmodel.runs import load_artifact
+
+    art = load_artifact(run_dir)
+    items = list(inputs or [])
+    if art.spec.inputs in ("texts", "prompt"):
+        texts = items + _read_lines(lines)
+        files = None
+    else:
+        if lines is not None:
+            raise UserError(f"--lines is for text models; {run_dir} is an {art.kind} model (give files)")
+        texts, files = None, [Path(f) for f in items]
+    if not items and not texts:
+        raise UserError("nothing to explain: give inputs (files, or texts for a text model)")
+    if out is None:
+        out = artifact_dir(run_dir).parent / "explanations"
+    results = ex.explain(
+        run_dir, files=files, texts=texts, method=method, target=target, out=out, new_tokens=new_tokens
+    )
+    if as_json:
+        _echo_json({"explanations": results})
+        return
+    _print_explanations(results)
+
+
+def _print_explanations(results: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+
+    from bigmodel.explain.render import terminal_tokens
+
+    console = Console(highlight=False, soft_wrap=True)
+    for r in results:
+        head = f"{r['input']}\t{r['method_name']}"
+        if "target" in r:
+            head += f"\tpredicted {r['prediction']['label']} {r['prediction']['score']:.4f}"
+            head += f"\texplaining {r['target']['label']}"
+        elif "prediction" in r:
+            head += f"\tpredicted {r['prediction']['label']} {r['prediction']['score']:.4f}"
+        console.print(head, markup=False)
+        if "tokens" in r and r["tokens"] and isinstance(r["tokens"][0], dict):
+            console.print(
+                terminal_tokens([t["token"] for t in r["tokens"]], [t["score"] for t in r["tokens"]], r["method"])
+            )
+        if "columns" in r:
+            for c in r["columns"][:10]:
+                console.print(f"  {c['score']:+.4f}  {c['column']} = {c['value']}", markup=False)
+        if "generated_tokens" in r:
+            console.print(f"  generated: {r['generated_text']!r}", markup=False)
+            ctx = r["prompt_tokens"] + r["generated_tokens"]
+            for tok, row, share in zip(r["generated_tokens"], r["attributions"], r["prompt_share"], strict=True):
+                line = terminal_tokens(ctx[: len(row)], row, r["method"])
+                console.print(f"  → {tok!r} ({share:.0%} from the prompt): ", end="", markup=False)
+                console.print(line)
+        for path in r.get("files", {}).values():
+            if not path.endswith(".npy"):
+                console.print(f"  {path}", markup=False)
+
+
+def _print_faithfulness(res: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    console.print(
+        f"{res['run']}: {res['examples']} {res['split']} examples, {res['kind']} model; curves of "
+        f"{res['steps']} steps; random control AUC: deletion {res['random']['deletion_auc']:.4f}, "
+        f"least-relevant-first {res['random']['deletion_lerf_auc']:.4f}"
+        + (f", insertion {res['random']['insertion_auc']:.4f}" if "insertion_auc" in res["random"] else ""),
+        markup=False,
+    )
+    t = Table(
+        "method",
+        "deletion AUC ↓",
+        "z vs random",
+        "LeRF AUC ↑",
+        "z vs random",
+        "insertion AUC ↑",
+        "faithful",
+        "IG completeness ≤5%",
+        "s",
+    )
+    for m, row in res["methods"].items():
+        c = row.get("completeness")
+        t.add_row(
+            m,
+            f"{row['deletion_auc']:.4f}",
+            f"{row['vs_random']['deletion']['z']:+.1f}",
+            f"{row['deletion_lerf_auc']:.4f}",
+            f"{row['vs_random']['deletion_lerf']['z']:+.1f}",
+            f"{row['insertion_auc']:.4f}",
+            "yes" if row["faithful"] else "NO",
+            f"{c['within_5_percent']}/{c['examples']}" if c else "",
+            f"{row['seconds']:.1f}",
+        )
+    console.print(t)
+    san = res.get("sanity")
+    if san:
+        console.print("model randomisation (mean |Spearman| trained vs randomised; < 0.5 passes):", markup=False)
+        for st in san["stages"]:
+            vals = "  ".join(f"{k} {v:.3f}" for k, v in st.items() if k not in ("randomised_layers", "down_to"))
+            console.print(f"  {st['randomised_layers']:>3} layers (down to {st['down_to']}): {vals}", markup=False)
+    comp = res.get("comprehensiveness")
+    if comp:
+        for m, row in comp.items():
+            if isinstance(row, dict):
+                console.print(
+                    f"comprehensiveness {m}: top-{comp['fraction']:.0%} drop {row['top_drop']:.4f} vs random "
+                    f"{row['random_drop']:.4f}; larger on {row['top_beats_random']:.0%} of texts",
+                    markup=False,
+                )
 
 
 # -------------------------------------------------------------------------------------------------------- serve

@@ -13,6 +13,7 @@ LayerNorm → MLP (4x, GELU) → residual] → LayerNorm → LM head tied to the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -69,6 +70,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)  # GPT-2's c_attn
         self.proj = nn.Linear(cfg.dim, cfg.dim)  # GPT-2's c_proj
         self.dropout = cfg.dropout
+        self.record = False  # explain's attention maps: keep the per-head weights (B, H, T, T) of a plain pass
+        self.recorded: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
@@ -78,6 +81,10 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(layer, k, v)
         T_k = k.shape[2]
         p = self.dropout if self.training else 0.0
+        if self.record and T_k == T:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d)
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            self.recorded = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1).detach()
         if T_k == T:  # no earlier positions: the plain causal mask
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=p)
         elif T == 1:  # one new position (decoding): it sees every cached one, no mask needed
@@ -123,6 +130,10 @@ class GPT(ModelBase):
             nn.init.normal_(m.weight, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+    def input_embedding(self) -> nn.Module:
+        """The token embedding (explain attributes to its output; the tied LM head reads its weight directly)."""
+        return self.tok
 
     def decoder(self, batch: int, use_cache: bool = True) -> GPTDecoder:
         """The incremental decoder `stream` drives (every generating model has one)."""

@@ -102,6 +102,8 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.record = False  # explain's attention maps: keep the per-head weights (B, H, T_q, T_k)
+        self.recorded: torch.Tensor | None = None
 
     def forward(
         self,
@@ -127,7 +129,11 @@ class MultiHeadAttention(nn.Module):
             q, k = rotary(q), rotary(k)
         mask = combine_masks(B, T_q, T_k, attn_mask, key_padding_mask, is_causal, query.device)
         p = self.dropout if self.training else 0.0
-        out, weights = scaled_dot_product_attention(q, k, v, mask, p, self.impl, need_weights)
+        keep = need_weights or self.record
+        out, weights = scaled_dot_product_attention(q, k, v, mask, p, "math" if self.record else self.impl, keep)
+        if self.record and weights is not None:
+            self.recorded = weights.detach()
+        weights = weights if need_weights else None
         out = out.transpose(1, 2).reshape(B, T_q, C)  # (B, T_q, C): heads concatenated
         return self.out_proj(out), (weights.mean(dim=1) if weights is not None else None)
 

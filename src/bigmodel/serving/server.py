@@ -5,6 +5,9 @@
                        "top_p", "repetition_penalty", "stop": [...], "seed", "stream": false} → {"text": "..."}, or
                        with "stream": true, Server-Sent Events `data: {"text": "<piece>"}` ... `data: [DONE]`
     POST /v1/translate translation models: {"inputs": ["..."], "beam_size": 4} → {"translations": ["..."]}
+    POST /v1/explain   the inputs of /v1/predict plus "method" (saliency, integrated_gradients, gradcam, occlusion,
+                       lime, kernel_shap, activations) and "target" → {"explanations": [{"prediction", "target",
+                       "heatmap_png" (images: a data: URI), "tokens" (text), "scores" / "columns", ...}]}
     GET  /healthz      liveness and what is served
     GET  /metrics      Prometheus text: requests, inputs, latency and batch-size histograms
     GET  /             a page to try the model (draw or upload an image, type text, paste a sequence)
@@ -20,11 +23,12 @@ Client mistakes are 4xx (422 malformed, 413 too large, 401 without the API key),
 from __future__ import annotations
 
 import hmac
+import threading
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
@@ -55,6 +59,22 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: Annotated[list[str | ImageInput | ArrayInput | TableRow], Field(min_length=1)]
     top_k: Annotated[int, Field(ge=1, le=1000)] = 1
+
+
+ExplainMethod = Literal[
+    "saliency", "integrated_gradients", "gradcam", "occlusion", "lime", "kernel_shap", "activations"
+]
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: Annotated[list[str | ImageInput | ArrayInput | TableRow], Field(min_length=1)]
+    method: ExplainMethod | None = None
+    target: Annotated[str | None, Field(description="A label name or index (default: the predicted label).")] = None
+
+
+class ExplainResponse(BaseModel):
+    explanations: list[dict[str, Any]]
 
 
 class GenerateRequest(BaseModel):
@@ -209,6 +229,7 @@ def create_app(
     max_inputs: int = 256,
     max_body_bytes: int = 16 * 1024 * 1024,
     max_new_tokens: int = 1024,
+    max_explain_inputs: int = 16,
 ) -> FastAPI:
     predictor = Predictor(art)
     metrics = Metrics()
@@ -271,6 +292,68 @@ def create_app(
             ]
             out.append(Prediction(label=top[0].label, score=top[0].score, top_k=top))
         return PredictResponse(predictions=out)
+
+    explain_state: dict[str, Any] = {}
+    explain_lock = threading.Lock()  # Captum hooks one shared model copy: one explanation at a time
+
+    def run_explain(items: list[Any], names: list[str], method: str | None, target: str | None) -> list[Any]:
+        from bigmodel.errors import UserError
+
+        try:
+            import bigmodel.explain as ex
+        except ImportError as e:
+            raise HTTPException(501, f"this server cannot explain: pip install 'bigmodel[explain]' ({e.name})") from e
+        with explain_lock:
+            try:
+                if "explainer" not in explain_state:
+                    explain_state["explainer"] = ex.explainer_for(art)
+                results = ex.explain_items(art, names, items, method, target, explainer=explain_state["explainer"])
+            except UserError as e:
+                raise HTTPException(422, str(e)) from None
+        return ex.inline_files(results)
+
+    @app.post(
+        "/v1/explain",
+        response_model=ExplainResponse,
+        responses={
+            401: {"description": "API key"},
+            413: {"description": "Too large"},
+            422: {"description": "Malformed, or the method does not apply to this model"},
+            501: {"description": "The explain extra is not installed"},
+        },
+    )
+    async def explain(req: ExplainRequest, request: Request) -> ExplainResponse:
+        from starlette.concurrency import run_in_threadpool
+
+        from bigmodel.errors import UserError
+
+        t0 = time.perf_counter()
+        status = 200
+        try:
+            check_key(request)
+            if len(req.inputs) > max_explain_inputs:
+                n = len(req.inputs)
+                raise HTTPException(413, f"{n} inputs to explain in one request; at most {max_explain_inputs}")
+            if art.kind == "translation":
+                raise HTTPException(422, "a translation model; /v1/explain takes classifiers and language models")
+            if art.spec.inputs == "files":
+                items = [predictor.prepare(i, x) for i, x in enumerate(req.inputs)]
+                names = [f"inputs[{i}]" for i in range(len(items))]
+            else:
+                for i, x in enumerate(req.inputs):
+                    if not isinstance(x, str):
+                        raise HTTPException(422, f"inputs[{i}]: this is a {art.kind} model; expected a string")
+                try:
+                    names, items = art.spec.explain_items(art, None, list(req.inputs))
+                except UserError as e:
+                    raise HTTPException(422, str(e)) from None
+            out = await run_in_threadpool(run_explain, items, names, req.method, req.target)
+        except HTTPException as e:
+            status = e.status_code
+            raise
+        finally:
+            metrics.request(status, time.perf_counter() - t0, len(req.inputs) if status == 200 else 0)
+        return ExplainResponse(explanations=out)
 
     def generation_options(req: GenerateRequest) -> dict[str, Any]:
         return {

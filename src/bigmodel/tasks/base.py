@@ -198,6 +198,18 @@ class TaskSpec(ABC):
         """Class probabilities for prepared items (one tensor (K,) each), run as one batch."""
         raise NotImplementedError
 
+    # --------------------------------------------------------------------------------------------- explain
+    def explain_items(
+        self, art: Any, files: list[str | Path] | None, texts: list[str] | None
+    ) -> tuple[list[str], list[Any]]:
+        """Raw inputs of `bigmodel explain` (files or strings) → their names and items in `serve_item`'s prepared
+        form (so the CLI and the server explain the same things)."""
+        raise UserError(f"{art.folder}: a {self.name} model does not explain")
+
+    def model_inputs(self, art: Any, items: list[Any]) -> tuple[Any, ...]:
+        """Prepared items → the tensors the model's `forward` takes, as one batch (normalised, padded, encoded)."""
+        raise UserError(f"{art.folder}: a {self.name} model does not explain")
+
     # ---------------------------------------------------------------------------------------------- report
     def report_sections(self, ctx: Any) -> list[Any]:
         """The task's own sections of `bigmodel report` (`bigmodel.report.html.Section`s), given the report context

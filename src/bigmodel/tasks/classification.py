@@ -110,6 +110,22 @@ class ClassificationSpec(TaskSpec):
 
     file_noun = "input file"
 
+    def explain_items(
+        self, art: Any, files: list[str | Path] | None, texts: list[str] | None
+    ) -> tuple[list[str], list[Any]]:
+        """Files (images, sequence files, tables) → names and prepared items; strings are refused."""
+        from bigmodel.errors import UserError
+        from bigmodel.tasks.base import refuse_inputs
+
+        refuse_inputs(art, files, texts, takes="files")
+        for f in files or []:
+            if not Path(f).is_file():
+                raise UserError(f"{f}: {self.file_noun} not found")
+        return self.read_items(art, [Path(f) for f in files or []])
+
+    def read_items(self, art: Any, files: list[Path]) -> tuple[list[str], list[Any]]:
+        raise NotImplementedError
+
     def serve_batch(self, art: Any, batch: list[Any]) -> list[Any]:
         return list(self.probabilities(art, batch))
 

@@ -83,6 +83,15 @@ class ImageClassification(ClassificationSpec):
     def predict_files(self, art: Any, files: list[Path], top_k: int) -> list[dict[str, Any]]:
         return art.top_k([str(f) for f in files], art.predict_proba(art.load_images(files)), top_k, "file")
 
+    def read_items(self, art: Any, files: list[Path]) -> tuple[list[str], list[Any]]:
+        return [str(f) for f in files], list(art.load_images(files).to(torch.float32).numpy())
+
+    def model_inputs(self, art: Any, items: list[Any]) -> tuple[Any, ...]:
+        """float (C, H, W) pixels 0..255 → the normalised batch (B, C, H, W)."""
+        import numpy as np
+
+        return (art.normalizer(torch.from_numpy(np.stack(items))),)
+
     def serve_item(self, art: Any, i: int, x: Any) -> Any:
         """`{"image_base64": PNG/JPEG/BMP}` or `{"array": (C, H, W) or (H, W) pixels 0..255}` → float (C, H, W)."""
         import base64

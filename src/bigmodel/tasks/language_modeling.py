@@ -57,6 +57,23 @@ class LanguageModeling(TaskSpec):
     ) -> list[dict[str, Any]]:
         raise UserError(f"{art.folder}: a language model generates text: `bigmodel generate RUN --prompt ...`")
 
+    def explain_items(
+        self, art: Any, files: list[str | Path] | None, texts: list[str] | None
+    ) -> tuple[list[str], list[Any]]:
+        """Prompts: which of their tokens drove the tokens the model generates next."""
+        if files:
+            raise UserError(f"{art.folder}: a language model explains prompts (strings), not files")
+        prompts = [t for t in texts or [] if t.strip()]
+        if len(prompts) != len(texts or []):
+            raise UserError("explain: empty prompt")
+        return prompts, prompts
+
+    def model_inputs(self, art: Any, items: list[Any]) -> tuple[Any, ...]:
+        """Prompts of the same token length → ids (B, T) (explain takes one prompt at a time)."""
+        import torch
+
+        return (torch.tensor([art.prompt_ids(p) for p in items]),)
+
     def summary(self, metrics: dict[str, Any], split: str) -> str:
         return f"{split} loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}"
 

@@ -91,6 +91,20 @@ class SequenceClassification(ClassificationSpec):
             names += n
         return art.top_k(names, art.predict_sequences_proba(seqs), top_k, "file")
 
+    def read_items(self, art: Any, files: list[Path]) -> tuple[list[str], list[Any]]:
+        from bigmodel.data.sequences import read_sequence_file
+
+        seqs, names = [], []
+        for f in files:
+            s, n = read_sequence_file(Path(f), int(art.preprocess.input_shape["features"]))
+            seqs += s
+            names += n
+        return names, seqs
+
+    def model_inputs(self, art: Any, items: list[Any]) -> tuple[Any, ...]:
+        """(T, F) arrays → standardised, zero-padded (B, T, F) values and lengths (B,)."""
+        return art.prepare_sequences(items)
+
     def serve_item(self, art: Any, i: int, x: Any) -> Any:
         """`{"array": (T, F)}` (or (T,) for one feature) → float (T, F)."""
         where = f"inputs[{i}]"

@@ -94,6 +94,18 @@ class TabularClassification(ClassificationSpec):
         probs = self.probabilities(art, rows) if rows else torch.zeros((0, len(art.labels)))
         return art.top_k(names, probs, top_k, "row")
 
+    def read_items(self, art: Any, files: list[Path]) -> tuple[list[str], list[Any]]:
+        names, rows = [], []
+        for f in files:
+            table = read_table(Path(f))
+            rows += table
+            names += [f"{f}:{i + 1}" for i in range(len(table))]
+        return names, rows
+
+    def model_inputs(self, art: Any, items: list[Any]) -> tuple[Any, ...]:
+        """Rows → standardised numeric (B, Fn) and category indices (B, Fc)."""
+        return encode_rows(items, schema_of(art.preprocess), "input")
+
     def serve_item(self, art: Any, i: int, x: Any) -> Any:
         if not isinstance(x, dict):
             raise InputError(f"inputs[{i}]: this is a tabular model; expected a row object {{column: value, ...}}")

@@ -59,6 +59,19 @@ class TextClassification(ClassificationSpec):
         refuse_inputs(art, files, texts, takes="texts")
         return art.predict_texts(list(texts or []), top_k=top_k)
 
+    def explain_items(
+        self, art: Any, files: list[str | Path] | None, texts: list[str] | None
+    ) -> tuple[list[str], list[Any]]:
+        refuse_inputs(art, files, texts, takes="texts")
+        texts = list(texts or [])
+        for i, t in enumerate(texts):
+            self.serve_item(art, i, t)
+        return texts, texts
+
+    def model_inputs(self, art: Any, items: list[Any]) -> tuple[Any, ...]:
+        """Strings → token ids (B, T), right-padded, and lengths (B,)."""
+        return art.encode_texts(items)
+
     def report_example(self, art: Any, split: Any, i: int) -> str:
         from bigmodel.report.classification import tokens_view
 

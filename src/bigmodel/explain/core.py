@@ -1,0 +1,669 @@
+"""Attributions through the declared model contract, with Captum.
+
+An `Explainer` wraps a *copy* of an artifact's model (fp32, eval mode, every in-place activation made out-of-place,
+no gradients on the weights): the artifact's own model is never hooked or modified, so its outputs stay
+bit-identical. What is attributed depends on the input kind, and each kind is one small adapter class registered in
+`KINDS` (a new input kind is a new adapter and one registration line):
+
+- images: the normalised pixels (B, C, H, W); Grad-CAM reads `cam_layer()`;
+- sequences: the standardised values (B, T, F) (padding never scores);
+- text: gradient methods attribute to `input_embedding()`'s output (one score per token, summed over the
+  embedding); occlusion, LIME and KernelSHAP delete tokens (the pad id);
+- tables: columns (numeric and categorical), by ablation to the training mean / the unseen category;
+- language models (`lm.py`): which prompt tokens drove each generated token.
+
+Defaults (per method) need no tuning: IG with 50 Gauss-Legendre steps from a black image (tokens: pad; values: 0),
+doubled (up to 400) for the examples whose completeness error is over 5%,
+Grad-CAM upsampled bilinearly, occlusion with a window of a seventh of the image, LIME / KernelSHAP on a 7 x 7 patch
+grid with 200 samples evaluated 100 at a time (Captum's default, one per forward, is 5-20x slower). Captum's
+KernelSHAP with one fixed baseline computes *Baseline Shapley* values; results say so.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigmodel.errors import UserError
+
+METHODS = ("saliency", "integrated_gradients", "gradcam", "occlusion", "lime", "kernel_shap")
+ALL_METHODS = (*METHODS, "activations")
+LABELS = {
+    "saliency": "saliency (|gradient|)",
+    "integrated_gradients": "integrated gradients",
+    "gradcam": "Grad-CAM",
+    "occlusion": "occlusion",
+    "lime": "LIME",
+    "kernel_shap": "KernelSHAP (Baseline Shapley: one fixed baseline)",
+}
+IG_STEPS = 50
+IG_MAX_STEPS = 400  # adaptive refinement: 50 → 100 → 200 → 400 steps for the examples that need them
+IG_TOLERANCE = 0.05  # |completeness error| allowed, relative to |F(x) − F(baseline)|
+SAMPLES = 200  # LIME / KernelSHAP perturbations per input
+PER_EVAL = 100  # perturbations per forward pass (batched)
+GRID = 7  # LIME / KernelSHAP: a GRID x GRID patch mask on images (49 features)
+
+
+def require_captum() -> Any:
+    try:
+        import captum.attr
+    except ImportError:
+        raise UserError("explain needs Captum: pip install 'bigmodel[explain]'") from None
+    # Captum's notes about what bigmodel does on purpose: inputs get requires_grad set by Captum; LIME and
+    # KernelSHAP fit one interpretable model per example of a batch (batched forwards are the point).
+    warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
+    warnings.filterwarnings("ignore", message="You are providing multiple inputs for Lime")
+    return captum.attr
+
+
+def explainable_copy(model: nn.Module) -> nn.Module:
+    """A copy safe to hook and differentiate: fp32, eval mode, no in-place activations (Captum's hooks and
+    gradients break on a ReLU(inplace=True) reused inside a block), weights without gradients."""
+    m = copy.deepcopy(model).float().eval()
+    for mod in m.modules():
+        if hasattr(mod, "inplace") and isinstance(mod.inplace, bool):
+            mod.inplace = False
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def check_artifact(art: Any) -> None:
+    """Explain needs the fp32 module: artifacts run by another runtime (ONNX Runtime, int8 kernels) cannot be
+    differentiated; say which run to explain instead."""
+    from bigmodel.artifact import runtime_name
+    from bigmodel.models.base import Capability
+
+    runtime = runtime_name(art.config)
+    if runtime is not None:
+        src = None
+        record = Path(art.folder).parent / "compress.json"  # a `bigmodel compress` run names its source run
+        if record.is_file():
+            try:
+                src = json.loads(record.read_text(encoding="utf-8")).get("source")
+            except (OSError, ValueError):
+                src = None
+        hint = f"explain the fp32 run it came from ({src})" if src else "explain the fp32 run it came from"
+        raise UserError(
+            f"{art.folder}: this model runs on the {runtime} runtime, whose weights have no gradients; {hint}"
+        )
+    if not (art.can(Capability.EXPLAINABLE) or art.can(Capability.CLASSIFIER) or art.can(Capability.GENERATES)):
+        raise UserError(f"{art.folder}: a {art.config['model']['name']} model does not explain")
+
+
+def zero_padding(attr: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Scores at padded positions (t ≥ length) set to 0: padding is not part of the input."""
+    T = attr.shape[1]
+    valid = torch.arange(T)[None, :] < lengths[:, None]
+    return attr * valid.view(*valid.shape, *([1] * (attr.ndim - 2)))
+
+
+@dataclass
+class Batch:
+    """Model inputs of a batch (what `forward` takes) and the labels to explain."""
+
+    inputs: tuple[torch.Tensor, ...]
+    target: torch.Tensor  # (B,) class index per example
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+
+class Explainer:
+    """One input kind's attributions. `attribute` returns raw attributions in the attributed input's shape;
+    `unit_scores` flattens them to one score per perturbable unit (pixel, token, time step x feature, column);
+    `remove` replaces units with the baseline (the faithfulness curves); `units_valid` masks units that exist."""
+
+    kind = ""
+    methods: tuple[str, ...] = ()
+    default = "integrated_gradients"
+
+    def __init__(self, art: Any, model: nn.Module | None = None) -> None:
+        self.art = art
+        self.model = model if model is not None else explainable_copy(art.model)
+        self.captum = require_captum()
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(*inputs).float()
+
+    @torch.no_grad()
+    def probabilities(self, inputs: tuple[torch.Tensor, ...], batch_size: int = 512) -> torch.Tensor:
+        outs = [
+            self.forward(*(t[i : i + batch_size] for t in inputs)).softmax(dim=1)
+            for i in range(0, len(inputs[0]), batch_size)
+        ]
+        return torch.cat(outs)
+
+    def check_method(self, method: str) -> None:
+        if method not in self.methods:
+            raise UserError(
+                f"--method {method!r} does not apply to {self.kind} models; expected one of: {', '.join(self.methods)}"
+            )
+
+    def integrate(
+        self,
+        batch: Batch,
+        run: Any,
+        n_steps: int = IG_STEPS,
+        adaptive: bool = True,
+        tolerance: float = IG_TOLERANCE,
+        **_: Any,
+    ) -> torch.Tensor:
+        """Integrated gradients with a completeness check: `run(steps, index)` attributes the examples `index`.
+        Examples whose |sum of attributions − (F(x) − F(baseline))| exceeds `tolerance` of |F(x) − F(baseline)|
+        (Captum's convergence delta) are integrated again with twice the steps, up to `IG_MAX_STEPS`: a ReLU
+        network's path integral has kinks that 50 Gauss-Legendre points sometimes miss. The delta, the first
+        pass's delta and the steps used per example go into `batch.extra`."""
+        everyone = torch.arange(len(batch))
+        attr, delta = run(n_steps, everyone)
+        attr, delta = attr.detach().clone(), delta.detach().clone()
+        batch.extra["ig_delta_first"] = delta.clone()
+        batch.extra["ig_steps_first"] = n_steps
+        used = torch.full((len(batch),), n_steps)
+        steps = n_steps
+        while adaptive and steps < IG_MAX_STEPS:
+            total = attr.reshape(len(batch), -1).sum(dim=1)
+            rel = delta.abs() / (total - delta).abs().clamp(min=1e-8)
+            again = (rel > tolerance).nonzero().flatten()
+            if len(again) == 0:
+                break
+            steps *= 2
+            a2, d2 = run(steps, again)
+            attr[again], delta[again], used[again] = a2.detach(), d2.detach(), steps
+        batch.extra["ig_delta"] = delta
+        batch.extra["ig_steps"] = used
+        return attr
+
+    # ------------------------------------------------------------------------------------------- to implement
+    def attribute(self, method: str, batch: Batch, **options: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unit_scores(self, method: str, attr: torch.Tensor) -> torch.Tensor:
+        """(B, U) one score per unit; higher = more evidence for the target."""
+        return attr.reshape(len(attr), -1)
+
+    def random_scores(self, method: str, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """(B, U) a random attribution for `method`'s control (default: independent per unit)."""
+        return torch.rand(len(batch), self.num_units(batch), generator=generator)
+
+    def control_key(self, method: str) -> str:
+        """Methods whose random controls are drawn alike share one (`random_scores` of the same form)."""
+        return "unit"
+
+    def units_valid(self, batch: Batch) -> torch.Tensor:
+        return torch.ones(len(batch), self.num_units(batch), dtype=torch.bool)
+
+    def num_units(self, batch: Batch) -> int:
+        raise NotImplementedError
+
+    def remove(
+        self, batch: Batch, removed: torch.Tensor, canvas: tuple[torch.Tensor, ...] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Inputs with the units where `removed` (B, U) is True replaced by the baseline (or by `canvas`)."""
+        raise NotImplementedError
+
+    def insertion_canvas(self, batch: Batch) -> tuple[torch.Tensor, ...] | None:
+        """What insertion starts from, when it differs from deletion's baseline (images: a blurred copy, as in
+        RISE); None: insertion onto the deletion baseline would only mirror least-relevant-first deletion."""
+        return None
+
+    def input_gradient_map(self, batch: Batch) -> torch.Tensor:
+        """(B, U) a model-independent edge map of the inputs (the sanity check's control): must fail it."""
+        raise UserError(f"the edge-map control applies to images, not {self.kind} models")
+
+
+# ------------------------------------------------------------------------------------------------------ images
+class ImageExplainer(Explainer):
+    """Normalised pixels (B, C, H, W). The baseline everywhere (IG's starting point, what occlusion, LIME,
+    KernelSHAP and the deletion curves put in place of removed pixels) is a black image, pixel value 0, as in
+    Sundararajan et al. 2017 and RISE's deletion; in normalised units that is -mean / std per channel."""
+
+    kind = "image"
+    methods = METHODS
+    default = "integrated_gradients"
+
+    def __init__(self, art: Any, model: nn.Module | None = None) -> None:
+        super().__init__(art, model)
+        mean, std = art.preprocess.mean, art.preprocess.std
+        self.black = (-torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1).float()
+
+    def baseline(self, x: torch.Tensor) -> torch.Tensor:
+        return self.black.expand_as(x).to(x.dtype).contiguous()
+
+    def _patch_mask(self, H: int, W: int) -> torch.Tensor:
+        ph, pw = math.ceil(H / GRID), math.ceil(W / GRID)
+        rows = torch.arange(H) // ph
+        cols = torch.arange(W) // pw
+        return (rows[:, None] * GRID + cols[None, :]).view(1, 1, H, W)
+
+    def attribute(self, method: str, batch: Batch, **options: Any) -> torch.Tensor:
+        A = self.captum
+        (x,) = batch.inputs
+        x = x.float().contiguous()
+        t = batch.target
+        B, C, H, W = x.shape
+        base = self.baseline(x)
+        if method == "saliency":
+            return A.Saliency(self.forward).attribute(x, target=t, abs=True)
+        if method == "integrated_gradients":
+            ig = A.IntegratedGradients(self.forward)
+            return self.integrate(
+                batch,
+                lambda n, i: ig.attribute(
+                    x[i],
+                    baselines=base[i],
+                    target=t[i],
+                    n_steps=n,
+                    internal_batch_size=8 * n,
+                    return_convergence_delta=True,
+                ),
+                **options,
+            )
+        if method == "gradcam":
+            layer = self.model.cam_layer()
+            cam = A.LayerGradCam(self.forward, layer).attribute(x, target=t, relu_attributions=True)
+            return A.LayerAttribution.interpolate(cam, (H, W), "bilinear")  # (B, 1, H, W)
+        if method == "occlusion":
+            w = max(2, H // GRID)
+            s = max(1, w // 2)
+            occ = A.Occlusion(self.forward)
+            return occ.attribute(
+                x,
+                sliding_window_shapes=(C, w, w),
+                strides=(C, s, s),
+                baselines=base,
+                target=t,
+                perturbations_per_eval=64,
+            )
+        if method in ("lime", "kernel_shap"):
+            cls = A.Lime if method == "lime" else A.KernelShap
+            return cls(self.forward).attribute(
+                x,
+                baselines=base,
+                target=t,
+                feature_mask=self._patch_mask(H, W),
+                n_samples=int(options.get("n_samples", SAMPLES)),
+                perturbations_per_eval=int(options.get("perturbations_per_eval", PER_EVAL)),
+            )
+        self.check_method(method)
+        raise AssertionError(method)
+
+    def pixel_scores(self, method: str, attr: torch.Tensor) -> torch.Tensor:
+        """(B, H, W): saliency the largest |gradient| over channels (Simonyan et al.); signed methods the sum."""
+        return attr.amax(dim=1) if method == "saliency" else attr.sum(dim=1)
+
+    def unit_scores(self, method: str, attr: torch.Tensor) -> torch.Tensor:
+        return self.pixel_scores(method, attr).reshape(len(attr), -1)
+
+    def num_units(self, batch: Batch) -> int:
+        return batch.inputs[0].shape[-2] * batch.inputs[0].shape[-1]
+
+    def random_scores(self, method: str, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """A random attribution of the method's own resolution (the matched control): per pixel for saliency and
+        IG; a random map of Grad-CAM's feature-map size, occlusion's window grid or the 7 x 7 patch grid,
+        upsampled like the method's map. Deleting a smooth map's regions damages an image differently from
+        scattered pixels (ROAD's caution), so each method is compared with random maps of its own smoothness."""
+        import torch.nn.functional as F
+
+        (x,) = batch.inputs
+        B, _, H, W = x.shape
+        if method in ("saliency", "integrated_gradients"):
+            return torch.rand(B, H * W, generator=generator)
+        if method == "gradcam":
+            with torch.no_grad():
+                size = self._cam_size(x[:1])
+            coarse = torch.rand(B, 1, *size, generator=generator)
+            return F.interpolate(coarse, (H, W), mode="bilinear").reshape(B, -1)
+        if method == "occlusion":
+            w = max(2, H // GRID)
+            s = max(1, w // 2)
+            coarse = torch.rand(B, 1, (H - w) // s + 1, (W - w) // s + 1, generator=generator)
+            return F.interpolate(coarse, (H, W), mode="bilinear").reshape(B, -1)
+        coarse = torch.rand(B, 1, GRID, GRID, generator=generator)  # lime, kernel_shap: the patch grid
+        return F.interpolate(coarse, (H, W), mode="nearest").reshape(B, -1)
+
+    def control_key(self, method: str) -> str:
+        return {"saliency": "unit", "integrated_gradients": "unit", "kernel_shap": "grid", "lime": "grid"}.get(
+            method, method
+        )
+
+    def _cam_size(self, x: torch.Tensor) -> tuple[int, int]:
+        seen: list[tuple[int, int]] = []
+        h = self.model.cam_layer().register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[-2:])))
+        try:
+            self.forward(x)
+        finally:
+            h.remove()
+        return seen[-1]
+
+    def units_valid(self, batch: Batch) -> torch.Tensor:
+        """Pixels that differ from the black baseline in some channel: deleting a pixel that is black already
+        changes nothing, so like padding it is not part of the ranking (Fashion-MNIST's background; natural
+        photographs have almost none)."""
+        (x,) = batch.inputs
+        return ((x - self.baseline(x)).abs().amax(dim=1) > 1e-6).reshape(len(x), -1)
+
+    def remove(
+        self, batch: Batch, removed: torch.Tensor, canvas: tuple[torch.Tensor, ...] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        (x,) = batch.inputs
+        gone = removed.view(len(x), 1, *x.shape[-2:])
+        return (torch.where(gone, canvas[0] if canvas is not None else self.baseline(x), x),)
+
+    def insertion_canvas(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """A Gaussian blur of the image (sigma = a fourteenth of its height; RISE blurs 224-px images with 5)."""
+        import torch.nn.functional as F
+
+        (x,) = batch.inputs
+        sigma = max(1.0, x.shape[-2] / 14)
+        r = int(math.ceil(2 * sigma))
+        g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+        g = g / g.sum()
+        C = x.shape[1]
+        y = F.pad(x.float(), (r, r, r, r), mode="replicate")
+        y = F.conv2d(y, g.view(1, 1, 1, -1).expand(C, 1, 1, -1).contiguous(), groups=C)
+        y = F.conv2d(y, g.view(1, 1, -1, 1).expand(C, 1, -1, 1).contiguous(), groups=C)
+        return (y.to(x.dtype),)
+
+    def input_gradient_map(self, batch: Batch) -> torch.Tensor:
+        """The Sobel edge magnitude of the input, summed over channels: it ignores the model entirely."""
+        import torch.nn.functional as F
+
+        (x,) = batch.inputs
+        kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]])
+        k = torch.stack([kx, kx.t()]).unsqueeze(1)  # (2, 1, 3, 3)
+        g = F.conv2d(x.float().reshape(-1, 1, *x.shape[-2:]), k, padding=1)
+        edges = g.pow(2).sum(dim=1).sqrt().view(x.shape[0], x.shape[1], *x.shape[-2:]).sum(dim=1)
+        return edges.reshape(len(x), -1)
+
+
+# --------------------------------------------------------------------------------------------------- sequences
+class SequenceExplainer(Explainer):
+    """(B, T, F) standardised values with lengths: scores per time step x feature."""
+
+    kind = "sequence"
+    methods = ("saliency", "integrated_gradients", "occlusion", "lime", "kernel_shap")
+    default = "integrated_gradients"
+
+    def attribute(self, method: str, batch: Batch, **options: Any) -> torch.Tensor:
+        A = self.captum
+        x, lengths = batch.inputs
+        x = x.float().contiguous()
+        t = batch.target
+        args = (lengths,)
+        # cuDNN RNNs cannot run backward in eval mode; on the CPU this is a no-op.
+        with torch.backends.cudnn.flags(enabled=False):
+            if method == "saliency":
+                attr = A.Saliency(self.forward).attribute(x, target=t, abs=True, additional_forward_args=args)
+            elif method == "integrated_gradients":
+                ig = A.IntegratedGradients(self.forward)
+                attr = self.integrate(
+                    batch,
+                    lambda n, i: ig.attribute(
+                        x[i],
+                        baselines=torch.zeros_like(x[i]),
+                        target=t[i],
+                        additional_forward_args=(lengths[i],),
+                        n_steps=n,
+                        internal_batch_size=8 * n,
+                        return_convergence_delta=True,
+                    ),
+                    **options,
+                )
+            elif method == "occlusion":
+                attr = A.Occlusion(self.forward).attribute(
+                    x,
+                    sliding_window_shapes=(1, 1),
+                    baselines=0.0,
+                    target=t,
+                    additional_forward_args=args,
+                    perturbations_per_eval=64,
+                )
+            elif method in ("lime", "kernel_shap"):
+                cls = A.Lime if method == "lime" else A.KernelShap
+                T = x.shape[1]
+                mask = torch.arange(T).view(1, T, 1).expand(1, T, x.shape[2])  # one feature per time step
+                attr = cls(self.forward).attribute(
+                    x,
+                    baselines=0.0,
+                    target=t,
+                    additional_forward_args=args,
+                    feature_mask=mask,
+                    n_samples=int(options.get("n_samples", SAMPLES)),
+                    perturbations_per_eval=int(options.get("perturbations_per_eval", PER_EVAL)),
+                )
+            else:
+                self.check_method(method)
+                raise AssertionError(method)
+        return zero_padding(attr, lengths)
+
+    def num_units(self, batch: Batch) -> int:
+        return batch.inputs[0].shape[1] * batch.inputs[0].shape[2]
+
+    def units_valid(self, batch: Batch) -> torch.Tensor:
+        x, lengths = batch.inputs
+        valid = torch.arange(x.shape[1])[None, :] < lengths[:, None]
+        return valid[:, :, None].expand(-1, -1, x.shape[2]).reshape(len(x), -1)
+
+    def remove(
+        self, batch: Batch, removed: torch.Tensor, canvas: tuple[torch.Tensor, ...] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        x, lengths = batch.inputs
+        return (x * (~removed).view_as(x).to(x.dtype), lengths)
+
+
+# -------------------------------------------------------------------------------------------------------- text
+class TextExplainer(Explainer):
+    """Token ids (B, T) with lengths: one score per token. Gradient methods attribute to `input_embedding()`'s
+    output (summed over the embedding: IG's completeness holds per token); perturbation methods replace tokens by
+    the pad id. A leading [CLS] is scored but never removed (the pooled models read it)."""
+
+    kind = "text"
+    methods = ("saliency", "integrated_gradients", "occlusion", "lime", "kernel_shap")
+    default = "integrated_gradients"
+
+    def __init__(self, art: Any, model: nn.Module | None = None) -> None:
+        super().__init__(art, model)
+        shape = art.preprocess.input_shape if isinstance(art.preprocess.input_shape, dict) else {}
+        self.pad_id = int(shape.get("pad_id", 0))
+        self.has_cls = bool(shape.get("has_cls", False))
+        emb = self.model.input_embedding() if hasattr(self.model, "input_embedding") else None
+        # An EmbeddingBag pools inside the layer: no per-token output to attribute gradients to.
+        self.embedding = emb if isinstance(emb, nn.Embedding) else None
+        if self.embedding is None:
+            self.methods = ("occlusion", "lime", "kernel_shap")
+            self.default = "occlusion"
+
+    def check_method(self, method: str) -> None:
+        if method in ("saliency", "integrated_gradients") and self.embedding is None:
+            name = self.art.config["model"]["name"]
+            raise UserError(
+                f"--method {method}: {name} pools its token embeddings inside one layer, so gradients have no "
+                "per-token output; use occlusion, lime or kernel_shap"
+            )
+        super().check_method(method)
+
+    def attribute(self, method: str, batch: Batch, **options: Any) -> torch.Tensor:
+        A = self.captum
+        ids, lengths = batch.inputs
+        t = batch.target
+        args = (lengths,)
+        self.check_method(method)
+        with torch.backends.cudnn.flags(enabled=False):
+            if method == "integrated_gradients":
+                lig = A.LayerIntegratedGradients(self.forward, self.embedding)
+                base = torch.full_like(ids, self.pad_id)
+                if self.has_cls:
+                    base[:, 0] = ids[:, 0]
+                attr = self.integrate(
+                    batch,
+                    lambda n, i: lig.attribute(
+                        ids[i],
+                        baselines=base[i],
+                        target=t[i],
+                        additional_forward_args=(lengths[i],),
+                        n_steps=n,
+                        internal_batch_size=4 * n,
+                        return_convergence_delta=True,
+                    ),
+                    **options,
+                ).sum(dim=-1)
+            elif method == "saliency":
+                grad = A.LayerGradientXActivation(self.forward, self.embedding, multiply_by_inputs=False)
+                attr = grad.attribute(ids, target=t, additional_forward_args=args).norm(dim=-1)
+            else:
+                mask = torch.arange(ids.shape[1]).view(1, -1)
+                if method == "occlusion":
+                    attr = A.FeatureAblation(self.forward).attribute(
+                        ids,
+                        baselines=self.pad_id,
+                        target=t,
+                        additional_forward_args=args,
+                        feature_mask=mask,
+                        perturbations_per_eval=64,
+                    )
+                else:
+                    cls = A.Lime if method == "lime" else A.KernelShap
+                    attr = cls(self.forward).attribute(
+                        ids,
+                        baselines=self.pad_id,
+                        target=t,
+                        additional_forward_args=args,
+                        feature_mask=mask,
+                        n_samples=int(options.get("n_samples", SAMPLES)),
+                        perturbations_per_eval=int(options.get("perturbations_per_eval", PER_EVAL)),
+                    )
+        return zero_padding(attr.float(), lengths)
+
+    def num_units(self, batch: Batch) -> int:
+        return batch.inputs[0].shape[1]
+
+    def units_valid(self, batch: Batch) -> torch.Tensor:
+        ids, lengths = batch.inputs
+        valid = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+        if self.has_cls:
+            valid[:, 0] = False
+        return valid
+
+    def remove(
+        self, batch: Batch, removed: torch.Tensor, canvas: tuple[torch.Tensor, ...] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Delete the removed tokens (ERASER): the rest shift left, lengths shrink."""
+        ids, lengths = batch.inputs
+        valid = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+        keep = valid & ~removed
+        out = torch.full_like(ids, self.pad_id)
+        new_len = keep.sum(dim=1)
+        for i in range(len(ids)):
+            kept = ids[i][keep[i]]
+            out[i, : len(kept)] = kept
+        return out, new_len.clamp(min=1)
+
+    def tokens(self, ids: torch.Tensor, length: int) -> list[str]:
+        tok = self.art.preprocess.tokenizer
+        return [tok.id_to_token(int(i)) or "?" for i in ids[:length]]
+
+
+# ------------------------------------------------------------------------------------------------------- tables
+class TabularExplainer(Explainer):
+    """(numeric (B, Fn), categorical (B, Fc)): one score per column. Numeric columns are ablated to 0 (the
+    training mean, after standardisation), categorical ones to index 0 (not seen in training). Gradient methods
+    apply when every column is numeric."""
+
+    kind = "tabular"
+    methods = ("occlusion", "lime", "kernel_shap", "saliency", "integrated_gradients")
+    default = "occlusion"
+
+    def columns(self) -> list[str]:
+        shape = self.art.preprocess.input_shape
+        return list(shape["numeric"]) + list(shape["categorical"])
+
+    def _masks(self, num: torch.Tensor, cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, m = num.shape[1], cat.shape[1]
+        return torch.arange(n).view(1, n), (n + torch.arange(m)).view(1, m)
+
+    def attribute(self, method: str, batch: Batch, **options: Any) -> torch.Tensor:
+        A = self.captum
+        num, cat = batch.inputs
+        num = num.float()
+        t = batch.target
+        self.check_method(method)
+        if method in ("saliency", "integrated_gradients"):
+            if cat.shape[1]:
+                names = list(self.art.preprocess.input_shape["categorical"])
+                raise UserError(
+                    f"--method {method}: categorical columns ({', '.join(names)}) have no gradient; "
+                    "use occlusion, lime or kernel_shap for this table"
+                )
+            if method == "saliency":
+                return A.Saliency(self.forward).attribute(num, target=t, additional_forward_args=(cat,))
+            ig = A.IntegratedGradients(self.forward)
+            return self.integrate(
+                batch,
+                lambda n, i: ig.attribute(
+                    num[i],
+                    baselines=torch.zeros_like(num[i]),
+                    target=t[i],
+                    additional_forward_args=(cat[i],),
+                    n_steps=n,
+                    return_convergence_delta=True,
+                ),
+                **options,
+            )
+        masks = self._masks(num, cat)
+        kw: dict[str, Any] = {"baselines": (0.0, 0), "target": t, "feature_mask": masks}
+        if method == "occlusion":
+            out = A.FeatureAblation(self.forward).attribute((num, cat), perturbations_per_eval=64, **kw)
+        else:
+            cls = A.Lime if method == "lime" else A.KernelShap
+            out = cls(self.forward).attribute(
+                (num, cat),
+                n_samples=int(options.get("n_samples", SAMPLES)),
+                perturbations_per_eval=int(options.get("perturbations_per_eval", PER_EVAL)),
+                **kw,
+            )
+        return torch.cat([o.float() for o in out], dim=1)
+
+    def num_units(self, batch: Batch) -> int:
+        return batch.inputs[0].shape[1] + batch.inputs[1].shape[1]
+
+    def remove(
+        self, batch: Batch, removed: torch.Tensor, canvas: tuple[torch.Tensor, ...] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        num, cat = batch.inputs
+        n = num.shape[1]
+        return num * (~removed[:, :n]).to(num.dtype), cat * (~removed[:, n:]).to(cat.dtype)
+
+
+KINDS: dict[str, type[Explainer]] = {
+    "image": ImageExplainer,
+    "sequence": SequenceExplainer,
+    "text": TextExplainer,
+    "tabular": TabularExplainer,
+}
+
+
+def register_explainer(kind: str, cls: type[Explainer]) -> None:
+    KINDS[kind] = cls
+
+
+def explainer_for(art: Any) -> Explainer:
+    """The explainer of an artifact's input kind (its model copied; the artifact's model is never touched)."""
+    check_artifact(art)
+    if art.kind == "lm":
+        from bigmodel.explain.lm import LanguageModelExplainer
+
+        return LanguageModelExplainer(art)
+    if art.kind not in KINDS:
+        raise UserError(f"{art.folder}: explain takes classifiers and language models, not {art.kind} models")
+    return KINDS[art.kind](art)
