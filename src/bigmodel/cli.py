@@ -387,6 +387,7 @@ def explain(
     """Explain predictions (which pixels, tokens, time steps or columns drove them), show activations, or with
     --evaluate measure how faithful the explanations are (deletion/insertion vs random, sanity, completeness)."""
     from bigmodel.artifact import artifact_dir
+    from bigmodel.rundir import is_recipe_file
 
     try:
         import bigmodel.explain as ex
@@ -415,8 +416,8 @@ def explain(
         texts, files = None, [Path(f) for f in items]
     if not items and not texts:
         raise UserError("nothing to explain: give inputs (files, or texts for a text model)")
-    if out is None:
-        out = artifact_dir(run_dir).parent / "explanations"
+    if out is None:  # beside the run (a pretrained model's recipe: in the working directory)
+        out = Path("explanations") if is_recipe_file(run_dir) else artifact_dir(run_dir).parent / "explanations"
     results = ex.explain(
         run_dir, files=files, texts=texts, method=method, target=target, out=out, new_tokens=new_tokens
     )

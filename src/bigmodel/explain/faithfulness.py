@@ -286,6 +286,8 @@ def evaluate(
         row["control"] = key
         row["random"] = {f"{k}_auc": round(float(v.mean()), 4) for k, v in random_auc.items()}
         row["vs_random"] = {k: _paired(auc[k], random_auc[k]) for k in auc}
+        if key != "unit":  # also against independent per-unit random rankings (the literal control)
+            row["vs_unit_random"] = {k: _paired(auc[k], unit[k]) for k in auc}
         # Faithful: MoRF deletion below the random control by ≥ 3 paired SE, LeRF above it.
         row["faithful"] = bool(row["vs_random"]["deletion"]["z"] <= -3 and row["vs_random"]["deletion_lerf"]["z"] > 0)
         if rel_err:
