@@ -184,6 +184,27 @@ class Explainer:
         batch.extra["ig_steps"] = used
         return attr
 
+    def integrated_gradients(
+        self, batch: Batch, x: torch.Tensor, base: torch.Tensor, extra: torch.Tensor | None, **options: Any
+    ) -> torch.Tensor:
+        """IG of the input `x` from `base`, with one extra forward argument per example (lengths, categories)."""
+        ig = self.captum.IntegratedGradients(self.forward)
+        t = batch.target
+
+        def run(n: int, i: torch.Tensor) -> Any:
+            args = (extra[i],) if extra is not None else None
+            return ig.attribute(
+                x[i],
+                baselines=base[i],
+                target=t[i],
+                additional_forward_args=args,
+                n_steps=n,
+                internal_batch_size=8 * n,
+                return_convergence_delta=True,
+            )
+
+        return self.integrate(batch, run, **options)
+
     # ------------------------------------------------------------------------------------------- to implement
     def attribute(self, method: str, batch: Batch, **options: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -256,19 +277,7 @@ class ImageExplainer(Explainer):
         if method == "saliency":
             return A.Saliency(self.forward).attribute(x, target=t, abs=True)
         if method == "integrated_gradients":
-            ig = A.IntegratedGradients(self.forward)
-            return self.integrate(
-                batch,
-                lambda n, i: ig.attribute(
-                    x[i],
-                    baselines=base[i],
-                    target=t[i],
-                    n_steps=n,
-                    internal_batch_size=8 * n,
-                    return_convergence_delta=True,
-                ),
-                **options,
-            )
+            return self.integrated_gradients(batch, x, base, None, **options)
         if method == "gradcam":
             layer = self.model.cam_layer()
             cam = A.LayerGradCam(self.forward, layer).attribute(x, target=t, relu_attributions=True)
@@ -406,20 +415,7 @@ class SequenceExplainer(Explainer):
             if method == "saliency":
                 attr = A.Saliency(self.forward).attribute(x, target=t, abs=True, additional_forward_args=args)
             elif method == "integrated_gradients":
-                ig = A.IntegratedGradients(self.forward)
-                attr = self.integrate(
-                    batch,
-                    lambda n, i: ig.attribute(
-                        x[i],
-                        baselines=torch.zeros_like(x[i]),
-                        target=t[i],
-                        additional_forward_args=(lengths[i],),
-                        n_steps=n,
-                        internal_batch_size=8 * n,
-                        return_convergence_delta=True,
-                    ),
-                    **options,
-                )
+                attr = self.integrated_gradients(batch, x, torch.zeros_like(x), lengths, **options)
             elif method == "occlusion":
                 attr = A.Occlusion(self.forward).attribute(
                     x,
@@ -607,19 +603,7 @@ class TabularExplainer(Explainer):
                 )
             if method == "saliency":
                 return A.Saliency(self.forward).attribute(num, target=t, additional_forward_args=(cat,))
-            ig = A.IntegratedGradients(self.forward)
-            return self.integrate(
-                batch,
-                lambda n, i: ig.attribute(
-                    num[i],
-                    baselines=torch.zeros_like(num[i]),
-                    target=t[i],
-                    additional_forward_args=(cat[i],),
-                    n_steps=n,
-                    return_convergence_delta=True,
-                ),
-                **options,
-            )
+            return self.integrated_gradients(batch, num, torch.zeros_like(num), cat, **options)
         masks = self._masks(num, cat)
         kw: dict[str, Any] = {"baselines": (0.0, 0), "target": t, "feature_mask": masks}
         if method == "occlusion":

@@ -25,7 +25,8 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -135,6 +136,19 @@ class Metrics:
         self.latency_sum += seconds
         i = next((k for k, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
         self.latency[i] += 1
+
+    @contextmanager
+    def counting(self, n_inputs: int) -> Iterator[None]:
+        """Time one request and count it with its final status (and its inputs, when it succeeded)."""
+        t0 = time.perf_counter()
+        status = 200
+        try:
+            yield
+        except HTTPException as e:
+            status = e.status_code
+            raise
+        finally:
+            self.request(status, time.perf_counter() - t0, n_inputs if status == 200 else 0)
 
     def batch(self, size: int) -> None:
         self.batches[size] = self.batches.get(size, 0) + 1
@@ -269,19 +283,12 @@ def create_app(
         },
     )
     async def predict(req: PredictRequest, request: Request) -> PredictResponse:
-        t0 = time.perf_counter()
-        status = 200
-        try:
+        with metrics.counting(len(req.inputs)):
             check_key(request)
             if len(req.inputs) > max_inputs:
                 raise HTTPException(413, f"{len(req.inputs)} inputs in one request; at most {max_inputs}")
             prepared = [predictor.prepare(i, x) for i, x in enumerate(req.inputs)]
             probs = await batcher.submit(prepared, getattr(request.state, "arriving", None))
-        except HTTPException as e:
-            status = e.status_code
-            raise
-        finally:
-            metrics.request(status, time.perf_counter() - t0, len(req.inputs) if status == 200 else 0)
         k = min(req.top_k, len(art.labels))
         out = []
         for p in probs:
@@ -327,9 +334,7 @@ def create_app(
 
         from bigmodel.errors import UserError
 
-        t0 = time.perf_counter()
-        status = 200
-        try:
+        with metrics.counting(len(req.inputs)):
             check_key(request)
             if len(req.inputs) > max_explain_inputs:
                 n = len(req.inputs)
@@ -348,11 +353,6 @@ def create_app(
                 except UserError as e:
                     raise HTTPException(422, str(e)) from None
             out = await run_in_threadpool(run_explain, items, names, req.method, req.target)
-        except HTTPException as e:
-            status = e.status_code
-            raise
-        finally:
-            metrics.request(status, time.perf_counter() - t0, len(req.inputs) if status == 200 else 0)
         return ExplainResponse(explanations=out)
 
     def generation_options(req: GenerateRequest) -> dict[str, Any]:
@@ -425,20 +425,13 @@ def create_app(
     async def translate(req: TranslateRequest, request: Request) -> TranslateResponse:
         from starlette.concurrency import run_in_threadpool
 
-        t0 = time.perf_counter()
-        status = 200
-        try:
+        with metrics.counting(len(req.inputs)):
             check_key(request)
             if not art.can(Capability.TRANSLATES):
                 raise HTTPException(422, f"this is a {art.kind} model; /v1/translate needs a translation model")
             if len(req.inputs) > max_inputs:
                 raise HTTPException(413, f"{len(req.inputs)} inputs in one request; at most {max_inputs}")
             out = await run_in_threadpool(lambda: art.translate(req.inputs, beam_size=req.beam_size))
-        except HTTPException as e:
-            status = e.status_code
-            raise
-        finally:
-            metrics.request(status, time.perf_counter() - t0, len(req.inputs) if status == 200 else 0)
         return TranslateResponse(translations=out)
 
     @app.get("/healthz")
