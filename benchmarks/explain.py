@@ -48,7 +48,7 @@ def _peak_mib() -> float:
     return float("nan")
 
 
-def measure(run: Path, images: int, unbatched: int, limit: int, steps: int) -> dict:
+def measure(run: Path, images: int, unbatched: int, limit: int, steps: int, faithfulness: bool = True) -> dict:
     from bigmodel import api
     from bigmodel.explain import evaluate, explain_items, explainer_for
     from bigmodel.runs import load_artifact
@@ -77,6 +77,8 @@ def measure(run: Path, images: int, unbatched: int, limit: int, steps: int) -> d
         single = time.perf_counter() - t0
         out[f"{m}_unbatched_seconds_per_100"] = round(single * 100 / len(few), 3)
         out[f"{m}_batched_speedup_ratio"] = round(single / batched, 3)
+    if not faithfulness:
+        return out
     faith = evaluate(run, limit=limit, steps=steps)
     out["faithfulness"] = faith
     out["random_deletion_auc"] = faith["random"]["deletion_auc"]
@@ -94,6 +96,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=500, help="test images for the faithfulness table")
     ap.add_argument("--steps", type=int, default=20, help="steps of each deletion / insertion curve")
     ap.add_argument("--quick", action="store_true", help="a tiny digits model and few images (CI smoke run)")
+    ap.add_argument("--no-faithfulness", action="store_true", help="timings only")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -117,7 +120,7 @@ def main() -> None:
         else:
             recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
         runs = [api.train(recipe, out=tmp / "run", progress=False).run_dir]
-    results = [measure(r, args.images, args.unbatched, args.limit, args.steps) for r in runs]
+    results = [measure(r, args.images, args.unbatched, args.limit, args.steps, not args.no_faithfulness) for r in runs]
     env = environment()
     if args.json:
         top = {k: v for k, v in results[0].items() if k != "faithfulness"}
@@ -125,7 +128,7 @@ def main() -> None:
         return
     print_env(env)
     for res in results:
-        f = res["faithfulness"]
+        f = res.get("faithfulness")
         print(f"\n{res['model']} ({res['run']}): {res['images']} test images per method, one process")
         print_table(
             ["method", "s / 100 images", "peak RSS MiB"],
@@ -137,6 +140,8 @@ def main() -> None:
         )
         lime, shap = res["lime_batched_speedup_ratio"], res["kernel_shap_batched_speedup_ratio"]
         print(f"batched speed-up: LIME x{lime:.1f}, KernelSHAP x{shap:.1f}")
+        if f is None:
+            continue
         print(f"\nfaithfulness on {f['examples']} test images (curves of {f['steps']} steps; z = paired mean / SE):")
         rows = []
         for m, row in f["methods"].items():

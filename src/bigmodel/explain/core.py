@@ -281,7 +281,7 @@ class ImageExplainer(Explainer):
         if method == "gradcam":
             layer = self.model.cam_layer()
             cam = A.LayerGradCam(self.forward, layer).attribute(x, target=t, relu_attributions=True)
-            return A.LayerAttribution.interpolate(cam, (H, W), "bilinear")  # (B, 1, H, W)
+            return self.upsample(cam, H, W)
         if method == "occlusion":
             w = max(2, H // GRID)
             s = max(1, w // 2)
@@ -314,6 +314,18 @@ class ImageExplainer(Explainer):
     def unit_scores(self, method: str, attr: torch.Tensor) -> torch.Tensor:
         return self.pixel_scores(method, attr).reshape(len(attr), -1)
 
+    @staticmethod
+    def upsample(cam: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """A (B, 1, h, w) feature-map score → (B, 1, H, W), bilinearly, aligned with what the map covers: a network
+        that pools 28 pixels down to 3 cells sees rows 0-23 through them (stride 8; the last 4 rows are dropped by
+        floor pooling), so the map is stretched over 24 rows and its edge repeated below, not over all 28."""
+        import torch.nn.functional as F
+
+        h, w = cam.shape[-2:]
+        sh, sw = max(1, H // h), max(1, W // w)
+        up = F.interpolate(cam, (h * sh, w * sw), mode="bilinear", align_corners=False)
+        return F.pad(up, (0, W - w * sw, 0, H - h * sh), mode="replicate") if (h * sh, w * sw) != (H, W) else up
+
     def num_units(self, batch: Batch) -> int:
         return batch.inputs[0].shape[-2] * batch.inputs[0].shape[-1]
 
@@ -331,8 +343,7 @@ class ImageExplainer(Explainer):
         if method == "gradcam":
             with torch.no_grad():
                 size = self._cam_size(x[:1])
-            coarse = torch.rand(B, 1, *size, generator=generator)
-            return F.interpolate(coarse, (H, W), mode="bilinear").reshape(B, -1)
+            return self.upsample(torch.rand(B, 1, *size, generator=generator), H, W).reshape(B, -1)
         if method == "occlusion":
             w = max(2, H // GRID)
             s = max(1, w // 2)
