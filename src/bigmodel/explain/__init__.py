@@ -103,61 +103,10 @@ def explain_items(
         if "ig_delta" in batch.extra:
             r["completeness_delta"] = round(float(batch.extra["ig_delta"][i]), 6)
         files: dict[str, Any] = {"attributions.npy": attr[i].numpy()}
-        _describe(ex, r, files, batch, i, units[i], attr[i], items[i], method, pictures)
+        ex.describe(r, files, batch, i, units[i], attr[i], items[i], method, pictures)
         r["_files"] = files
         results.append(r)
     return results
-
-
-def _describe(
-    ex: Explainer,
-    r: dict[str, Any],
-    files: dict[str, Any],
-    batch: Batch,
-    i: int,
-    units: torch.Tensor,
-    attr: torch.Tensor,
-    item: Any,
-    method: str,
-    pictures: bool,
-) -> None:
-    """The per-kind part of a result: region / token / step / column scores and the picture."""
-    from bigmodel.explain import render
-    from bigmodel.explain.core import GRID
-
-    if ex.kind == "image":
-        H, W = attr.shape[-2:]
-        pixel = ex.pixel_scores(method, attr[None])[0].numpy()  # type: ignore[attr-defined]
-        ph, pw = -(-H // GRID), -(-W // GRID)
-        regions = [
-            [round(float(pixel[a * ph : (a + 1) * ph, b * pw : (b + 1) * pw].sum()), 6) for b in range(GRID)]
-            for a in range(GRID)
-        ]
-        r["regions"] = regions  # GRID x GRID sums of the per-pixel scores, row-major from the top left
-        if pictures:
-            files["heatmap.png"] = render.image_png(np.asarray(item), pixel, method)
-    elif ex.kind == "sequence":
-        L = int(batch.inputs[1][i])
-        m = attr[:L].numpy()
-        r["scores"] = [[round(float(v), 6) for v in row] for row in m]  # time step x feature
-        r["steps"] = L
-        if pictures:
-            files["heatmap.png"] = render.matrix_png(m.T, method)  # features as rows, time to the right
-    elif ex.kind == "text":
-        L = int(batch.inputs[1][i])
-        toks = ex.tokens(batch.inputs[0][i], L)  # type: ignore[attr-defined]
-        scores = [float(v) for v in units[:L]]
-        r["tokens"] = [{"token": t, "score": round(s, 6)} for t, s in zip(toks, scores, strict=True)]
-        if pictures:
-            title = f"{r['method_name']}: {r['target']['label']}"
-            body = f"<h2>{title}</h2><p>{render.token_html(toks, scores, method)}</p>"
-            files["tokens.html"] = render.page(title, body)
-    elif ex.kind == "tabular":
-        cols = ex.columns()  # type: ignore[attr-defined]
-        scores = [float(v) for v in units]
-        values = item if isinstance(item, dict) else {}
-        order = sorted(range(len(cols)), key=lambda j: -abs(scores[j]))
-        r["columns"] = [{"column": cols[j], "value": values.get(cols[j]), "score": round(scores[j], 6)} for j in order]
 
 
 def _explain_prompt(

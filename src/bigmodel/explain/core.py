@@ -238,6 +238,26 @@ class Explainer:
         RISE); None: insertion onto the deletion baseline would only mirror least-relevant-first deletion."""
         return None
 
+    def baseline_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """The inputs integrated gradients starts from (what F(baseline) of its completeness is taken at)."""
+        raise NotImplementedError
+
+    def describe(
+        self,
+        r: dict[str, Any],
+        files: dict[str, Any],
+        batch: Batch,
+        i: int,
+        units: torch.Tensor,
+        attr: torch.Tensor,
+        item: Any,
+        method: str,
+        pictures: bool,
+    ) -> None:
+        """Add example `i`'s kind-specific scores to its result `r` (regions, tokens, steps, columns) and, with
+        `pictures`, its picture to `files`."""
+        raise NotImplementedError
+
     def input_gradient_map(self, batch: Batch) -> torch.Tensor:
         """(B, U) a model-independent edge map of the inputs (the sanity check's control): must fail it."""
         raise UserError(f"the edge-map control applies to images, not {self.kind} models")
@@ -252,6 +272,24 @@ class ImageExplainer(Explainer):
     kind = "image"
     methods = METHODS
     default = "integrated_gradients"
+
+    def baseline_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        return (self.baseline(batch.inputs[0]),)
+
+    def describe(self, r, files, batch, i, units, attr, item, method, pictures) -> None:  # type: ignore[no-untyped-def]
+        from bigmodel.explain import render
+
+        H, W = attr.shape[-2:]
+        pixel = self.pixel_scores(method, attr[None])[0].numpy()
+        ph, pw = -(-H // GRID), -(-W // GRID)
+        r["regions"] = [  # GRID x GRID sums of the per-pixel scores, row-major from the top left
+            [round(float(pixel[a * ph : (a + 1) * ph, b * pw : (b + 1) * pw].sum()), 6) for b in range(GRID)]
+            for a in range(GRID)
+        ]
+        if pictures:
+            import numpy as np
+
+            files["heatmap.png"] = render.image_png(np.asarray(item), pixel, method)
 
     def __init__(self, art: Any, model: nn.Module | None = None) -> None:
         super().__init__(art, model)
@@ -415,6 +453,19 @@ class SequenceExplainer(Explainer):
     methods = ("saliency", "integrated_gradients", "occlusion", "lime", "kernel_shap")
     default = "integrated_gradients"
 
+    def baseline_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        return torch.zeros_like(batch.inputs[0]), batch.inputs[1]
+
+    def describe(self, r, files, batch, i, units, attr, item, method, pictures) -> None:  # type: ignore[no-untyped-def]
+        from bigmodel.explain import render
+
+        L = int(batch.inputs[1][i])
+        m = attr[:L].numpy()
+        r["scores"] = [[round(float(v), 6) for v in row] for row in m]  # time step x feature
+        r["steps"] = L
+        if pictures:
+            files["heatmap.png"] = render.matrix_png(m.T, method)  # features as rows, time to the right
+
     def attribute(self, method: str, batch: Batch, **options: Any) -> torch.Tensor:
         A = self.captum
         x, lengths = batch.inputs
@@ -478,6 +529,25 @@ class TextExplainer(Explainer):
     kind = "text"
     methods = ("saliency", "integrated_gradients", "occlusion", "lime", "kernel_shap")
     default = "integrated_gradients"
+
+    def baseline_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        ids, lengths = batch.inputs
+        base = torch.full_like(ids, self.pad_id)
+        if self.has_cls:
+            base[:, 0] = ids[:, 0]
+        return base, lengths
+
+    def describe(self, r, files, batch, i, units, attr, item, method, pictures) -> None:  # type: ignore[no-untyped-def]
+        from bigmodel.explain import render
+
+        L = int(batch.inputs[1][i])
+        toks = self.tokens(batch.inputs[0][i], L)
+        scores = [float(v) for v in units[:L]]
+        r["tokens"] = [{"token": t, "score": round(s, 6)} for t, s in zip(toks, scores, strict=True)]
+        if pictures:
+            title = f"{r['method_name']}: {r['target']['label']}"
+            body = f"<h2>{title}</h2><p>{render.token_html(toks, scores, method)}</p>"
+            files["tokens.html"] = render.page(title, body)
 
     def __init__(self, art: Any, model: nn.Module | None = None) -> None:
         super().__init__(art, model)
@@ -590,6 +660,16 @@ class TabularExplainer(Explainer):
     kind = "tabular"
     methods = ("occlusion", "lime", "kernel_shap", "saliency", "integrated_gradients")
     default = "occlusion"
+
+    def baseline_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        return torch.zeros_like(batch.inputs[0]), batch.inputs[1]
+
+    def describe(self, r, files, batch, i, units, attr, item, method, pictures) -> None:  # type: ignore[no-untyped-def]
+        cols = self.columns()
+        scores = [float(v) for v in units]
+        values = item if isinstance(item, dict) else {}
+        order = sorted(range(len(cols)), key=lambda j: -abs(scores[j]))
+        r["columns"] = [{"column": cols[j], "value": values.get(cols[j]), "score": round(scores[j], 6)} for j in order]
 
     def columns(self) -> list[str]:
         shape = self.art.preprocess.input_shape

@@ -183,21 +183,6 @@ def sanity_check(
     return result
 
 
-def _baseline_inputs(ex: Explainer, batch: Batch) -> tuple[torch.Tensor, ...]:
-    """The inputs integrated gradients starts from (black images, zeros, pad tokens with [CLS] kept)."""
-    if ex.kind == "text":
-        ids, lengths = batch.inputs
-        base = torch.full_like(ids, ex.pad_id)  # type: ignore[attr-defined]
-        if ex.has_cls:  # type: ignore[attr-defined]
-            base[:, 0] = ids[:, 0]
-        return base, lengths
-    if ex.kind == "sequence":
-        return torch.zeros_like(batch.inputs[0]), batch.inputs[1]
-    if ex.kind == "tabular":
-        return torch.zeros_like(batch.inputs[0]), batch.inputs[1]
-    return (ex.baseline(batch.inputs[0]),)  # type: ignore[attr-defined]
-
-
 @torch.no_grad()
 def _target_logit(ex: Explainer, inputs: tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
     return ex.forward(*inputs)[torch.arange(len(target)), target]
@@ -273,7 +258,7 @@ def evaluate(
             attr = ex.attribute(m, b).detach()
             scores = ex.unit_scores(m, attr)
             if m == "integrated_gradients" and seen < completeness_limit:
-                diff = _target_logit(ex, b.inputs, b.target) - _target_logit(ex, _baseline_inputs(ex, b), b.target)
+                diff = _target_logit(ex, b.inputs, b.target) - _target_logit(ex, ex.baseline_inputs(b), b.target)
                 scale = diff.abs().clamp(min=1e-8)
                 rel_err.append(b.extra["ig_delta"].abs() / scale)
                 first_err.append(b.extra["ig_delta_first"].abs() / scale)
