@@ -35,6 +35,7 @@ class TrainResult:
     train_time_s: float
     steps: int
     stopped_early: bool
+    baseline: dict[str, Any] | None = None  # the classic baseline's metrics on the same split (train.baseline)
 
 
 @dataclass
@@ -378,8 +379,13 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
         )
     # Final metrics through the same path as `bigmodel evaluate`: the saved artifact, fp32, so the numbers match.
     split = recipe.eval.split
-    metrics = evaluate(run_dir, split, limit=recipe.eval.decode_limit) if is_main_process() else {}
+    metrics = evaluate(run_dir, split, limit=recipe.eval.decode_limit, baseline=False) if is_main_process() else {}
     metrics = {k: v for k, v in metrics.items() if k not in ("run_dir", "split")}
+    baseline = None
+    if is_main_process() and recipe.train.baseline and "accuracy" in metrics:
+        from bigmodel.evaluation.baseline import run as fit_baseline
+
+        baseline = fit_baseline(recipe, exp.data, exp.preprocess, split)
     if is_main_process():
         trainer.log({"split": split, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
         summary = {
@@ -392,16 +398,20 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
             "stopped_early": state.stopped_early,
             "best": {"monitor": recipe.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
         }
+        if baseline is not None:
+            summary["baseline"] = baseline
         write_json_atomic(run_dir / "summary.json", summary)
         if index:
             short = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            if baseline is not None:
+                short |= {f"baseline_{k}": baseline[k] for k in ("accuracy", "macro_f1")}
             index.upsert(
                 run_dir,
                 status="finished",
                 train_time_s=round(train_time, 3),
                 metrics={f"{split}_{k}": v for k, v in short.items()},
             )
-    return TrainResult(run_dir, metrics, train_time, state.step, state.stopped_early)
+    return TrainResult(run_dir, metrics, train_time, state.step, state.stopped_early, baseline)
 
 
 def append_event(run_dir: Path, record: dict[str, Any]) -> None:
@@ -507,11 +517,31 @@ def evaluate(
     decode: bool = True,
     beam_size: int | None = None,
     limit: int | None = None,
+    baseline: bool = True,
 ) -> dict[str, Any]:
     """Metrics of the run's saved model on `split` of the run's own data (rebuilt from its recipe and seed).
     Language models: loss and perplexity. Translation: also BLEU and chrF of decoded translations (`decode`; beam
-    search with `beam_size`, default the model's; `limit` = only the first N pairs)."""
-    return evaluation(run_dir, split, batch_size, decode=decode, beam_size=beam_size, limit=limit).metrics
+    search with `beam_size`, default the model's; `limit` = only the first N pairs). Classifiers trained with
+    `train.baseline`: `baseline` holds the classic baseline's metrics on the same split (fitted by `train`)."""
+    metrics = evaluation(run_dir, split, batch_size, decode=decode, beam_size=beam_size, limit=limit).metrics
+    if baseline:
+        stored = stored_baseline(run_dir, split)
+        if stored is not None:
+            metrics["baseline"] = stored
+    return metrics
+
+
+def stored_baseline(run_dir: str | Path, split: str) -> dict[str, Any] | None:
+    """The baseline `train` fitted beside the run's model, when it was scored on `split`."""
+    folder = Path(run_dir)
+    path = folder / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        b = json.loads(path.read_text(encoding="utf-8")).get("baseline")
+    except (OSError, ValueError):
+        return None
+    return b if isinstance(b, dict) and b.get("split") == split else None
 
 
 def predict(

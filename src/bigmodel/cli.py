@@ -98,7 +98,17 @@ def train(
         f"{head}  train_time {result.train_time_s:.1f}s  steps {result.steps}"
         + ("  (stopped early)" if result.stopped_early else "")
     )
+    if result.baseline is not None:
+        typer.echo(_versus(result.metrics, result.baseline))
     typer.echo(str(result.run_dir))
+
+
+def _versus(m: dict[str, Any], b: dict[str, Any]) -> str:
+    """`model 93.45% vs baseline (linear) 84.12%`: the model beside the classic baseline on the same split."""
+    return (
+        f"model {100 * m['accuracy']:.2f}% vs baseline ({b['model']}) {100 * b['accuracy']:.2f}% {b['split']} accuracy"
+        f"  (macro_f1 {m['macro_f1']:.4f} vs {b['macro_f1']:.4f})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- evaluate
@@ -143,6 +153,8 @@ def evaluate(
         f"{split}: accuracy {m['accuracy']:.4f}  macro precision {m['macro_precision']:.4f}  "
         f"macro recall {m['macro_recall']:.4f}  macro F1 {m['macro_f1']:.4f}  ({m['num_examples']} examples)"
     )
+    if "baseline" in m:
+        console.print(_versus(m, m["baseline"]), highlight=False)
     t = Table("class", "precision", "recall", "f1", "support")
     for c in m["per_class"]:
         t.add_row(c["label"], _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"]), str(c["support"]))

@@ -475,6 +475,10 @@ class TrainConfig(Strict):
     """Stop after this many optimizer steps (schedules end there); evaluates once more on the way out."""
     time_limit_s: Annotated[float, Field(gt=0.0)] | None = None
     """Stop after this many seconds of training (schedules still span the full run); evaluates once more."""
+    baseline: bool = True
+    """Classification: also fit the task's classic baseline (TF-IDF + logistic regression for text, logistic
+    regression on pixels, pooled sequence statistics or table columns) on the same split, and report its metrics
+    beside the model's (summary.json `baseline`, `evaluate --json`, `runs compare`, the report)."""
     track: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
     """Mirror the metrics log to trackers as it is written: `tensorboard` (event files in RUN/tensorboard) and / or
     `mlflow` (one MLflow run per bigmodel run; the `track` extra installs both)."""

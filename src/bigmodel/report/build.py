@@ -77,6 +77,11 @@ class ReportContext:
             self.timings["load_s"] = time.perf_counter() - t0
         return self._loaded
 
+    def baseline(self) -> dict[str, Any] | None:
+        """The classic baseline `train` fitted beside the model, when it was scored on the report's split."""
+        b = (self.run.summary or {}).get("baseline")
+        return b if isinstance(b, dict) and b.get("split") == self.eval_split else None
+
     def final_metrics(self) -> dict[str, Any]:
         """The final evaluation: summary.json's when it is of the report's split, else the inference's."""
         s = self.run.summary or {}
@@ -163,7 +168,17 @@ def final_metrics(ctx: ReportContext) -> Section:
         return Section(ctx.id("metrics"), title, note(f"No final metrics: {why}."))
     scalars = [(k, v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     ctx.data["final_metrics"] = dict(scalars)
-    body = table(["metric", "value"], [[k, v] for k, v in scalars], cls="metrics")
+    base = ctx.baseline()
+    if base is not None:  # the classic baseline fitted on the same split, beside the model (train.baseline)
+        ctx.data["baseline"] = base
+        rows = [[k, v, base[k] if k in base and k != "num_examples" else ""] for k, v in scalars]
+        body = table(["metric", "model", f"baseline ({base['model']})"], rows, cls="metrics")
+        body += note(
+            f"Baseline: {base['model']} fitted on the run's {base['train_examples']} training examples "
+            f"(C = {base['C']}) in {base['fit_seconds']:.1f} s; see train.baseline."
+        )
+    else:
+        body = table(["metric", "value"], [[k, v] for k, v in scalars], cls="metrics")
     body += ctx.downloads.json(f"{ctx.prefix}metrics.json", m)
     return Section(ctx.id("metrics"), title, body)
 
@@ -297,6 +312,9 @@ def comparison(ctxs: list[ReportContext]) -> list[Section]:
         ["train_time_s", *[(r.summary or {}).get("train_time_s", "") for r in runs]],
     ]
     rows += [[k, *[m.get(k, "") for m in metrics]] for k in keys]
+    bases = [c.baseline() for c in ctxs]
+    if any(b is not None for b in bases):
+        rows += [[f"baseline_{k}", *[b[k] if b is not None else "" for b in bases]] for k in ("accuracy", "macro_f1")]
     body = table(["", *names], rows, cls="compare")
     flat = [dotted(r.recipe) for r in runs]
     diff_keys = sorted(k for k in set().union(*flat) if len({repr(f.get(k)) for f in flat}) > 1)

@@ -159,6 +159,11 @@ class TaskSpec(ABC):
         """The training objective: `.loss(model, batch)`, `.new_metrics(device)`, `.eval_batch(model, batch, m)`.
         `recipe` is None for a plain evaluation of an artifact (no training options apply)."""
 
+    def baseline_features(self, recipe: Any, data: Any, pre: Any, split: str) -> Any:
+        """The classic baseline's inputs (`evaluation.baseline.BaselineFeatures`: train, val and `split`), from the
+        run's own prepared `data` and preprocessing; None: the task has no baseline (generative tasks)."""
+        return None
+
     def evaluate_extra(self, art: Any, data: Any, split: str, **options: Any) -> dict[str, Any]:
         """Metrics beyond the streaming ones (translation: BLEU / chrF of decoded text). Default: none."""
         return {}

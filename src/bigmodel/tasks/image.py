@@ -69,6 +69,12 @@ class ImageClassification(ClassificationSpec):
 
     file_noun = "image file"
 
+    def baseline_features(self, recipe: Any, data: Any, pre: Any, split: str) -> Any:
+        """`linear`: logistic regression on the pixels in [0, 1] (average-pooled to at most 32 x 32)."""
+        from bigmodel.evaluation.baseline import from_splits, pixels
+
+        return from_splits("linear", data, split, lambda s: pixels(s.x))
+
     def report_example(self, art: Any, split: Any, i: int) -> str:
         from bigmodel.report.classification import image_view
 

@@ -76,6 +76,13 @@ class SequenceClassification(ClassificationSpec):
 
     file_noun = "sequence file"
 
+    def baseline_features(self, recipe: Any, data: Any, pre: Any, split: str) -> Any:
+        """`linear`: logistic regression on each feature's mean, std, min, max, first and last value, and the
+        length."""
+        from bigmodel.evaluation.baseline import from_splits, pooled
+
+        return from_splits("linear", data, split, lambda s: pooled(s.x, s.lengths))
+
     def report_example(self, art: Any, split: Any, i: int) -> str:
         from bigmodel.report.classification import sequence_view
 

@@ -71,6 +71,22 @@ class TabularClassification(ClassificationSpec):
 
         return TableLoader(split, opts.batch_size, **self.loader_kwargs(recipe, opts))
 
+    def baseline_features(self, recipe: Any, data: Any, pre: Any, split: str) -> Any:
+        """`linear`: logistic regression on the standardised numeric columns and one-hot categories."""
+        import numpy as np
+
+        from bigmodel.evaluation.baseline import from_splits
+
+        cards = list(pre.input_shape.get("cardinalities") or [])
+
+        def featurize(s: Any) -> np.ndarray:
+            parts = [s.num.float()] if s.num is not None and s.num.shape[1] else []
+            if s.cat is not None:
+                parts += [nn.functional.one_hot(s.cat[:, j].clamp(0, c - 1), c).float() for j, c in enumerate(cards)]
+            return torch.cat(parts, dim=1).numpy() if parts else np.zeros((len(s), 1), dtype=np.float32)
+
+        return from_splits("linear", data, split, featurize)
+
     def report_example(self, art: Any, split: Any, i: int) -> str:
         from bigmodel.report.classification import row_view
 

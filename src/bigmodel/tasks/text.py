@@ -53,6 +53,14 @@ class TextClassification(ClassificationSpec):
 
         return SequenceLoader(split, opts.batch_size, **self.loader_kwargs(recipe, opts))
 
+    def baseline_features(self, recipe: Any, data: Any, pre: Any, split: str) -> Any:
+        """`tfidf-linear`: the same split's raw texts (read again: the prepared data holds token ids), TF-IDF of
+        word and character n-grams, logistic regression."""
+        from bigmodel.data.text import load_text
+        from bigmodel.evaluation.baseline import from_splits
+
+        return from_splits("tfidf-linear", load_text(recipe.data, recipe.seed), split, lambda s: list(s.texts))
+
     def predict(
         self, art: Any, files: list[str | Path] | None, texts: list[str] | None, top_k: int
     ) -> list[dict[str, Any]]:

@@ -1,0 +1,197 @@
+"""A classic baseline beside every classifier (`train.baseline`, on by default).
+
+A practitioner fits a linear model first: without one, nobody can tell from a run whether 76% is good. `bigmodel
+train` fits the task's baseline on the run's own training split (its C chosen on the validation split) and scores
+it on the evaluated split, with the same metric code as the model:
+
+- text: `tfidf-linear` — TF-IDF of word 1-2-grams and character 2-5-grams (within words), sublinear term
+  frequencies, multinomial logistic regression;
+- images: `linear` — logistic regression on the pixels scaled to [0, 1] (average-pooled to at most 32 x 32);
+- sequences: `linear` — logistic regression on each feature's mean, standard deviation, minimum, maximum, first and
+  last value over the real time steps, and the length;
+- tables: `linear` — logistic regression on the standardised numeric columns and one-hot categories.
+
+Every feature set is standardised (text: TF-IDF rows are L2-normalised already). The task spec supplies the features
+(`TaskSpec.baseline_features`); this module fits and scores them with scikit-learn.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+C_GRID = (0.1, 1.0, 10.0)  # inverse regularisation strengths tried on the validation split
+MIN_VAL = 30  # fewer validation examples than this: no selection, C = 1
+SELECT_MAX = 10_000  # training examples the choice of C is made on (all of them are used for the final fit)
+
+
+@dataclass
+class BaselineFeatures:
+    """One task's baseline inputs: `name` (the baseline model), and per split the features (a list of strings for
+    `tfidf-linear`, a (N, D) float array otherwise) and the labels."""
+
+    name: str
+    train: Any
+    y_train: np.ndarray
+    val: Any | None
+    y_val: np.ndarray | None
+    eval: Any
+    y_eval: np.ndarray
+
+
+def _features(name: str) -> Any:
+    """The feature transform, fitted on the training split: TF-IDF n-grams for text, standardisation otherwise."""
+    from sklearn.preprocessing import StandardScaler
+
+    if name == "tfidf-linear":
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.pipeline import make_union
+
+        words = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True, lowercase=True)
+        chars = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, sublinear_tf=True, lowercase=True)
+        return make_union(words, chars)
+    return StandardScaler()
+
+
+def _classifier(name: str, c: float, seed: int) -> Any:
+    """Multinomial logistic regression: SAGA on sparse TF-IDF (it converges in ~30 passes where L-BFGS stops at 100
+    iterations, 3x slower, at the same accuracy on the tweets), L-BFGS on dense standardised features (50 iterations
+    score as well as 100 or 300 on Fashion-MNIST pixels: 84.2%, at half the cost)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if name == "tfidf-linear":
+        return LogisticRegression(C=c, solver="saga", max_iter=100, random_state=seed)
+    return LogisticRegression(C=c, solver="lbfgs", max_iter=50, random_state=seed)
+
+
+def _proba(est: Any, x: Any, num_classes: int) -> np.ndarray:
+    """(N, num_classes) probabilities; classes absent from the training split get 0."""
+    p = est.predict_proba(x)
+    out = np.zeros((p.shape[0], num_classes), dtype=np.float64)
+    out[:, est.classes_] = p
+    return out
+
+
+def fit(features: BaselineFeatures, num_classes: int, labels: list[str], seed: int = 0) -> dict[str, Any]:
+    """Fit the baseline on the training split (C chosen by validation accuracy when there is a validation split of
+    at least `MIN_VAL` examples) and score it on the evaluated split: accuracy, macro precision / recall / F1."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    from bigmodel.evaluation.metrics import ClassificationMetrics
+
+    _features(features.name), _classifier(features.name, 1.0, seed)  # imports scikit-learn's modules outside the timing
+    t0 = time.perf_counter()
+    f = features
+    feat = _features(f.name)
+    x_train = feat.fit_transform(f.train)  # the features are fitted once, on the whole training split
+    x_eval = feat.transform(f.eval)
+    grid = C_GRID if f.val is not None and f.y_val is not None and len(f.y_val) >= MIN_VAL else (1.0,)
+    n = len(f.y_train)
+    # C is chosen on at most SELECT_MAX training examples (a seeded draw); the chosen C is then fitted on all.
+    sub = np.sort(np.random.default_rng(seed).choice(n, SELECT_MAX, replace=False)) if n > SELECT_MAX else None
+    best: tuple[float, float, Any] | None = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if len(grid) > 1:
+            x_val = feat.transform(f.val)
+            x_sel = x_train if sub is None else x_train[sub]
+            y_sel = f.y_train if sub is None else f.y_train[sub]
+            for c in grid:
+                est = _classifier(f.name, c, seed).fit(x_sel, y_sel)
+                acc = float((est.predict(x_val) == f.y_val).mean())
+                if best is None or acc > best[0]:
+                    best = (acc, c, est)
+        else:
+            best = (float("nan"), grid[0], None)
+        val_acc, c, est = best
+        if est is None or sub is not None:
+            est = _classifier(f.name, c, seed).fit(x_train, f.y_train)
+    probs = _proba(est, x_eval, num_classes)
+    m = ClassificationMetrics(num_classes, labels)
+    m.update(torch.from_numpy(np.log(np.clip(probs, 1e-12, 1.0))).float(), torch.from_numpy(f.y_eval).long())
+    metrics = m.compute()
+    out = {
+        "model": f.name,
+        "accuracy": round(metrics["accuracy"], 6),
+        "macro_precision": round(metrics["macro_precision"], 6),
+        "macro_recall": round(metrics["macro_recall"], 6),
+        "macro_f1": round(metrics["macro_f1"], 6),
+        "num_examples": metrics["num_examples"],
+        "train_examples": len(f.y_train),
+        "C": c,
+        "fit_seconds": round(time.perf_counter() - t0, 3),
+    }
+    if len(grid) > 1:
+        out["val_accuracy"] = round(val_acc, 6)  # of the C search's model (on the SELECT_MAX draw if it was one)
+    return out
+
+
+def run(recipe: Any, data: Any, pre: Any, split: str) -> dict[str, Any] | None:
+    """The recipe's baseline scored on `split` (None: the task has no baseline, or the split is empty)."""
+    from bigmodel.tasks import get_task
+
+    features = get_task(recipe.task).baseline_features(recipe, data, pre, split)
+    if features is None or len(features.y_eval) == 0 or len(np.unique(features.y_train)) < 2:
+        return None
+    labels = list(data.labels)
+    return {"split": split, **fit(features, len(labels), labels, recipe.seed)}
+
+
+# ------------------------------------------------------------------------------------------ feature helpers
+def from_splits(name: str, data: Any, split: str, featurize: Any) -> BaselineFeatures | None:
+    """`featurize(split) -> features` applied to the training, validation and evaluated splits of `data` (objects
+    with `.train`, `.val`, `.test` splits that have labels `.y`)."""
+    ev = getattr(data, split, None)
+    if ev is None or len(ev) == 0 or data.train is None or len(data.train) == 0:
+        return None
+    val = data.val if data.val is not None and len(data.val) > 0 else None
+
+    def y(s: Any) -> np.ndarray:
+        return s.y.numpy().astype(np.int64)
+
+    return BaselineFeatures(
+        name,
+        featurize(data.train),
+        y(data.train),
+        featurize(val) if val is not None else None,
+        y(val) if val is not None else None,
+        featurize(ev),
+        y(ev),
+    )
+
+
+def pixels(x: torch.Tensor, max_side: int = 32) -> np.ndarray:
+    """(N, C, H, W) uint8 → (N, D) float32 in [0, 1], average-pooled so that neither side exceeds `max_side`."""
+    import torch.nn.functional as F
+
+    out = []
+    for i in range(0, len(x), 4096):  # in chunks: a float copy of a large image set would not fit
+        chunk = x[i : i + 4096].float() / 255.0
+        H, W = chunk.shape[-2:]
+        if max(H, W) > max_side:
+            chunk = F.adaptive_avg_pool2d(chunk, (min(H, max_side), min(W, max_side)))
+        out.append(chunk.flatten(1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def pooled(x: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
+    """(N, T, F) padded values → (N, 6F + 1): per feature mean, std, min, max, first and last over the real steps,
+    and the length."""
+    N, T, _ = x.shape
+    valid = (torch.arange(T)[None, :] < lengths[:, None])[..., None]  # (N, T, 1)
+    n = lengths.clamp(min=1).float()[:, None]
+    xs = x.float()
+    mean = (xs * valid).sum(1) / n
+    std = (((xs - mean[:, None]) ** 2) * valid).sum(1).div(n).sqrt()
+    big = torch.finfo(torch.float32).max
+    mn = xs.masked_fill(~valid, big).amin(1)
+    mx = xs.masked_fill(~valid, -big).amax(1)
+    first = xs[:, 0]
+    last = xs[torch.arange(N), (lengths - 1).clamp(min=0)]
+    return torch.cat([mean, std, mn, mx, first, last, lengths.float()[:, None]], dim=1).numpy()
