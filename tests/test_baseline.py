@@ -175,3 +175,12 @@ def test_report_puts_the_baseline_beside_the_model(tmp_path):
     assert "baseline (tfidf-linear)" in one and f"{a.baseline['train_examples']} training examples" in one
     both = write_report([a.run_dir, b.run_dir], out=tmp_path / "cmp.html")[0].read_text(encoding="utf-8")
     assert "baseline_accuracy" in both
+
+
+def test_a_baseline_that_cannot_be_fitted_is_skipped_not_fatal(capsys):
+    from bigmodel.evaluation.baseline import BaselineFeatures, fit_or_skip
+
+    y = np.array([0, 1, 0, 1])
+    tiny = BaselineFeatures("tfidf-linear", ["a", "b", "a", "b"], y, None, None, ["a", "b"], y[:2])
+    assert fit_or_skip(tiny, 2, ["x", "y"]) is None  # one-letter texts leave no word or repeated char n-gram
+    assert "baseline (tfidf-linear) not fitted: " in capsys.readouterr().err

@@ -140,7 +140,20 @@ def run(recipe: Any, data: Any, pre: Any, split: str) -> dict[str, Any] | None:
     if features is None or len(features.y_eval) == 0 or len(np.unique(features.y_train)) < 2:
         return None
     labels = list(data.labels)
-    return {"split": split, **fit(features, len(labels), labels, recipe.seed)}
+    result = fit_or_skip(features, len(labels), labels, recipe.seed)
+    return {"split": split, **result} if result is not None else None
+
+
+def fit_or_skip(features: BaselineFeatures, num_classes: int, labels: list[str], seed: int = 0) -> dict | None:
+    """`fit`, or None with a one-line warning on stderr when scikit-learn cannot fit this data (e.g. texts too short
+    to leave any n-gram): the baseline is a yardstick and never fails the run it stands beside."""
+    import sys
+
+    try:
+        return fit(features, num_classes, labels, seed)
+    except ValueError as e:
+        print(f"baseline ({features.name}) not fitted: {e}", file=sys.stderr)
+        return None
 
 
 # ------------------------------------------------------------------------------------------ feature helpers
