@@ -382,7 +382,7 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
     metrics = evaluate(run_dir, split, limit=recipe.eval.decode_limit, baseline=False) if is_main_process() else {}
     metrics = {k: v for k, v in metrics.items() if k not in ("run_dir", "split")}
     baseline = None
-    if is_main_process() and recipe.train.baseline and "accuracy" in metrics:
+    if is_main_process() and recipe.train.baseline:  # tasks without a baseline (generative ones) give None
         from bigmodel.evaluation.baseline import run as fit_baseline
 
         baseline = fit_baseline(recipe, exp.data, exp.preprocess, split)
@@ -533,15 +533,14 @@ def evaluate(
 
 def stored_baseline(run_dir: str | Path, split: str) -> dict[str, Any] | None:
     """The baseline `train` fitted beside the run's model, when it was scored on `split`."""
-    folder = Path(run_dir)
-    path = folder / "summary.json"
-    if not path.is_file():
-        return None
+    from bigmodel.evaluation.baseline import stored_for
+
+    path = Path(run_dir) / "summary.json"
     try:
-        b = json.loads(path.read_text(encoding="utf-8")).get("baseline")
+        summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, ValueError):
-        return None
-    return b if isinstance(b, dict) and b.get("split") == split else None
+        summary = None
+    return stored_for(summary, split)
 
 
 def predict(

@@ -79,8 +79,9 @@ class ReportContext:
 
     def baseline(self) -> dict[str, Any] | None:
         """The classic baseline `train` fitted beside the model, when it was scored on the report's split."""
-        b = (self.run.summary or {}).get("baseline")
-        return b if isinstance(b, dict) and b.get("split") == self.eval_split else None
+        from bigmodel.evaluation.baseline import stored_for
+
+        return stored_for(self.run.summary, self.eval_split)
 
     def final_metrics(self) -> dict[str, Any]:
         """The final evaluation: summary.json's when it is of the report's split, else the inference's."""
