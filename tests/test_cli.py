@@ -125,6 +125,13 @@ def test_user_errors_are_one_line_exit_2(args, expected):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_usage_errors_exit_2_without_a_traceback():
+    """Click's usage errors (typer >= 0.29 raises those of its own vendored click) print usage, not a traceback."""
+    p = run_cli("train", "r.yaml", "--no-such-flag")
+    assert p.returncode == 2, p.stderr
+    assert "No such option: --no-such-flag" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_unreadable_image_in_predict_is_named(trained, tmp_path):
     d, run, env, _ = trained
     bad = tmp_path / "bad.png"
