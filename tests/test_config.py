@@ -14,8 +14,8 @@ from conftest import ROOT, run_cli, tiny_recipe
 # Each malformed recipe and the text its one-line error must contain (the field path, and what was expected).
 MALFORMED = [
     ({"trian": {"epochs": 1}}, "trian: unknown key"),
-    ({"train.epochs": "ten"}, "train.epochs: Input should be a valid integer"),
-    ({"train.epochs": 0}, "train.epochs: Input should be greater than or equal to 1"),
+    ({"train.epochs": "ten"}, "train.epochs: expected a whole number from 1 to 100000 or 'auto', got 'ten'"),
+    ({"train.epochs": 0}, "train.epochs: expected a whole number from 1 to 100000 or 'auto', got 0"),
     ({"train.optimizer.lr": -1}, "train.optimizer.lr: Input should be greater than 0"),
     ({"train.optimizer.name": "adagrad"}, "train.optimizer.name: Input should be 'sgd', 'adam' or 'adamw'"),
     ({"train.optimizer.momentum": 0.9}, "train.optimizer.momentum only applies to sgd"),

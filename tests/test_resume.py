@@ -14,11 +14,13 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_recipe
 
-# 3 epochs of digits in batches of 64, a checkpoint every 4 steps. Dropout, flip, crop and mixup are on, so RNG and
-# data-order restoration are both exercised.
+# 3 epochs of digits in batches of 64 (`epochs: auto`, capped at 3: the resumed run must plan the same length), a
+# checkpoint every 4 steps. Dropout, flip, crop and mixup are on, so RNG and data-order restoration are exercised.
 RECIPE = tiny_recipe(
     **{
-        "train.epochs": 3,
+        "train.epochs": "auto",
+        "train.min_steps": 100_000,
+        "train.max_epochs": 3,
         "train.batch_size": 64,
         "train.checkpoint_every": 4,
         "train.schedule": {"name": "onecycle"},

@@ -215,6 +215,27 @@ def test_text_model_trains_reloads_and_predicts(tmp_path, model):
     assert ev["accuracy"] == res.metrics["accuracy"]
 
 
+def test_embedding_bag_hashes_every_n_gram_inside_the_text():
+    from bigmodel.models.sequence import EmbeddingBagClassifier, EmbeddingBagConfig
+
+    vocab, buckets = 50, 1000
+    x = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 10, 0, 0, 0, 0]])
+    lengths = torch.tensor([4, 2])
+    spec = {"vocab_size": vocab, "pad_id": 0}
+    m2 = EmbeddingBagClassifier(EmbeddingBagConfig(ngram_buckets=buckets), spec, 3)
+    ids = m2.bag_ids(x, lengths)
+    # bigrams hash as they always have (artifacts trained before n-grams > 2 existed keep their meaning)
+    assert ids[0, 6:9].tolist() == [vocab + (a * 1_000_003 + b) % buckets for a, b in [(5, 6), (6, 7), (7, 8)]]
+    m4 = EmbeddingBagClassifier(EmbeddingBagConfig(ngram_buckets=buckets, ngrams=4), spec, 3)
+    ids = m4.bag_ids(x, lengths)
+    real = (ids >= vocab).sum(dim=1).tolist()
+    assert real == [3 + 2 + 1, 1]  # 4 tokens: 3 bigrams, 2 trigrams, 1 four-gram; 2 tokens: 1 bigram
+    assert int(ids.max()) < vocab + buckets
+    assert ids[1, 6:].tolist().count(0) == ids.shape[1] - 6 - 1  # n-grams past the text's end are padding
+    tri = ids[0, 6 + 5 : 6 + 5 + 2]  # after the 5 bigram slots come the trigram slots
+    assert tri[0] != tri[1] and bool((tri >= vocab).all())
+
+
 def test_predict_cli_strings_and_lines(tmp_path):
     write_reviews(tmp_path / "r.csv", n=80)
     recipe = text_recipe(source="csv", path=str(tmp_path / "r.csv"), tokenizer={"kind": "word", "min_frequency": 1})

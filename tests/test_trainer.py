@@ -151,6 +151,23 @@ def test_early_stopping_and_best_model_selection(tmp_path):
     assert good.evaluate(good.val_loader)["accuracy"] == pytest.approx(st.best_value)
 
 
+def test_epochs_auto_plans_whole_epochs_that_reach_min_steps():
+    from bigmodel.config import TrainConfig
+    from bigmodel.training.trainer import planned_epochs
+
+    auto = TrainConfig(epochs="auto", min_steps=1000, max_epochs=100)
+    assert planned_epochs(auto, 16) == 63  # 1,000 examples in batches of 64: more passes
+    assert planned_epochs(auto, 427) == 3  # 27k examples: 1,281 steps
+    assert planned_epochs(auto, 4688) == 1  # 300k examples: one pass, not a fixed epoch count
+    assert planned_epochs(auto, 1) == 100  # capped by max_epochs
+    assert planned_epochs(TrainConfig(epochs=7), 16) == 7
+    t = make_trainer(**{"train.epochs": "auto", "train.min_steps": 5})
+    s = t.steps_per_epoch
+    t2 = make_trainer(**{"train.epochs": "auto", "train.min_steps": 2 * s + 1})
+    assert t2.epochs == 3 and t2.total_steps == 3 * s
+    assert t2.fit().epoch == 3 and t.epochs == -(-5 // s)
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     t = make_trainer(
         run_dir=tmp_path,

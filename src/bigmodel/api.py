@@ -395,6 +395,7 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
             "train_time_s": round(train_time, 3),
             "steps": state.step,
             "epochs_done": state.epoch,
+            "epochs_planned": trainer.epochs,
             "stopped_early": state.stopped_early,
             "best": {"monitor": recipe.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
         }

@@ -439,7 +439,14 @@ class EarlyStoppingConfig(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: Annotated[int, Field(ge=1, le=100_000)] = 10
+    epochs: Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"] = 10
+    """Passes over the training split. `auto`: the fewest whole passes that reach `min_steps` optimizer steps (at
+    least 1, at most `max_epochs`), so one recipe trains long enough on 1,000 examples and makes a single pass over
+    300,000; with `early_stopping`, validation decides the end within that budget."""
+    min_steps: Annotated[int, Field(ge=1)] = 1000
+    """`epochs: auto`: the optimizer steps the run is sized to reach (whole epochs, rounded up)."""
+    max_epochs: Annotated[int, Field(ge=1, le=100_000)] = 100
+    """`epochs: auto`: never more passes than this, however small the data."""
     batch_size: Annotated[int, Field(ge=1)] = 128
     """Examples per forward pass (micro-batch); one optimizer step sees batch_size x grad_accum_steps."""
     grad_accum_steps: Annotated[int, Field(ge=1)] = 1
@@ -485,6 +492,14 @@ class TrainConfig(Strict):
     tracking_uri: str | None = None
     """MLflow's tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite store `mlflow.db` beside the run
     directory, e.g. runs/mlflow.db)."""
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs(cls, v: Any) -> Any:
+        # One message for a bad value instead of one per member of the union (`int`, `'auto'`).
+        if v == "auto" or isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 100_000:
+            return v
+        raise ValueError(f"train.epochs: expected a whole number from 1 to 100000 or 'auto', got {v!r}")
 
     @field_validator("track", mode="before")
     @classmethod

@@ -235,7 +235,7 @@ def _new_run(src: Path, out: Path) -> Path:
     return dst
 
 
-def _finetune(recipe: Any, model: nn.Module, epochs: int, callbacks: list[Any], task: Any = None) -> None:
+def _finetune(recipe: Any, model: nn.Module, epochs: int | str, callbacks: list[Any], task: Any = None) -> None:
     """Train `model` in place on the recipe's data for `epochs` (no run directory: nothing is written)."""
     from bigmodel.api import build_experiment
 

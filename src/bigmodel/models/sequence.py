@@ -293,7 +293,11 @@ class EmbeddingBagConfig(BaseModel):
     embedding_dim: Annotated[int, Field(ge=1, le=8192)] = 64
     mode: Literal["mean", "sum", "max"] = "mean"
     ngram_buckets: Annotated[int, Field(ge=0, le=10_000_000)] = 0
-    """fastText-style bigrams: hash each pair of neighbouring tokens into this many extra embeddings (0 = off)."""
+    """fastText-style n-grams: hash each run of 2..`ngrams` neighbouring tokens into this many extra embeddings
+    (0 = off)."""
+    ngrams: Annotated[int, Field(ge=2, le=8)] = 2
+    """The longest hashed n-gram (fastText's `-wordNgrams`): 2 = bigrams; with a `char` tokenizer, 5 gives the
+    character 2..5-grams a TF-IDF baseline uses."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
 
 
@@ -307,6 +311,7 @@ class EmbeddingBagClassifier(Classifier):
         self.vocab = spec["vocab_size"]
         self.pad_id = spec.get("pad_id", 0)
         self.buckets = cfg.ngram_buckets
+        self.ngrams = cfg.ngrams
         self.bag = nn.EmbeddingBag(self.vocab + self.buckets, cfg.embedding_dim, mode=cfg.mode, padding_idx=self.pad_id)
         nn.init.uniform_(self.bag.weight, -1.0 / cfg.embedding_dim, 1.0 / cfg.embedding_dim)
         with torch.no_grad():
@@ -315,13 +320,29 @@ class EmbeddingBagClassifier(Classifier):
         self.head = nn.Linear(cfg.embedding_dim, num_classes)
 
     def forward_features(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        ids = x
-        if self.buckets and x.shape[1] > 1:
-            a, b = x[:, :-1], x[:, 1:]
-            big = self.vocab + (a * 1_000_003 + b) % self.buckets
-            ok = (torch.arange(1, x.shape[1], device=x.device)[None, :] < lengths[:, None]) & (a != self.pad_id)
-            ids = torch.cat([x, torch.where(ok, big, torch.full_like(big, self.pad_id))], dim=1)
-        return self.dropout(self.bag(ids))
+        return self.dropout(self.bag(self.bag_ids(x, lengths)))
+
+    def bag_ids(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The ids the bag averages: the tokens, then each n-gram's hashed bucket (padding where it runs past the
+        text)."""
+        parts = [x]
+        if self.buckets:
+            pos = torch.arange(x.shape[1], device=x.device)[None, :]
+            h = x
+            for n in range(2, self.ngrams + 1):
+                if x.shape[1] < n:
+                    break
+                # The n-gram ending at position i: hash of the (n-1)-gram ending at i-1 and token i (bigrams hash
+                # exactly as before this generalisation, so older artifacts keep their meaning).
+                h = (
+                    (h[:, :-1] * 1_000_003 + x[:, n - 1 :]) % 2_147_483_647
+                    if n > 2
+                    else h[:, :-1] * 1_000_003 + x[:, 1:]
+                )
+                ok = (pos[:, n - 1 :] < lengths[:, None]) & (x[:, : x.shape[1] - n + 1] != self.pad_id)
+                ids = self.vocab + h % self.buckets
+                parts.append(torch.where(ok, ids, torch.full_like(ids, self.pad_id)))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else x
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)

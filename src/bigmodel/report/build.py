@@ -125,7 +125,13 @@ def overview(ctx: ReportContext) -> Section:
         ("platform", esc(env.get("platform", "unknown"))),
         ("started", esc(env.get("started", "unknown"))),
         ("training time", esc(f"{s['train_time_s']:.1f} s" if "train_time_s" in s else "—")),
-        ("steps / epochs", esc(f"{s.get('steps', '—')} / {s.get('epochs_done', '—')}")),
+        (
+            "steps / epochs",
+            esc(
+                f"{s.get('steps', '—')} / {s.get('epochs_done', '—')}"
+                + (f" of {s['epochs_planned']}" if "epochs_planned" in s else "")
+            ),
+        ),
         (
             "best",
             esc(

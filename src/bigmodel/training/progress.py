@@ -53,7 +53,7 @@ class ProgressCallback(Callback):
             )
         else:
             print(
-                f"training: {trainer.total_steps} steps ({trainer.cfg.epochs} epochs x {trainer.steps_per_epoch}), "
+                f"training: {trainer.total_steps} steps ({trainer.epochs} epochs x {trainer.steps_per_epoch}), "
                 f"device {trainer.device}, autocast {trainer.autocast_dtype or 'off'}",
                 file=self.stream,
                 flush=True,
@@ -84,7 +84,7 @@ class ProgressCallback(Callback):
             st = trainer.state
             loss = f"loss {self._loss:.4f} " if self._loss is not None else ""
             print(
-                f"epoch {st.epoch}/{trainer.cfg.epochs} step {st.step}/{trainer.total_steps} {loss}{self._metric}"
+                f"epoch {st.epoch}/{trainer.epochs} step {st.step}/{trainer.total_steps} {loss}{self._metric}"
                 f"{self._rate(trainer):,.0f} samples/s eta {_fmt_eta(self._eta(trainer))}",
                 file=self.stream,
                 flush=True,

@@ -15,6 +15,7 @@ resumed run therefore ends bit-identical (on CPU) to an uninterrupted one.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,6 +105,15 @@ class TrainState:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
+def planned_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's length in epochs: `train.epochs`, or for `auto` the fewest whole epochs that reach
+    `train.min_steps` optimizer steps, within [1, `train.max_epochs`]. A function of the data size only, so a resumed
+    run plans the same length."""
+    if cfg.epochs != "auto":
+        return int(cfg.epochs)
+    return max(1, min(cfg.max_epochs, math.ceil(cfg.min_steps / max(1, steps_per_epoch))))
+
+
 # -------------------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(
@@ -150,7 +160,8 @@ class Trainer:
                 f"gives {len(train_loader)} batches of train.batch_size {cfg.batch_size}"
             )
         self.steps_per_epoch = len(train_loader) // self.accum
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.epochs = planned_epochs(cfg, self.steps_per_epoch)
+        self.total_steps = self.steps_per_epoch * self.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.state = TrainState()
@@ -213,19 +224,19 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- fit
     def fit(self, epochs: int | None = None) -> TrainState:
-        """Train until epoch `cfg.epochs` (from the restored state, if `resume` was called), with evaluation, early
+        """Train until epoch `self.epochs` (from the restored state, if `resume` was called), with evaluation, early
         stopping and checkpoints. Returns the final state; `self.model` holds the selected weights.
 
         `fit` can be called again: `fit(epochs=k)` continues for k more epochs from where the last call stopped
         (the current weights, optimizer moments, step count and data position), e.g. one federated round of k local
-        epochs. Schedules still span `cfg.epochs`; steps past its end keep the schedule's final factor."""
+        epochs. Schedules still span `self.epochs`; steps past its end keep the schedule's final factor."""
         cfg, st = self.cfg, self.state
         if epochs is not None:
             end_epoch = st.epoch + epochs
             self._stop = self._limit = False
             st.stopped_early = False
         else:
-            end_epoch = cfg.epochs
+            end_epoch = self.epochs
         for cb in self.callbacks:
             cb.on_fit_start(self)
         self._t_start = time.perf_counter() - self._elapsed_total
