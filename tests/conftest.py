@@ -15,6 +15,22 @@ from bigmodel.data.idx import write_idx
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (CI=true does too)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run in CI (`CI=true`, as `.ci/run` is invoked there), with `--run-slow`, or when `-m`
+    selects markers itself; a developer's default run skips them, naming how to run them."""
+    ci = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+    if ci or config.getoption("--run-slow") or config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow: runs in CI (CI=true) or with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def bigmodel_home(tmp_path_factory, monkeypatch):
     """Each test gets its own run index and download cache."""

@@ -42,6 +42,7 @@ def test_vision_quick_json():
     assert "speedup_vs_seed_ratio" in out
 
 
+@pytest.mark.slow
 def test_text_quick_json():
     out = run_bench("benchmarks/text.py", "--quick", "--seeds", "0", "--json")
     assert 0 < out["tfidf_logreg"]["accuracy"] <= 1

@@ -25,7 +25,17 @@ REPORTED = {
     "tweets_minilm",
     "breast_cancer_mlp",
     "shakespeare_char_gpt",
+}
+# The slowest debug runs (20-80 s each: pretrained weights, a pretraining run first, the largest models); their code
+# paths also run, smaller, in test_hf.py, test_generative.py and the other recipes. They run in CI (conftest.py).
+# (bible_en_es_transformer, 26 s, stays: it is the one recipe whose report shows the translation sections.)
+SLOW = {
+    "smollm2_shakespeare",
+    "tweets_pretrained_gpt",
+    "tweets_minilm",
     "bible_en_es_transformer",
+    "shakespeare_char_gpt_large",
+    "fashion_mnist_resnet",
 }
 DATALESS = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml") if load_recipe(p).data is None)
 
@@ -34,7 +44,9 @@ def test_recipes_without_data_are_the_ones_test_hf_generates_with():
     assert DATALESS == ["smollm2_generate"]
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, marks=[pytest.mark.slow] if p.stem in SLOW else []) for p in RECIPES], ids=lambda p: p.stem
+)
 def test_recipe_debug_size_trains(path, tmp_path):
     recipe = load_recipe(path)
     extra = []
