@@ -25,6 +25,7 @@ REPORTED = {
     "tweets_minilm",
     "breast_cancer_mlp",
     "shakespeare_char_gpt",
+    "bible_en_es_transformer",
 }
 # The slowest debug runs (20-80 s each: pretrained weights, a pretraining run first, the largest models); their code
 # paths also run, smaller, in test_hf.py, test_generative.py and the other recipes. They run in CI (conftest.py).
@@ -33,7 +34,6 @@ SLOW = {
     "smollm2_shakespeare",
     "tweets_pretrained_gpt",
     "tweets_minilm",
-    "bible_en_es_transformer",
     "shakespeare_char_gpt_large",
     "fashion_mnist_resnet",
 }
