@@ -63,14 +63,17 @@ class Experiment:
         validate: bool = True,
     ) -> Any:
         """A Trainer over this experiment's loaders (validation when the data has a val split and `validate`)."""
+        from bigmodel.models.base import SolvedClassifier
         from bigmodel.training.trainer import Trainer
 
         has_val = validate and self.data.val is not None and len(self.data.val) > 0
+        model = self.model if model is None else model
         return Trainer(
             self.recipe.train,
-            self.model if model is None else model,
+            model,
             self.task,
-            self.loader("train", train=True),
+            # a solver fits the training split as it is: no augmentation, no re-balancing draws
+            self.loader("train", train=not isinstance(model, SolvedClassifier)),
             self.loader("val") if has_val else None,
             device=self.device,
             run_dir=run_dir,
@@ -382,7 +385,8 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
     metrics = evaluate(run_dir, split, limit=recipe.eval.decode_limit, baseline=False) if is_main_process() else {}
     metrics = {k: v for k, v in metrics.items() if k not in ("run_dir", "split")}
     baseline = None
-    if is_main_process() and recipe.train.baseline:  # tasks without a baseline (generative ones) give None
+    # tasks without a baseline (generative ones) give None; a classic model is its own baseline
+    if is_main_process() and recipe.train.baseline and not trainer.solved:
         from bigmodel.evaluation.baseline import run as fit_baseline
 
         baseline = fit_baseline(recipe, exp.data, exp.preprocess, split)

@@ -83,8 +83,11 @@ class ImbalanceConfig(Strict):
 class TokenizerConfig(Strict):
     """Text → token ids, trained on the training split with Hugging Face `tokenizers`; saved in the artifact."""
 
-    kind: Literal["bpe", "wordpiece", "word", "char"] = "word"
-    """`bpe` (byte-pair merges), `wordpiece` (BERT-style `##` sub-words), `word` (whole words), `char` (characters)."""
+    kind: Literal["bpe", "wordpiece", "word", "char", "ngrams"] = "word"
+    """`bpe` (byte-pair merges), `wordpiece` (BERT-style `##` sub-words), `word` (whole words), `char` (characters),
+    `ngrams` (word 1-2-grams and character 2-5-grams within words, as scikit-learn's TF-IDF counts them: the input of
+    `tfidf-linear`; for it `min_frequency` is the least number of training texts a character n-gram appears in, every
+    word n-gram is kept, and `max_length` counts n-grams)."""
     vocab_size: Annotated[int, Field(ge=8, le=1_000_000)] = 20_000
     """The most tokens to keep, special tokens included."""
     min_frequency: Annotated[int, Field(ge=1)] = 2

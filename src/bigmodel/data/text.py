@@ -228,6 +228,10 @@ def train_tokenizer(cfg: TokenizerConfig, texts: list[str]) -> Any:
     """Train on `texts` (the training split), then set truncation, padding and the `[CLS]` template."""
     from tokenizers import pre_tokenizers, processors, trainers
 
+    if cfg.kind == "ngrams":
+        from bigmodel.data.ngrams import NgramTokenizer
+
+        return NgramTokenizer.train(cfg, texts, SPECIAL_TOKENS)
     tok = build_tokenizer(cfg)
     special = list(SPECIAL_TOKENS)
     alphabet: list[str] = []
@@ -272,8 +276,13 @@ def train_tokenizer(cfg: TokenizerConfig, texts: list[str]) -> Any:
 def load_tokenizer(path: Path) -> Any:
     from tokenizers import Tokenizer
 
+    from bigmodel.data import ngrams
+
     try:
-        return Tokenizer.from_file(str(path))
+        text = path.read_text(encoding="utf-8")
+        if '"bigmodel_tokenizer"' in text[:64]:  # bigmodel's own n-gram tokenizer (data/ngrams.py)
+            return ngrams.NgramTokenizer.from_dict(json.loads(text))
+        return Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a plain Exception on malformed JSON
         raise UserError(f"{path}: unreadable tokenizer ({e})") from None
 

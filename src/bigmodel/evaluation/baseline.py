@@ -89,13 +89,45 @@ def _proba(est: Any, x: Any, num_classes: int) -> np.ndarray:
     return out
 
 
-def fit(features: BaselineFeatures, num_classes: int, labels: list[str], seed: int = 0) -> dict[str, Any]:
-    """Fit the baseline on the training split (C chosen by validation accuracy when there is a validation split of
-    at least `MIN_VAL` examples) and score it on the evaluated split: accuracy, macro precision / recall / F1."""
+def solve(
+    name: str, x_train: Any, y_train: np.ndarray, x_val: Any, y_val: Any, seed: int, c: float | None = None
+) -> tuple[Any, float, float | None]:
+    """Logistic regression of baseline `name` on features already computed: C chosen by validation accuracy (from
+    `C_GRID`, when `c` is None and there are at least `MIN_VAL` validation examples, on a seeded draw of at most
+    `SELECT_MAX` training examples), then fitted on the whole training split. Returns (estimator, C, the validation
+    accuracy of the C search or None). `train.baseline` and the registered classic models (`models/classic.py`) both
+    fit through here."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
 
+    spec = BASELINES[name]
+    search = c is None and x_val is not None and y_val is not None and len(y_val) >= MIN_VAL
+    grid = C_GRID if search else (1.0 if c is None else c,)
+    n = len(y_train)
+    sub = np.sort(np.random.default_rng(seed).choice(n, SELECT_MAX, replace=False)) if n > SELECT_MAX else None
+    best: tuple[float, float, Any] | None = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if search:
+            x_sel = x_train if sub is None else x_train[sub]
+            y_sel = y_train if sub is None else y_train[sub]
+            for cc in grid:
+                est = spec.classifier(cc, seed).fit(x_sel, y_sel)
+                acc = float((est.predict(x_val) == y_val).mean())
+                if best is None or acc > best[0]:
+                    best = (acc, cc, est)
+        else:
+            best = (float("nan"), grid[0], None)
+        val_acc, chosen, est = best
+        if est is None or sub is not None:
+            est = spec.classifier(chosen, seed).fit(x_train, y_train)
+    return est, chosen, (val_acc if search else None)
+
+
+def fit(features: BaselineFeatures, num_classes: int, labels: list[str], seed: int = 0) -> dict[str, Any]:
+    """Fit the baseline on the training split (C chosen by validation accuracy when there is a validation split of
+    at least `MIN_VAL` examples) and score it on the evaluated split: accuracy, macro precision / recall / F1."""
     from bigmodel.evaluation.metrics import ClassificationMetrics
 
     spec = BASELINES[features.name]
@@ -105,27 +137,8 @@ def fit(features: BaselineFeatures, num_classes: int, labels: list[str], seed: i
     feat = spec.features()
     x_train = feat.fit_transform(f.train)  # the features are fitted once, on the whole training split
     x_eval = feat.transform(f.eval)
-    grid = C_GRID if f.val is not None and f.y_val is not None and len(f.y_val) >= MIN_VAL else (1.0,)
-    n = len(f.y_train)
-    # C is chosen on at most SELECT_MAX training examples (a seeded draw); the chosen C is then fitted on all.
-    sub = np.sort(np.random.default_rng(seed).choice(n, SELECT_MAX, replace=False)) if n > SELECT_MAX else None
-    best: tuple[float, float, Any] | None = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        if len(grid) > 1:
-            x_val = feat.transform(f.val)
-            x_sel = x_train if sub is None else x_train[sub]
-            y_sel = f.y_train if sub is None else f.y_train[sub]
-            for c in grid:
-                est = spec.classifier(c, seed).fit(x_sel, y_sel)
-                acc = float((est.predict(x_val) == f.y_val).mean())
-                if best is None or acc > best[0]:
-                    best = (acc, c, est)
-        else:
-            best = (float("nan"), grid[0], None)
-        val_acc, c, est = best
-        if est is None or sub is not None:
-            est = spec.classifier(c, seed).fit(x_train, f.y_train)
+    x_val = feat.transform(f.val) if f.val is not None and f.y_val is not None and len(f.y_val) >= MIN_VAL else None
+    est, c, val_acc = solve(f.name, x_train, f.y_train, x_val, f.y_val, seed)
     probs = _proba(est, x_eval, num_classes)
     m = ClassificationMetrics(num_classes, labels)
     m.update(torch.from_numpy(np.log(np.clip(probs, 1e-12, 1.0))).float(), torch.from_numpy(f.y_eval).long())
@@ -141,7 +154,7 @@ def fit(features: BaselineFeatures, num_classes: int, labels: list[str], seed: i
         "C": c,
         "fit_seconds": round(time.perf_counter() - t0, 3),
     }
-    if len(grid) > 1:
+    if val_acc is not None:
         out["val_accuracy"] = round(val_acc, 6)  # of the C search's model (on the SELECT_MAX draw if it was one)
     return out
 
@@ -215,16 +228,7 @@ def pixels(x: torch.Tensor, max_side: int = 32) -> np.ndarray:
 
 def pooled(x: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
     """(N, T, F) padded values → (N, 6F + 1): per feature mean, std, min, max, first and last over the real steps,
-    and the length."""
-    N, T, _ = x.shape
-    valid = (torch.arange(T)[None, :] < lengths[:, None])[..., None]  # (N, T, 1)
-    n = lengths.clamp(min=1).float()[:, None]
-    xs = x.float()
-    mean = (xs * valid).sum(1) / n
-    std = (((xs - mean[:, None]) ** 2) * valid).sum(1).div(n).sqrt()
-    big = torch.finfo(torch.float32).max
-    mn = xs.masked_fill(~valid, big).amin(1)
-    mx = xs.masked_fill(~valid, -big).amax(1)
-    first = xs[:, 0]
-    last = xs[torch.arange(N), (lengths - 1).clamp(min=0)]
-    return torch.cat([mean, std, mn, mx, first, last, lengths.float()[:, None]], dim=1).numpy()
+    and the length (the `linear` model's sequence features, `models/classic.py`)."""
+    from bigmodel.models.classic import pooled_sequence
+
+    return pooled_sequence(x, lengths).numpy()

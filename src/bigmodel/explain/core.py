@@ -273,6 +273,14 @@ class ImageExplainer(Explainer):
     methods = METHODS
     default = "integrated_gradients"
 
+    def check_method(self, method: str) -> None:
+        from bigmodel.models.base import Capability
+
+        if method == "gradcam" and not self.art.can(Capability.CONVNET):
+            name = self.art.config["model"]["name"]
+            raise UserError(f"--method gradcam reads a convnet's last feature map; {name} has none (try saliency)")
+        super().check_method(method)
+
     def baseline_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         return (self.baseline(batch.inputs[0]),)
 

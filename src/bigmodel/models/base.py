@@ -35,6 +35,7 @@ class Capability(str, Enum):
     EXPLAINABLE = "explainable"  # attributions through the contract above
     GENERATES = "generates"  # a language model: decoder(), stream / generate
     TRANSLATES = "translates"  # an encoder-decoder: beam search
+    SOLVED = "solved"  # fitted by a solver in one pass over the data (fit_solver), not by gradient steps
 
 
 def decays(p: nn.Parameter) -> bool:
@@ -93,6 +94,17 @@ class ConvClassifier(Classifier):
     """A convnet classifier: Grad-CAM reads `cam_layer()`'s output (the last spatial feature map)."""
 
     def cam_layer(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class SolvedClassifier(Classifier):
+    """A classic model fitted by a solver (scikit-learn) rather than by gradient steps: the Trainer hands it the
+    training and validation batches once (`fit_solver`), and the fitted coefficients land in its parameters and
+    buffers, so its artifact, evaluation, prediction, serving and export are every other classifier's."""
+
+    def fit_solver(self, train: Any, val: Any | None, seed: int) -> dict[str, Any]:
+        """Fit on `train` (then choose settings on `val`): each is a callable giving an iterator of
+        `(inputs tuple, labels)` batches. Returns what to log (e.g. the chosen C)."""
         raise NotImplementedError
 
 

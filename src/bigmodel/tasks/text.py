@@ -20,6 +20,14 @@ class TextClassification(ClassificationSpec):
     data_config = TextDataConfig
     inputs = "texts"
 
+    def check_recipe(self, recipe: Any) -> None:
+        super().check_recipe(recipe)
+        if recipe.model.name == "tfidf-linear" and recipe.data.tokenizer.kind != "ngrams":
+            raise ValueError(
+                f"model.name 'tfidf-linear' reads word and character n-grams: set data.tokenizer.kind: ngrams "
+                f"(got {recipe.data.tokenizer.kind!r})"
+            )
+
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
         from bigmodel.api import hf_text_preprocess, init_from_artifact
         from bigmodel.data.text import PAD_ID, load_text, tokenize_dataset, train_tokenizer
@@ -45,6 +53,9 @@ class TextClassification(ClassificationSpec):
                 "tokenizer": cfg.tokenizer.kind if init is None else init.preprocess.input_shape.get("tokenizer"),
                 "max_length": cfg.tokenizer.max_length,
             }
+            if hasattr(tok, "num_words"):  # the `ngrams` tokenizer: ids of word n-grams first, then characters
+                n0 = len(tok.special)
+                spec |= {"has_cls": False, "ngram_words": [n0, n0 + tok.num_words]}
             pre = Preprocess(labels=text.labels, mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
         return tokenize_dataset(text, pre.tokenizer), pre
 

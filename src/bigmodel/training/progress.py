@@ -34,7 +34,7 @@ class ProgressCallback(Callback):
         self._samples0 = trainer.state.samples_seen
         if not self.enabled:
             return
-        if self.rich:
+        if self.rich and not trainer.solved:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -50,6 +50,12 @@ class ProgressCallback(Callback):
             self._progress.start()
             self._task = self._progress.add_task(
                 "train", total=trainer.total_steps, completed=trainer.state.step, info=""
+            )
+        elif trainer.solved:
+            print(
+                f"fitting {type(trainer.model).__name__} by its solver (one pass), device {trainer.device}",
+                file=self.stream,
+                flush=True,
             )
         else:
             print(

@@ -27,6 +27,7 @@ from torch import nn
 from bigmodel.config import TrainConfig
 from bigmodel.errors import TrainingDiverged, UserError
 from bigmodel.fileio import write_text_atomic
+from bigmodel.models.base import SolvedClassifier
 from bigmodel.training import checkpoint as ckpt
 from bigmodel.training.checkpoint import _fault
 from bigmodel.training.distributed import is_main_process
@@ -160,8 +161,9 @@ class Trainer:
                 f"gives {len(train_loader)} batches of train.batch_size {cfg.batch_size}"
             )
         self.steps_per_epoch = len(train_loader) // self.accum
-        self.epochs = planned_epochs(cfg, self.steps_per_epoch)
-        self.total_steps = self.steps_per_epoch * self.epochs
+        self.solved = isinstance(self.model, SolvedClassifier)  # fitted by its solver in one pass, not by steps
+        self.epochs = 1 if self.solved else planned_epochs(cfg, self.steps_per_epoch)
+        self.total_steps = 0 if self.solved else self.steps_per_epoch * self.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.state = TrainState()
@@ -231,6 +233,8 @@ class Trainer:
         (the current weights, optimizer moments, step count and data position), e.g. one federated round of k local
         epochs. Schedules still span `self.epochs`; steps past its end keep the schedule's final factor."""
         cfg, st = self.cfg, self.state
+        if self.solved:
+            return self._fit_solver()
         if epochs is not None:
             end_epoch = st.epoch + epochs
             self._stop = self._limit = False
@@ -287,6 +291,39 @@ class Trainer:
             self.save_checkpoint()
         if self.best_weights is not None and cfg.select_best:
             self.model.load_state_dict(self.best_weights)
+        self._elapsed_total = time.perf_counter() - self._t_start
+        for cb in self.callbacks:
+            cb.on_fit_end(self)
+        return st
+
+    def _fit_solver(self) -> TrainState:
+        """A model fitted by a solver (`SolvedClassifier`, e.g. the classic baselines): one pass over the training
+        batches (and the validation batches, which choose its regularisation), in fp32 without gradients; then the
+        validation metrics as after an epoch. Deterministic, so a resumed run simply fits again."""
+        st = self.state
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        self._t_start = time.perf_counter()
+
+        def batches(loader: Any) -> Any:
+            def gen() -> Any:
+                for x, y in loader.epoch(0):
+                    yield (tuple(x) if isinstance(x, (tuple, list)) else (x,)), y
+
+            return gen
+
+        self.model.eval()
+        with torch.no_grad():
+            assert isinstance(self.model, SolvedClassifier)
+            info = self.model.fit_solver(
+                batches(self.train_loader),
+                batches(self.val_loader) if self.val_loader is not None else None,
+                int(getattr(self.train_loader, "seed", 0)),
+            )
+        st.epoch, st.samples_seen = 1, int(info.get("train_examples", 0))
+        self.log({"split": "train", "event": "solver", **info})
+        if self.val_loader is not None:
+            self._after_eval(self.evaluate(self.val_loader))
         self._elapsed_total = time.perf_counter() - self._t_start
         for cb in self.callbacks:
             cb.on_fit_end(self)
