@@ -6,6 +6,7 @@ recipe ─► data ─► model ─► task ─► Trainer.fit ─► run direct
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from bigmodel.runs import (
     require_run_dir,
     save_artifact,
 )
-from bigmodel.training.distributed import is_main_process
+from bigmodel.training.distributed import barrier, is_main_process
 
 
 @dataclass
@@ -50,9 +51,21 @@ class Experiment:
     device: Any
     channels_last: bool
     model_options: dict[str, Any] | None = None  # the options the model was built with (init_from resolved)
+    rank: int = 0  # this process's share of every batch under torchrun (0 of 1 otherwise)
+    world_size: int = 1
 
     def loader(self, split: str, train: bool = False) -> Any:
-        return make_loader(self.recipe, self.data, self.preprocess, split, train, self.device, self.channels_last)
+        return make_loader(
+            self.recipe,
+            self.data,
+            self.preprocess,
+            split,
+            train,
+            self.device,
+            self.channels_last,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def trainer(
         self,
@@ -64,10 +77,16 @@ class Experiment:
     ) -> Any:
         """A Trainer over this experiment's loaders (validation when the data has a val split and `validate`)."""
         from bigmodel.models.base import SolvedClassifier
+        from bigmodel.training.strategy import get_strategy
         from bigmodel.training.trainer import Trainer
 
         has_val = validate and self.data.val is not None and len(self.data.val) > 0
         model = self.model if model is None else model
+        strategy = None
+        if self.world_size > 1:
+            import bigmodel.training.ddp  # noqa: F401  (registers the `ddp` strategy)
+
+            strategy = get_strategy("ddp", sync_batchnorm=self.recipe.train.distributed.sync_batchnorm)
         return Trainer(
             self.recipe.train,
             model,
@@ -79,6 +98,7 @@ class Experiment:
             run_dir=run_dir,
             callbacks=callbacks,
             channels_last=self.channels_last,
+            strategy=strategy,
         )
 
 
@@ -91,12 +111,25 @@ def make_loader(
     device: Any = "cpu",
     channels_last: bool = False,
     batch_size: int | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Any:
-    """The batch loader of `split` (the task spec's): training order, augmentation and balancing when `train`."""
+    """The batch loader of `split` (the task spec's): training order, augmentation and balancing when `train`;
+    this process's share (`rank` of `world_size`) of every batch."""
     from bigmodel.tasks import get_task
 
     return get_task(recipe.task).loader(
-        recipe, data, pre, split, train=train, device=device, channels_last=channels_last, batch_size=batch_size
+        recipe,
+        data,
+        pre,
+        split,
+        train=train,
+        device=device,
+        channels_last=channels_last,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
     )
 
 
@@ -239,10 +272,14 @@ def build_experiment(recipe: Recipe) -> Experiment:
     from bigmodel.models.base import Capability
     from bigmodel.registry import get_model
     from bigmodel.tasks import get_task
+    from bigmodel.training.distributed import get_rank, get_world_size
     from bigmodel.training.trainer import resolve_device
 
     spec = get_task(recipe.task)
     device = resolve_device(recipe.train.device)
+    rank, world = get_rank(), get_world_size()
+    if world > 1 and device.type == "cuda":  # one GPU per process under torchrun
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     data, pre = prepare_data(recipe)
     init = init_from_artifact(recipe)
     options = model_options(recipe, init)
@@ -257,7 +294,15 @@ def build_experiment(recipe: Recipe) -> Experiment:
     cl = recipe.train.channels_last
     channels_last = get_model(recipe.model.name).can(Capability.CONVNET) if cl == "auto" else bool(cl)
     channels_last = channels_last and spec.channels_last and device.type != "mps"
-    return Experiment(recipe, data, pre, model, task, device, channels_last, options)
+    if world > 1:
+        from bigmodel.models.base import SolvedClassifier
+
+        if isinstance(model, SolvedClassifier):
+            raise UserError(
+                f"model.name {recipe.model.name!r} is fitted by its solver in one process; train it without "
+                "--nproc-per-node / torchrun"
+            )
+    return Experiment(recipe, data, pre, model, task, device, channels_last, options, rank, world)
 
 
 def _recipe_yaml(recipe: Recipe) -> str:
@@ -294,13 +339,20 @@ def train(
         from bigmodel.training.tracking import require
 
         require(recipe.train.track)
+    from bigmodel.training import ddp
+
+    ddp.init_process_group(recipe.train.distributed.backend)  # under torchrun: join the job (else nothing)
     if resume is None:
         run_dir = new_run_dir(out, recipe.name or "run") if is_main_process() else Path(out or ".")
+        run_dir = ddp.broadcast_object(run_dir)  # every rank reads and resumes from the folder rank 0 made
 
     exp = build_experiment(recipe)
     if resume is None and is_main_process():
         write_text_atomic(run_dir / "recipe.yaml", _recipe_yaml(recipe))
-        write_json_atomic(run_dir / "env.json", environment(str(exp.device), recipe.seed))
+        from bigmodel.training.distributed import get_world_size
+
+        env = environment(str(exp.device), recipe.seed)
+        write_json_atomic(run_dir / "env.json", {**env, "world_size": get_world_size()})
     index = RunIndex() if is_main_process() else None
     data_name = recipe.data.source + (f":{recipe.data.path}" if recipe.data.path else "")
     if index:
@@ -319,7 +371,9 @@ def train(
     trainer = exp.trainer(run_dir=run_dir, callbacks=cbs)
     ckpt_root = run_dir / "checkpoints"
     if resume is not None:
-        ckpt.clean_partial(ckpt_root)
+        if is_main_process():
+            ckpt.clean_partial(ckpt_root)
+        barrier()
         folder = ckpt.latest_checkpoint(ckpt_root)
         if folder is not None:
             trainer.resume(folder)

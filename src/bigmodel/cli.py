@@ -15,6 +15,7 @@ User errors print one line to stderr and exit with status 2; results go to stdou
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -70,6 +71,18 @@ def train(
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run from its last checkpoint.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress output.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Also write RUN/report.html (bigmodel report).")] = False,
+    nproc_per_node: Annotated[
+        int | None, typer.Option("--nproc-per-node", help="Train in N processes on this machine (torchrun, DDP).")
+    ] = None,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="Machines in the job (with --node-rank, --master-addr).")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", help="This machine's rank, 0..nnodes-1.")] = 0,
+    master_addr: Annotated[
+        str | None, typer.Option("--master-addr", help="Address of the node-rank-0 machine.")
+    ] = None,
+    master_port: Annotated[int, typer.Option("--master-port", help="Its port for the rendezvous.")] = 29500,
+    max_restarts: Annotated[
+        int, typer.Option("--max-restarts", help="Restart the workers this often after a failure (resume).")
+    ] = 0,
 ) -> None:
     """Train a recipe; print the test metrics; the last line of stdout is the run directory."""
     from bigmodel import api
@@ -87,8 +100,27 @@ def train(
         raise UserError("bigmodel train --resume: overrides need the recipe file too (the run's recipe must match)")
     if out is not None and resume is not None:
         raise UserError("bigmodel train: --out and --resume exclude each other (a resumed run stays in its folder)")
-    rec = load_recipe(recipe, overrides) if recipe is not None else None
+    rec = load_recipe(recipe, overrides) if recipe is not None else None  # a bad recipe fails here, before a launch
+    if out is not None and resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        # torchrun restarted this job's workers (--max-restarts) after a failure: continue the run they started
+        from bigmodel.training.checkpoint import latest_checkpoint
+
+        if (out / "recipe.yaml").is_file() and latest_checkpoint(out / "checkpoints") is not None:
+            rec, out, resume = None, None, out
+    if (nproc_per_node or 1) > 1 or nnodes > 1:
+        from bigmodel.training.launch import launch
+
+        args = [*([recipe] if recipe else []), *overrides]
+        args += ["--out", str(out)] if out is not None else []
+        args += ["--resume", str(resume)] if resume is not None else []
+        args += ["--no-progress"] if no_progress else []
+        args += ["--report"] if report else []
+        sys.exit(launch(args, nproc_per_node or 1, nnodes, node_rank, master_addr, master_port, max_restarts))
     result = api.train(rec, out=out, resume=resume, progress=False if no_progress else None, report=report)
+    from bigmodel.training.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 reports the run
+        return
     from bigmodel.config import read_yaml, validate_recipe
     from bigmodel.tasks import get_task
 

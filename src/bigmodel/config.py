@@ -441,6 +441,17 @@ class EarlyStoppingConfig(Strict):
     min_delta: Annotated[float, Field(ge=0.0)] = 0.0
 
 
+class DistributedConfig(Strict):
+    """How a run spreads over processes when launched by torchrun (`bigmodel train --nproc-per-node N`). One process
+    ignores it. `train.batch_size` stays the global batch: each of the N processes takes its share of every batch,
+    so the same recipe gives the same run on 1 or N processes."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """`auto`: NCCL when the processes run on CUDA devices, gloo otherwise (CPU)."""
+    sync_batchnorm: bool = False
+    """Convert BatchNorm layers to SyncBatchNorm: statistics over the global batch, as one process computes them."""
+
+
 class TrainConfig(Strict):
     epochs: Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"] = 10
     """Passes over the training split. `auto`: the fewest whole passes that reach `min_steps` optimizer steps (at
@@ -485,6 +496,7 @@ class TrainConfig(Strict):
     """Stop after this many optimizer steps (schedules end there); evaluates once more on the way out."""
     time_limit_s: Annotated[float, Field(gt=0.0)] | None = None
     """Stop after this many seconds of training (schedules still span the full run); evaluates once more."""
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     baseline: bool = True
     """Classification: also fit the task's classic baseline (TF-IDF + logistic regression for text, logistic
     regression on pixels, pooled sequence statistics or table columns) on the same split, and report its metrics

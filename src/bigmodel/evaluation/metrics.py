@@ -15,7 +15,11 @@ class ClassificationMetrics:
 
         self.num_classes = num_classes
         self.labels = labels or [str(i) for i in range(num_classes)]
-        self._cm = MulticlassConfusionMatrix(num_classes=num_classes, validate_args=False).to(device)
+        # sync_on_compute off: the Trainer strategy all-reduces `sums()` itself (torchmetrics would gather again
+        # inside compute(), doubling the counts, and block when one process evaluates alone).
+        self._cm = MulticlassConfusionMatrix(num_classes=num_classes, validate_args=False, sync_on_compute=False).to(
+            device
+        )
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self._count = torch.zeros((), dtype=torch.int64, device=device)
         self._has_loss = False

@@ -27,10 +27,19 @@ FORMAT_VERSION = 1
 
 
 def _fault(point: str, step: int) -> None:
-    """Test hook: `BIGMODEL_FAULT=<point>:<step>` kills this process with SIGKILL at that point (a real hard kill)."""
+    """Test hook: `BIGMODEL_FAULT=<point>:<step>[@<rank>]` kills this process (or only that rank's, under torchrun)
+    with SIGKILL at that point — a real hard kill; `raise_after_step` raises instead. A fault fires on the job's
+    first attempt only, so workers that torchrun restarts (`--max-restarts`) run through."""
     spec = os.environ.get("BIGMODEL_FAULT")
-    if spec and spec == f"{point}:{step}":
+    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return
+    where, _, rank = spec.partition("@")
+    if rank and rank != os.environ.get("RANK", "0"):
+        return
+    if where == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if where == f"raise_after_step:{step}" and point == "kill_after_step":
+        raise RuntimeError(f"injected fault (BIGMODEL_FAULT={spec})")
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -263,7 +263,7 @@ class Trainer:
                     self._diverged(loss.item())
                 logged = None
                 if log_now:
-                    logged = running.item() / running_n
+                    logged = self.strategy.reduce_mean(running / running_n).item()  # over processes, too
                     self.log({"split": "train", "loss": logged, "lr": self.optimizer.param_groups[0]["lr"]})
                     running.zero_()
                     running_n = 0
