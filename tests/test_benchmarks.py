@@ -71,3 +71,11 @@ def test_explain_quick_json():
         assert out[f"{m}_seconds_per_100"] > 0, m
     assert out["lime_batched_speedup_ratio"] > 0 and 0 <= out["random_deletion_auc"] <= 1
     assert 0 <= out["integrated_gradients_deletion_auc"] <= 1
+
+
+@pytest.mark.slow
+def test_distributed_json():
+    out = run_bench(
+        "benchmarks/distributed.py", "--recipe", "recipes/breast_cancer_mlp.yaml", "--steps", "10", "--json"
+    )
+    assert out["ddp_scaling_ratio"] > 0 and out["n_processes"]["steps"] == out["one_process"]["steps"] == 10
