@@ -277,7 +277,8 @@ def build_experiment(recipe: Recipe) -> Experiment:
 
     spec = get_task(recipe.task)
     device = resolve_device(recipe.train.device)
-    rank, world = get_rank(), get_world_size()
+    world = get_world_size()
+    rank = get_rank() if world > 1 else 0  # a lone process is all of the data, whatever RANK says
     if world > 1 and device.type == "cuda":  # one GPU per process under torchrun
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     data, pre = prepare_data(recipe)
