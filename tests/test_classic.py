@@ -5,7 +5,6 @@ ONNX and reloaded like every other model."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -14,13 +13,12 @@ from fastapi.testclient import TestClient
 
 from bigmodel import api
 from bigmodel.config import validate_recipe
-from bigmodel.data.text import load_text, load_tokenizer
-from bigmodel.evaluation.baseline import C_GRID
+from bigmodel.data.text import load_tokenizer
 from bigmodel.evaluation.baseline import run as fit_baseline
 from bigmodel.runs import load_artifact
 from bigmodel.serving.server import create_app
 from conftest import make_image_folder, run_cli
-from test_baseline import write_topics
+from test_baseline import sklearn_pipeline, write_topics
 
 NGRAMS = {"kind": "ngrams", "vocab_size": 1_000_000, "max_length": 65_536, "normalization": "none"}
 
@@ -34,30 +32,6 @@ def tfidf_recipe(path, **model):
         "train": {"batch_size": 32},
         "seed": 3,
     }
-
-
-def sklearn_pipeline(recipe):
-    """TF-IDF + logistic regression written with scikit-learn alone, C chosen on the validation split."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline, make_union
-
-    d = load_text(recipe.data, recipe.seed)
-    best = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for c in C_GRID:
-            est = make_pipeline(
-                make_union(
-                    TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                    TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=2, sublinear_tf=True),
-                ),
-                LogisticRegression(C=c, solver="saga", max_iter=100, random_state=recipe.seed),
-            ).fit(d.train.texts, d.train.y.numpy())
-            acc = float((est.predict(d.val.texts) == d.val.y.numpy()).mean())
-            if best is None or acc > best[0]:
-                best = (acc, c, est)
-    return best[1], best[2], d
 
 
 def test_tfidf_linear_is_scikit_learns_tfidf_and_serves_predicts_and_exports(tmp_path):

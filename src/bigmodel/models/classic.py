@@ -58,6 +58,13 @@ def pooled_sequence(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, std, mn, mx, first, last, lengths.float()[:, None]], dim=1)
 
 
+def table_features(num: torch.Tensor, cat: torch.Tensor, cardinalities: list[int]) -> torch.Tensor:
+    """(numeric (N, Fn), categorical (N, Fc) indices) → (N, Fn + Σ cardinalities): the numbers, then each category
+    one-hot (an index past the known ones counts as the last)."""
+    parts = [num.float()] + [F.one_hot(cat[:, j].clamp(0, c - 1), c).float() for j, c in enumerate(cardinalities)]
+    return torch.cat(parts, dim=1)
+
+
 def set_head(head: nn.Linear, est: Any) -> None:
     """Copy a fitted scikit-learn LogisticRegression into `head` (K outputs): a binary model's one row becomes the
     second class's logit (the first class's is 0), and classes the training split lacked get `ABSENT`."""
@@ -119,11 +126,7 @@ class LinearClassifier(SolvedClassifier):
             return x.flatten(1)
         if self.kind == "sequence":
             return pooled_sequence(inputs[0], inputs[1])
-        num, cat = inputs
-        parts = [num.float()] + [
-            F.one_hot(cat[:, j].clamp(0, c - 1), c).float() for j, c in enumerate(self.cardinalities)
-        ]
-        return torch.cat(parts, dim=1)
+        return table_features(inputs[0], inputs[1], self.cardinalities)
 
     def forward_features(self, *inputs: torch.Tensor) -> torch.Tensor:
         return (self.raw_features(*inputs) - self.mean) / self.scale
@@ -321,10 +324,7 @@ class GradientBoosting(SolvedClassifier):
         self.bias = nn.Parameter(torch.zeros(self.num_classes, device=device))
 
     def raw_features(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
-        parts = [num.float()] + [
-            F.one_hot(cat[:, j].clamp(0, c - 1), c).float() for j, c in enumerate(self.cardinalities)
-        ]
-        return torch.cat(parts, dim=1)
+        return table_features(num, cat, self.cardinalities)
 
     def forward_features(self, num: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
         x = self.raw_features(num, cat)

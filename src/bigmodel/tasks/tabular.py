@@ -76,14 +76,15 @@ class TabularClassification(ClassificationSpec):
         import numpy as np
 
         from bigmodel.evaluation.baseline import from_splits
+        from bigmodel.models.classic import table_features
 
         cards = list(pre.input_shape.get("cardinalities") or [])
 
         def featurize(s: Any) -> np.ndarray:
-            parts = [s.num.float()] if s.num is not None and s.num.shape[1] else []
-            if s.cat is not None:
-                parts += [nn.functional.one_hot(s.cat[:, j].clamp(0, c - 1), c).float() for j, c in enumerate(cards)]
-            return torch.cat(parts, dim=1).numpy() if parts else np.zeros((len(s), 1), dtype=np.float32)
+            num = s.num if s.num is not None else torch.zeros((len(s), 0))
+            cat = s.cat if s.cat is not None else torch.zeros((len(s), 0), dtype=torch.int64)
+            x = table_features(num, cat, cards if s.cat is not None else [])
+            return x.numpy() if x.shape[1] else np.zeros((len(s), 1), dtype=np.float32)
 
         return from_splits("linear", data, split, featurize)
 
