@@ -148,6 +148,12 @@ def test_model_contract(name, shape, request, tmp_path):
     out.float().square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters without a gradient: {missing}"
+    # FSDP2's units: distinct submodules; the Transformer families declare their blocks
+    units = model.shard_units()
+    inside = {id(m) for m in model.modules() if m is not model}
+    assert len({id(u) for u in units}) == len(units) and all(id(u) in inside for u in units)
+    if name in ("gpt", "gpt-classifier", "transformer-classifier", "transformer-seq2seq", "hf"):
+        assert units, f"{name} declares no blocks for FSDP2"
     model.eval()
     with torch.no_grad():
         ref = model(*x)

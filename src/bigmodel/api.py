@@ -83,10 +83,18 @@ class Experiment:
         has_val = validate and self.data.val is not None and len(self.data.val) > 0
         model = self.model if model is None else model
         strategy = None
-        if self.world_size > 1:
+        dist_cfg = self.recipe.train.distributed
+        if self.world_size > 1 and dist_cfg.strategy == "fsdp2":
+            import bigmodel.training.fsdp  # noqa: F401  (registers the `fsdp2` strategy)
+            from bigmodel.training.trainer import resolve_precision
+
+            if dist_cfg.sync_batchnorm:
+                raise UserError("train.distributed.sync_batchnorm applies to strategy ddp, not fsdp2")
+            strategy = get_strategy("fsdp2", param_dtype=resolve_precision(self.recipe.train.precision, self.device))
+        elif self.world_size > 1:
             import bigmodel.training.ddp  # noqa: F401  (registers the `ddp` strategy)
 
-            strategy = get_strategy("ddp", sync_batchnorm=self.recipe.train.distributed.sync_batchnorm)
+            strategy = get_strategy("ddp", sync_batchnorm=dist_cfg.sync_batchnorm)
         return Trainer(
             self.recipe.train,
             model,
@@ -100,6 +108,15 @@ class Experiment:
             channels_last=self.channels_last,
             strategy=strategy,
         )
+
+    def plain_model(self, state: dict[str, Any]) -> Any:
+        """A fresh single-device model of this recipe holding `state` (whole weights gathered from FSDP2 shards)."""
+        from bigmodel.models import build_model
+
+        options = self.model_options if self.model_options is not None else self.recipe.model.options
+        model = build_model(self.recipe.model.name, options, self.preprocess.input_shape, len(self.data.labels))
+        model.load_state_dict(state)
+        return model.to(self.device)
 
 
 def make_loader(
@@ -427,14 +444,16 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
     train_time = trainer.train_time_s
 
     # The artifact, then the final evaluation with exactly what the artifact will reproduce.
+    final = trainer.model
+    if trainer.strategy.sharded:  # FSDP2: gather the whole weights (every rank takes part) into a plain model
+        whole = trainer.strategy.full_model_state(trainer.model)
+        final = exp.plain_model(whole) if is_main_process() else None
     if is_main_process():
         from bigmodel.models.base import ModelBase
 
-        own = trainer.model.artifact_options() if isinstance(trainer.model, ModelBase) else None
+        own = final.artifact_options() if isinstance(final, ModelBase) else None
         options = own if own is not None else (exp.model_options or recipe.model.options)  # hf: LoRA merged
-        save_artifact(
-            run_dir / "model", trainer.model, recipe.task, {"name": recipe.model.name, **options}, exp.preprocess
-        )
+        save_artifact(run_dir / "model", final, recipe.task, {"name": recipe.model.name, **options}, exp.preprocess)
     # Final metrics through the same path as `bigmodel evaluate`: the saved artifact, fp32, so the numbers match.
     split = recipe.eval.split
     metrics = evaluate(run_dir, split, limit=recipe.eval.decode_limit, baseline=False) if is_main_process() else {}

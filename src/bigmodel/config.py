@@ -448,8 +448,15 @@ class DistributedConfig(Strict):
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """`auto`: NCCL when the processes run on CUDA devices, gloo otherwise (CPU)."""
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    """`ddp`: every process holds the whole model and optimizer and the gradients are averaged (models that fit one
+    device). `fsdp2`: `fully_shard` per block (GPT, Transformer and transformers models declare their blocks), so each
+    process holds 1/N of the weights, gradients and optimizer moments; checkpoints are sharded (DCP) and resume on any
+    number of processes; with `train.precision` bf16/fp16 the gathered weights compute in that type and gradients are
+    reduced in fp32."""
     sync_batchnorm: bool = False
-    """Convert BatchNorm layers to SyncBatchNorm: statistics over the global batch, as one process computes them."""
+    """Normalise over the global batch, as one process computes it (strategy ddp): PyTorch's SyncBatchNorm on CUDA,
+    bigmodel's all-reduce BatchNorm elsewhere (gloo on CPU). Off: each process normalises with its own share."""
 
 
 class TrainConfig(Strict):

@@ -61,6 +61,13 @@ class ModelBase(nn.Module):
         """Own optimizer parameter groups (layer-wise learning rates), or None for the default two groups."""
         return None
 
+    def shard_units(self) -> list[nn.Module]:
+        """The repeated blocks FSDP2 shards one by one (`train.distributed.strategy: fsdp2`): each block's full
+        weights are gathered just before its forward and freed after, so a process holds one block whole at a time.
+        What is left (embeddings, heads, norms) is sharded as one unit with the root. Default: none (the whole model
+        is one unit)."""
+        return []
+
     # Generators: how a prompt becomes ids and when generation stops, when the model knows better than the
     # artifact's tokenizer (a pretrained chat model: its template, BOS, end-of-turn ids).
     @property

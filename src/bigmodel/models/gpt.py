@@ -135,6 +135,9 @@ class GPT(ModelBase):
         """The token embedding (explain attributes to its output; the tied LM head reads its weight directly)."""
         return self.tok
 
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def decoder(self, batch: int, use_cache: bool = True) -> GPTDecoder:
         """The incremental decoder `stream` drives (every generating model has one)."""
         return GPTDecoder(self, batch, use_cache)
@@ -331,6 +334,9 @@ class GPTClassifier(Classifier):
         self.pooling = pooling
         self.classifier = nn.Linear(cfg.dim, num_classes)
         self.cfg = cfg
+
+    def shard_units(self) -> list[nn.Module]:
+        return self.gpt.shard_units()
 
     def forward_features(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         ids = ids[:, : self.cfg.max_len]

@@ -271,6 +271,12 @@ class HFModel(Classifier):
     def input_embedding(self) -> nn.Module:
         return self._base().get_input_embeddings()
 
+    def shard_units(self) -> list[nn.Module]:
+        """The layers transformers itself keeps whole when it splits a model (`_no_split_modules`, as Accelerate's
+        device maps do): BertLayer, GPT2Block, LlamaDecoderLayer, ..."""
+        names = set(getattr(self._base(), "_no_split_modules", None) or [])
+        return [m for m in self.hf.modules() if type(m).__name__ in names]
+
     def _layout(self) -> Any:
         base = self._base()
         encoder = hasattr(base, "classifier") and hasattr(base, "dropout")

@@ -157,6 +157,9 @@ class Seq2SeqTransformer(ModelBase):
         self.dec_norm = nn.LayerNorm(d) if cfg.norm_first else nn.Identity()
         self.out = None if cfg.tie_embeddings else nn.Linear(d, spec["tgt_vocab_size"], bias=False)
 
+    def shard_units(self) -> list[nn.Module]:
+        return [*self.encoder, *self.decoder]
+
     @property
     def tgt_embed(self) -> nn.Embedding:
         return self.src_embed if self._tgt_embed is None else self._tgt_embed

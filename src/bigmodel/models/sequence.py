@@ -270,6 +270,9 @@ class TransformerClassifier(Classifier):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, lengths))
 
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def input_embedding(self) -> nn.Module | None:
         """Text: the token embedding; sequences: None (the feature projection acts on the attributed values)."""
         return self.embed if self.text else None

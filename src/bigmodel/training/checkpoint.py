@@ -6,6 +6,13 @@ A checkpoint is a folder `checkpoints/step-00000123/` holding
 - `state.json`: everything else — step, epoch, position in the epoch, optimizer hyper-parameters, early stopping.
 It is written under a temporary name, fsynced, and renamed into place; then `checkpoints/latest` is replaced
 atomically to point at it. A kill at any moment leaves the previous checkpoint intact and `latest` valid.
+
+A sharded checkpoint (FSDP2: every process holds part of the weights and optimizer moments) holds `sharded/` instead
+of `model.safetensors` and the optimizer's tensors: each rank writes its own shards through
+`torch.distributed.checkpoint` (DCP) as safetensors files whose headers say which slice of which tensor they hold, so
+any number of processes — one without torch.distributed, too — reads back the slices it needs (resharding).
+`state.safetensors` and `state.json` are as above (written by rank 0). No pickle: DCP's default `.metadata` file is
+a pickle, so the safetensors-based storage is used instead.
 """
 
 from __future__ import annotations
@@ -60,6 +67,27 @@ def flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict
             else:
                 scalars.setdefault(str(pid), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Split a name-keyed optimizer state (`get_optimizer_state_dict`) into its tensors, nested by parameter name (for
+    DCP), and JSON-able metadata."""
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for name, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors.setdefault(name, {})[k] = v
+            else:
+                scalars.setdefault(name, {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def join_optimizer(tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {name: dict(st) for name, st in tensors.items()}
+    for name, st in meta["scalars"].items():
+        state.setdefault(name, {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -119,8 +147,9 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, other tensors, state) of a checkpoint; the weights are empty for a sharded one (`load_sharded`)."""
     try:
-        model_state = load_file(str(folder / "model.safetensors"))
+        model_state = {} if is_sharded(folder) else load_file(str(folder / "model.safetensors"))
         extra = load_file(str(folder / "state.safetensors"))
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -132,5 +161,72 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
 
 def clean_partial(ckpt_root: Path) -> None:
     """Remove leftovers of checkpoints whose writing was interrupted."""
-    for p in ckpt_root.glob(".tmp-step-*"):
+    for p in ckpt_root.glob(".tmp-step-*"):  # also the sharded ones' (no pid in their name)
         shutil.rmtree(p, ignore_errors=True)
+
+
+def is_sharded(folder: Path) -> bool:
+    return (folder / "sharded").is_dir()
+
+
+def save_sharded_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    shards: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Every rank: write checkpoint `step` with `shards` (nested dicts of DTensors or tensors) through DCP; rank 0
+    adds `extra_tensors` and `state`, renames it into place and moves `latest`. Collective; returns its folder."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    rank0 = dist.get_rank() == 0
+    name = f"step-{step:08d}"
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}"  # one name for all ranks
+    if rank0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    dcp.save(shards, storage_writer=HuggingFaceStorageWriter(str(tmp / "sharded"), save_distributed=True))
+    dist.barrier()  # every rank's files are on disk (DCP fsyncs them)
+    if rank0:
+        _fault("kill_during_checkpoint", step)
+        _save_tensors(extra_tensors, tmp / "state.safetensors")
+        with (tmp / "state.json").open("w", encoding="utf-8") as f:
+            json.dump({"format_version": FORMAT_VERSION, "sharded": True, **state}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp / "sharded")
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(ckpt_root)
+        write_text_atomic(ckpt_root / "latest", name + "\n")
+        fsync_dir(ckpt_root)
+        for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # nobody reads or writes the next checkpoint before this one is in place
+    return final
+
+
+def load_sharded(folder: Path, template: dict[str, Any]) -> None:
+    """Fill `template` (nested dicts of DTensors or tensors, shaped as saved) in place from `folder/sharded`, reading
+    the slices each holds: written by N ranks, read by M (one without a process group, too)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    try:
+        with warnings.catch_warnings():  # one process without a process group: "assuming ... a single process"
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(template, storage_reader=HuggingFaceStorageReader(str(folder / "sharded")))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{folder}: unreadable sharded checkpoint ({str(e).splitlines()[0]})") from None

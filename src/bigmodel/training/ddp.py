@@ -76,15 +76,13 @@ class DDPStrategy(Strategy):
         from torch.nn.parallel import DistributedDataParallel
 
         device = next(model.parameters()).device
-        if self.sync_batchnorm:
-            if device.type == "cpu":  # PyTorch's SyncBatchNorm runs on GPUs (CUDA, XPU) only
-                from bigmodel.errors import UserError
+        if self.sync_batchnorm:  # statistics over the global batch, as one process computes them
+            if device.type == "cpu":  # PyTorch's SyncBatchNorm has GPU kernels only: ours, on plain collectives
+                from bigmodel.training.syncbn import convert
 
-                raise UserError(
-                    "train.distributed.sync_batchnorm needs CUDA devices (PyTorch's SyncBatchNorm has no CPU "
-                    "kernel); on CPU each process normalises with its own share of the batch"
-                )
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                model = convert(model)
+            else:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         return wrapped, optimizer_factory(wrapped.module), train_loader
 
@@ -101,6 +99,12 @@ class DDPStrategy(Strategy):
         v = value.detach().clone()
         dist.all_reduce(v)
         return v / dist.get_world_size()
+
+    def reduce_count(self, value: int) -> int:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t)
+        return int(t.item())
 
     def unwrap(self, train_model: nn.Module) -> nn.Module:
         return train_model.module  # type: ignore[return-value]

@@ -9,11 +9,19 @@ outside a single-device model):
     accumulate(train_model, last)   a context for each micro-batch's backward (DDP skips the all-reduce until last);
     step(train_model, optimizer, grad_clip, scaler)   clip, then the optimizer step;
     reduce_metrics(metrics)         sum the metric state (`metrics.sums()`) across processes, in place;
-    unwrap(train_model)             the plain single-device module: what checkpoints, best weights and artifacts hold;
+    reduce_mean(x) / reduce_count(n)   the mean of a logged scalar, the sum of an example count, over processes;
+    unwrap(train_model)             the module whose state checkpoints, best weights and artifacts hold (the plain
+                                    module; under FSDP2 the sharded module itself);
+    sharded                         whether that state is split across processes: then every rank writes its shard of
+                                    each checkpoint (DCP) and `full_model_state` gathers the artifact's weights;
+    full_model_state(model)         the whole weights as plain tensors (collective where sharded; rank 0's is whole);
+    load_model_state(model, sd)     load whole (or this strategy's own sharded) weights;
+    load_optimizer_state(model, optimizer, sd)   load a whole `optimizer.state_dict()` (parameter-index keyed);
     state_dict() / load_state_dict()   the strategy's own state (a privacy accountant, say), saved in every
                                     checkpoint and restored on resume.
 
-Only `SingleDevice` lives here; DDP / FSDP2 and DP-SGD register as further strategies (`register_strategy`).
+Only `SingleDevice` lives here; DDP (`ddp.py`), FSDP2 (`fsdp.py`) and DP-SGD register as further strategies
+(`register_strategy`).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ class Strategy:
     """The single-process, single-device base: nothing wrapped, nothing reduced. Subclasses override what differs."""
 
     name = "single"
+    sharded = False
 
     def setup(
         self, model: nn.Module, optimizer_factory: OptimizerFactory, train_loader: Any
@@ -68,8 +77,21 @@ class Strategy:
         """The mean of a scalar over processes (the logged training loss). One process: the value."""
         return value
 
+    def reduce_count(self, value: int) -> int:
+        """The sum of an example count over processes (samples seen). One process: the value."""
+        return value
+
     def unwrap(self, train_model: nn.Module) -> nn.Module:
         return train_model
+
+    def full_model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def load_model_state(self, model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(sd)
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+        optimizer.load_state_dict(sd)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-able metadata) of the strategy's own state."""

@@ -30,7 +30,7 @@ from bigmodel.fileio import write_text_atomic
 from bigmodel.models.base import SolvedClassifier
 from bigmodel.training import checkpoint as ckpt
 from bigmodel.training.checkpoint import _fault
-from bigmodel.training.distributed import is_main_process
+from bigmodel.training.distributed import get_world_size, is_main_process
 from bigmodel.training.optim import build_optimizer, decay_and_no_decay, l1_penalty, lr_factor
 from bigmodel.training.strategy import SingleDevice, Strategy
 
@@ -175,6 +175,14 @@ class Trainer:
         self._higher_better = cfg.monitor != "val_loss"
         self._stop = False
         self._limit = False
+        self._multi = get_world_size() > 1
+        self._local_samples = 0  # this process's examples since `state.samples_seen` was last summed over processes
+
+    def _count_samples(self) -> None:
+        """Add the examples every process took since the last count to `state.samples_seen` (global samples: a
+        checkpoint resumed on another number of processes counts on). Collective: called at the same steps on all."""
+        self.state.samples_seen += self.strategy.reduce_count(self._local_samples)
+        self._local_samples = 0
 
     def _limit_reached(self) -> bool:
         cfg = self.cfg
@@ -255,10 +263,12 @@ class Trainer:
                 loss = self.train_step(micro)
                 st.step += 1
                 st.batch_in_epoch += self.accum
-                st.samples_seen += sum(int(b[1].shape[0]) for b in micro)
+                self._local_samples += sum(int(b[1].shape[0]) for b in micro)
                 running += loss
                 running_n += 1
                 log_now = st.step % cfg.log_every == 0
+                if log_now or not self._multi:  # across processes a collective: at log points only
+                    self._count_samples()
                 if (check_every_step or log_now) and not torch.isfinite(loss):
                     self._diverged(loss.item())
                 logged = None
@@ -290,7 +300,8 @@ class Trainer:
                 self._after_eval(metrics)
             self.save_checkpoint()
         if self.best_weights is not None and cfg.select_best:
-            self.model.load_state_dict(self.best_weights)
+            self.strategy.load_model_state(self.model, self.best_weights)
+        self._count_samples()
         self._elapsed_total = time.perf_counter() - self._t_start
         for cb in self.callbacks:
             cb.on_fit_end(self)
@@ -400,14 +411,23 @@ class Trainer:
         return out
 
     def save_checkpoint(self) -> Path | None:
-        if self.checkpoint_dir is None or not is_main_process():
+        self._count_samples()  # every rank saves (or returns below) at the same steps
+        if self.checkpoint_dir is None or not (self.strategy.sharded or is_main_process()):
             return None
-        opt_tensors, opt_meta = ckpt.flatten_optimizer(self.optimizer.state_dict())
-        tensors = {f"optim.{k}": v for k, v in opt_tensors.items()}
+        sharded = self.strategy.sharded  # FSDP2: every rank writes its shards (below)
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+            fqn_sd = get_optimizer_state_dict(self.model, self.optimizer)
+            opt_shards, opt_meta = ckpt.split_optimizer(fqn_sd)
+            tensors: dict[str, torch.Tensor] = {}
+        else:
+            opt_tensors, opt_meta = ckpt.flatten_optimizer(self.optimizer.state_dict())
+            tensors = {f"optim.{k}": v for k, v in opt_tensors.items()}
         strategy_tensors, strategy_meta = self.strategy.state_dict()
         tensors.update({f"strategy.{k}": v for k, v in strategy_tensors.items()})
         tensors.update(self._rng_tensors())
-        if self.best_weights is not None:
+        if self.best_weights is not None and not sharded:
             tensors.update({f"best.{k}": v for k, v in self.best_weights.items()})
         if self.scaler is not None:
             opt_meta["scaler"] = {
@@ -418,7 +438,16 @@ class Trainer:
             "optimizer": opt_meta,
             "elapsed_s": time.perf_counter() - self._t_start,
             "strategy": strategy_meta,
+            "has_best": self.best_weights is not None,
         }
+        if sharded:
+            shards = {"model": get_model_state_dict(self.model), "optim": opt_shards}
+            if self.best_weights is not None:
+                shards["best"] = self.best_weights
+            self.last_checkpoint = ckpt.save_sharded_checkpoint(
+                self.checkpoint_dir, self.state.step, shards, tensors, state, keep=self.cfg.keep_checkpoints
+            )
+            return self.last_checkpoint
         self.last_checkpoint = ckpt.save_checkpoint(
             self.checkpoint_dir,
             self.state.step,
@@ -432,10 +461,15 @@ class Trainer:
     def resume(self, folder: Path) -> None:
         """Restore everything from a checkpoint folder; `fit()` then continues exactly where it stopped."""
         model_state, extra, state = ckpt.load_checkpoint(folder)
-        self.model.load_state_dict(model_state)
-        opt_tensors = {k.removeprefix("optim."): v for k, v in extra.items() if k.startswith("optim.")}
-        opt_sd = ckpt.unflatten_optimizer(opt_tensors, state["optimizer"])
-        self.optimizer.load_state_dict(opt_sd)
+        best: dict[str, torch.Tensor] = {}
+        if ckpt.is_sharded(folder):  # written by N ranks under FSDP2: read back on any number, FSDP2 or not
+            best = self._load_sharded(folder, state)
+        else:
+            self.strategy.load_model_state(self.model, model_state)
+            opt_tensors = {k.removeprefix("optim."): v for k, v in extra.items() if k.startswith("optim.")}
+            opt_sd = ckpt.unflatten_optimizer(opt_tensors, state["optimizer"])
+            self.strategy.load_optimizer_state(self.model, self.optimizer, opt_sd)
+            best = {k.removeprefix("best."): v.to(self.device) for k, v in extra.items() if k.startswith("best.")}
         # Keep optimizer moments in their parameter's memory format (channels_last kernels were saved contiguous).
         for group in self.optimizer.param_groups:
             for p in group["params"]:
@@ -444,8 +478,7 @@ class Trainer:
                         self.optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
         if self.scaler is not None and "scaler" in state["optimizer"]:
             self.scaler.load_state_dict(state["optimizer"]["scaler"])
-        best = {k.removeprefix("best."): v for k, v in extra.items() if k.startswith("best.")}
-        self.best_weights = {k: v.to(self.device) for k, v in best.items()} or None
+        self.best_weights = best or None
         torch.set_rng_state(extra["rng.torch"])
         if torch.cuda.is_available():
             cuda_states = [extra[k] for k in sorted(extra) if k.startswith("rng.cuda.")]
@@ -456,6 +489,27 @@ class Trainer:
         self.state = TrainState(**state["train_state"])
         self._elapsed_before = self._elapsed_total = float(state.get("elapsed_s", 0.0))
         self.last_checkpoint = folder
+
+    def _load_sharded(self, folder: Path, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Weights and optimizer state from a sharded checkpoint, resharded onto this run's processes (the distributed
+        state-dict API shapes the template: DTensor shards under FSDP2, whole tensors otherwise). Returns the best
+        weights so far ({} when none were kept)."""
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        model_sd = get_model_state_dict(self.model)
+        opt_shards, _ = ckpt.split_optimizer(get_optimizer_state_dict(self.model, self.optimizer))
+        template: dict[str, Any] = {"model": model_sd, "optim": opt_shards}
+        if state.get("has_best"):
+            template["best"] = {k: v.detach().clone() for k, v in model_sd.items()}
+        ckpt.load_sharded(folder, template)
+        set_model_state_dict(self.model, template["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, ckpt.join_optimizer(template["optim"], state["optimizer"]))
+        return template.get("best", {})
 
     @staticmethod
     def truncate_log(run_dir: Path, step: int) -> None:
