@@ -1,11 +1,13 @@
-"""Distributed data parallel: training samples/s of 1 process against N processes (`--nproc-per-node N`, each with
+"""Distributed training (DDP or FSDP2): training samples/s of 1 process against N processes (`--nproc-per-node N`, each with
 an equal share of the cores) on this machine, through the real CLI, same recipe and global batch; on a CUDA machine
 the N processes take one GPU each. Prints the environment and a table; `--json` prints one object with
-`ddp_scaling_ratio` (N-process samples/s over 1-process samples/s: on one CPU the work is the same, so 1.0 means
-DDP costs nothing; on N GPUs the ideal is N) and the largest weight difference between the two runs.
+`ddp_scaling_ratio` (or `fsdp2_scaling_ratio` with `--strategy fsdp2`: N-process samples/s over 1-process
+samples/s; on one CPU the work is the same, so 1.0 means the strategy costs nothing; on N GPUs the ideal is N) and the
+largest weight difference between the two runs.
 
-    python benchmarks/distributed.py [--recipe recipes/quickstart.yaml] [--nproc 2] [--steps 300] [--json]
-        [key=value ...]
+    python benchmarks/distributed.py [--recipe recipes/quickstart.yaml] [--nproc 2] [--steps 300]
+        [--strategy ddp|fsdp2] [--json] [key=value ...]
+    python benchmarks/distributed.py --recipe recipes/shakespeare_char_gpt.yaml --strategy fsdp2
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def run(recipe: str, out: Path, overrides: list[str], nproc: int) -> dict:
         "train_time_s": summary["train_time_s"],
         "samples_per_s": summary["steps"] * batch / summary["train_time_s"],
         "accuracy": summary["metrics"].get("accuracy"),
+        "loss": summary["metrics"].get("loss"),
     }
 
 
@@ -48,10 +51,12 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/quickstart.yaml")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps per run (train.max_steps)")
+    ap.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     overrides = ["train.epochs=1", f"train.max_steps={args.steps}", "train.baseline=false", *args.overrides]
+    overrides.append(f"train.distributed.strategy={args.strategy}")
     env = environment()
     with tempfile.TemporaryDirectory() as tmp:
         one = run(args.recipe, Path(tmp) / "one", overrides, 1)
@@ -66,9 +71,10 @@ def main() -> None:
         "environment": env,
         "recipe": args.recipe,
         "nproc": args.nproc,
+        "strategy": args.strategy,
         "one_process": one,
         "n_processes": many,
-        "ddp_scaling_ratio": round(ratio, 4),
+        f"{args.strategy}_scaling_ratio": round(ratio, 4),
         "max_weight_diff": diff,
     }
     if args.json:
@@ -76,13 +82,13 @@ def main() -> None:
         return
     print_env(env)
     print_table(
-        ["processes", "steps", "train s", "samples/s", "test accuracy"],
+        ["processes", "steps", "train s", "samples/s", "test accuracy", "test loss"],
         [
-            [1, one["steps"], one["train_time_s"], one["samples_per_s"], one["accuracy"]],
-            [args.nproc, many["steps"], many["train_time_s"], many["samples_per_s"], many["accuracy"]],
+            [n, r["steps"], r["train_time_s"], r["samples_per_s"], r["accuracy"], r["loss"]]
+            for n, r in ((1, one), (args.nproc, many))
         ],
     )
-    print(f"ddp_scaling_ratio {ratio:.3f}  (N-process samples/s / 1-process; max weight difference {diff:.2e})")
+    print(f"{args.strategy}_scaling_ratio {ratio:.3f}  (N-process samples/s / 1-process; max weight difference {diff:.2e})")
 
 
 if __name__ == "__main__":

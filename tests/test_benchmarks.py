@@ -79,3 +79,6 @@ def test_distributed_json():
         "benchmarks/distributed.py", "--recipe", "recipes/breast_cancer_mlp.yaml", "--steps", "10", "--json"
     )
     assert out["ddp_scaling_ratio"] > 0 and out["n_processes"]["steps"] == out["one_process"]["steps"] == 10
+    gpt = ["--recipe", "recipes/shakespeare_char_gpt.yaml", "--steps", "4", "--strategy", "fsdp2", "--json"]
+    out = run_bench("benchmarks/distributed.py", *gpt, "data.batches_per_epoch=4", "model.num_layers=1")
+    assert out["fsdp2_scaling_ratio"] > 0 and out["n_processes"]["loss"] > 0
