@@ -1,6 +1,6 @@
-"""Distributed training (DDP or FSDP2): training samples/s of 1 process against N processes (`--nproc-per-node N`, each with
-an equal share of the cores) on this machine, through the real CLI, same recipe and global batch; on a CUDA machine
-the N processes take one GPU each. Prints the environment and a table; `--json` prints one object with
+"""Distributed training (DDP or FSDP2): training samples/s of 1 process against N processes (`--nproc-per-node N`,
+each with an equal share of the cores) on this machine, through the real CLI, same recipe and global batch; on a
+CUDA machine the N processes take one GPU each. Prints the environment and a table; `--json` prints one object with
 `ddp_scaling_ratio` (or `fsdp2_scaling_ratio` with `--strategy fsdp2`: N-process samples/s over 1-process
 samples/s; on one CPU the work is the same, so 1.0 means the strategy costs nothing; on N GPUs the ideal is N) and the
 largest weight difference between the two runs.
@@ -88,7 +88,10 @@ def main() -> None:
             for n, r in ((1, one), (args.nproc, many))
         ],
     )
-    print(f"{args.strategy}_scaling_ratio {ratio:.3f}  (N-process samples/s / 1-process; max weight difference {diff:.2e})")
+    print(
+        f"{args.strategy}_scaling_ratio {ratio:.3f}  (N-process samples/s / 1-process; "
+        f"max weight difference {diff:.2e})"
+    )
 
 
 if __name__ == "__main__":

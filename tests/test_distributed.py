@@ -80,6 +80,15 @@ def test_two_processes_give_one_process_weights(recipe_file, single, tmp_path):
     assert max_diff(weights(single), weights(acc)) < 1e-6
 
 
+def test_a_time_limit_stops_every_process_after_the_same_step(recipe_file, tmp_path):
+    """`train.time_limit_s` over 2 processes: they agree at a log point and stop together (no rank left waiting)."""
+    out = tmp_path / "limited"
+    train(recipe_file, out, "train.time_limit_s=0.001", "train.log_every=3", "--nproc-per-node", "2")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3  # the first log point after the limit passed
+
+
+@pytest.mark.slow  # the module itself is checked against BatchNorm below, in the default run
 def test_sync_batchnorm_on_cpu_gives_one_process_weights(recipe_file, tmp_path):
     """BatchNorm over the global batch on gloo (`train.distributed.sync_batchnorm`): 2 processes = 1 process. Without
     it each process normalises its half batch, and the weights differ by ~0.07."""
@@ -310,3 +319,22 @@ def test_fsdp2_checkpoints_reshard_and_a_killed_worker_resumes_exactly(gpt_singl
         assert [r["step"] for r in logs] == [r["step"] for r in ref]
         for a, b in zip(logs, ref, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL): none here"
+)
+def test_nccl_on_two_gpus(recipe_file, tmp_path):
+    """The same recipes on 2 GPUs under NCCL (backend auto): DDP agrees with one GPU, FSDP2 trains the GPT and its
+    sharded checkpoint resumes on one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(recipe_file, one, "train.device=cuda")
+    train(recipe_file, two, "train.device=cuda", "--nproc-per-node", "2")
+    assert json.loads((two / "env.json").read_text())["world_size"] == 2
+    assert max_diff(weights(one), weights(two)) < 1e-4  # GPU reductions are not bit-reproducible
+    fsdp = tmp_path / "fsdp2"
+    env = {"BIGMODEL_FAULT": "kill_after_step:6"}
+    fsdp_args = ["train.device=cuda", "train.distributed.strategy=fsdp2", "--nproc-per-node", "2"]
+    train_gpt(fsdp, *fsdp_args, env=env, check=False)
+    run_cli("train", "--resume", str(fsdp), "--no-progress", check=True)
+    assert json.loads((fsdp / "summary.json").read_text())["steps"] == 12

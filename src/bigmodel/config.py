@@ -502,7 +502,8 @@ class TrainConfig(Strict):
     max_steps: Annotated[int, Field(ge=1)] | None = None
     """Stop after this many optimizer steps (schedules end there); evaluates once more on the way out."""
     time_limit_s: Annotated[float, Field(gt=0.0)] | None = None
-    """Stop after this many seconds of training (schedules still span the full run); evaluates once more."""
+    """Stop after this many seconds of training (schedules still span the full run); evaluates once more. Over
+    several processes the limit is checked at log points (`log_every`), where they agree to stop together."""
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     baseline: bool = True
     """Classification: also fit the task's classic baseline (TF-IDF + logistic regression for text, logistic

@@ -188,7 +188,16 @@ class Trainer:
         cfg = self.cfg
         if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
             return True
-        return cfg.time_limit_s is not None and time.perf_counter() - self._t_start >= cfg.time_limit_s
+        if cfg.time_limit_s is None:
+            return False
+        over = time.perf_counter() - self._t_start >= cfg.time_limit_s
+        if not self._multi:
+            return over
+        # Processes' clocks differ: they agree at log points (any process over the limit stops them all), so every
+        # process stops after the same step and none waits on a collective the others left.
+        if self.state.step % cfg.log_every:
+            return False
+        return self.strategy.reduce_count(int(over)) > 0
 
     @property
     def train_time_s(self) -> float:
