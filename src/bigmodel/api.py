@@ -95,6 +95,10 @@ class Experiment:
             import bigmodel.training.ddp  # noqa: F401  (registers the `ddp` strategy)
 
             strategy = get_strategy("ddp", sync_batchnorm=dist_cfg.sync_batchnorm)
+        if self.recipe.privacy.dp is not None:
+            if self.world_size > 1:
+                raise UserError("privacy.dp runs in one process so far; train it without --nproc-per-node / torchrun")
+            strategy = self._dp_strategy()
         return Trainer(
             self.recipe.train,
             model,
@@ -107,6 +111,26 @@ class Experiment:
             callbacks=callbacks,
             channels_last=self.channels_last,
             strategy=strategy,
+        )
+
+    def _dp_strategy(self) -> Any:
+        """DP-SGD over this experiment's training split: the sampling rate and planned steps fix the noise."""
+        import bigmodel.privacy.dp  # noqa: F401  (registers the `dp-sgd` strategy)
+        from bigmodel.training.strategy import get_strategy
+        from bigmodel.training.trainer import planned_epochs
+
+        cfg = self.recipe.train
+        loader = self.loader("train", train=True)
+        steps_per_epoch = len(loader)
+        total = steps_per_epoch * planned_epochs(cfg, steps_per_epoch)
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        return get_strategy(
+            "dp-sgd",
+            cfg=self.recipe.privacy.dp,
+            num_examples=len(self.data.train),
+            batch_size=cfg.batch_size,
+            total_steps=total,
         )
 
     def plain_model(self, state: dict[str, Any]) -> Any:
@@ -308,6 +332,10 @@ def build_experiment(recipe: Recipe) -> Experiment:
         raise UserError(f"model.name {recipe.model.name!r}: {e}") from None
     if init is not None:
         load_pretrained(model, init, recipe)
+    if recipe.privacy.dp is not None:  # layers without per-example gradients → ones with (recorded in the artifact)
+        from bigmodel.privacy.dp import fix_model
+
+        model = fix_model(model)
     task = spec.objective(recipe, data, len(data.labels), data.labels)
     cl = recipe.train.channels_last
     channels_last = get_model(recipe.model.name).can(Capability.CONVNET) if cl == "auto" else bool(cl)
@@ -453,7 +481,11 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
 
         own = final.artifact_options() if isinstance(final, ModelBase) else None
         options = own if own is not None else (exp.model_options or recipe.model.options)  # hf: LoRA merged
-        save_artifact(run_dir / "model", final, recipe.task, {"name": recipe.model.name, **options}, exp.preprocess)
+        privacy = trainer.strategy.summary()
+        extra = {"model_fix": "opacus", "privacy": privacy} if recipe.privacy.dp is not None else None
+        save_artifact(
+            run_dir / "model", final, recipe.task, {"name": recipe.model.name, **options}, exp.preprocess, extra=extra
+        )
     # Final metrics through the same path as `bigmodel evaluate`: the saved artifact, fp32, so the numbers match.
     split = recipe.eval.split
     metrics = evaluate(run_dir, split, limit=recipe.eval.decode_limit, baseline=False) if is_main_process() else {}
@@ -477,6 +509,8 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
             "stopped_early": state.stopped_early,
             "best": {"monitor": recipe.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
         }
+        if trainer.strategy.summary() is not None:
+            summary["privacy"] = trainer.strategy.summary()
         if baseline is not None:
             summary["baseline"] = baseline
         write_json_atomic(run_dir / "summary.json", summary)

@@ -183,7 +183,12 @@ class Artifact:
         entry = get_model(name)
 
         def build() -> Any:
-            return build_model(name, model_cfg, self.config["input_shape"], self.config["num_classes"])
+            model = build_model(name, model_cfg, self.config["input_shape"], self.config["num_classes"])
+            if self.config.get("model_fix") == "opacus":  # trained with DP-SGD: the same layer replacements
+                from bigmodel.privacy.dp import fix_model
+
+                model = fix_model(model)
+            return model
 
         runtime = runtime_name(self.config)
         if runtime is not None:  # e.g. an ONNX Runtime graph or int8 kernels (registered by deploy/)

@@ -556,6 +556,41 @@ class EvalConfig(Strict):
 
 
 # --------------------------------------------------------------------------------------------------------- recipe
+class DPConfig(Strict):
+    """Differentially private training (DP-SGD, Opacus): every example's gradient is clipped to `max_grad_norm`,
+    Gaussian noise of `noise_multiplier` x `max_grad_norm` is added to their sum, and batches are drawn by Poisson
+    sampling (each example joins each batch with probability batch_size / N), so the privacy accountant's (ε, δ) holds.
+    Give `target_epsilon` (the noise is chosen so the whole planned run spends at most it) or a fixed
+    `noise_multiplier`."""
+
+    target_epsilon: Annotated[float, Field(gt=0.0)] | None = None
+    noise_multiplier: Annotated[float, Field(gt=0.0)] | None = None
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5
+    """δ of (ε, δ)-DP; keep it below 1 / (training examples)."""
+    max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
+    """The bound every example's gradient is clipped to (the L2 norm over all parameters)."""
+    accountant: Literal["prv", "rdp", "gdp"] = "prv"
+    """How ε is computed from (σ, sampling rate, steps): `prv` (numerical composition of privacy loss random
+    variables, the tightest), `rdp` (Rényi DP), `gdp` (Gaussian DP, an approximation)."""
+    clipping: Literal["flat", "per_layer"] = "flat"
+    """`per_layer`: each parameter's per-example gradient is clipped to max_grad_norm / sqrt(#parameters), so the
+    whole gradient stays within max_grad_norm."""
+    grad_sample_mode: Literal["hooks", "ew", "functorch"] = "hooks"
+    """How per-example gradients are computed: `hooks` (Opacus' module hooks), `ew` (expanded weights),
+    `functorch` (vmap over any module)."""
+
+    @model_validator(mode="after")
+    def _one_noise(self) -> DPConfig:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("privacy.dp: give exactly one of target_epsilon and noise_multiplier")
+        return self
+
+
+class PrivacyConfig(Strict):
+    dp: DPConfig | None = None
+    """DP-SGD for classification recipes (needs the `privacy` extra: Opacus)."""
+
+
 class Recipe(Strict):
     """The whole program: what to learn (task), from what (data), with what (model), how (train, eval), seed."""
 
@@ -569,6 +604,7 @@ class Recipe(Strict):
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
 
     @model_validator(mode="after")
@@ -596,6 +632,21 @@ class Recipe(Strict):
         if not isinstance(self.data, spec.data_config):
             raise ValueError(f"data: task {self.task!r} takes a {spec.data_config.__name__} block")
         spec.check_recipe(self)  # the task's own cross-field checks and defaults
+        if self.privacy.dp is not None:
+            if spec.generative or self.task == "translation" or get_model(self.model.name).can("solved"):
+                raise ValueError(
+                    f"privacy.dp trains classifiers by gradient steps; task {self.task!r} with model "
+                    f"{self.model.name!r} is not one"
+                )
+            if getattr(self.data, "balance", "none") in ("oversample", "undersample"):
+                raise ValueError("privacy.dp samples batches by Poisson sampling; set data.balance to none")
+            if self.train.grad_accum_steps != 1:
+                raise ValueError(
+                    "privacy.dp: train.grad_accum_steps must be 1 (Poisson-sampled batches are logical "
+                    "batches; accumulating several would change the sampling rate)"
+                )
+            if self.train.grad_clip is not None:
+                raise ValueError("privacy.dp: remove train.grad_clip (privacy.dp.max_grad_norm clips each example)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -79,7 +79,7 @@ class SamplingPlan:
         world_size: int = 1,
     ) -> SamplingPlan:
         """The plan of a labelled split: in order, shuffled, or class-balanced (`sampling` oversample/undersample)."""
-        if sampling not in ("none", "oversample", "undersample"):
+        if sampling not in ("none", "oversample", "undersample", "poisson"):
             raise ValueError(f"unknown sampling {sampling!r}")
         mode = sampling if sampling != "none" else ("permutation" if shuffle else "sequential")
         return cls(
@@ -88,7 +88,7 @@ class SamplingPlan:
             batch_size=batch_size,
             seed=seed,
             drop_last=drop_last,
-            labels=labels if sampling != "none" else None,
+            labels=labels if sampling in ("oversample", "undersample") else None,
             rank=rank,
             world_size=world_size,
         )

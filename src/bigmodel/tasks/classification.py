@@ -147,9 +147,12 @@ class ClassificationSpec(TaskSpec):
 
     @staticmethod
     def loader_kwargs(recipe: Any, opts: LoaderOptions) -> dict[str, Any]:
-        """A classification loader's arguments: shuffled and balanced (`data.balance`) when training."""
+        """A classification loader's arguments: shuffled and balanced (`data.balance`) when training; Poisson-sampled
+        under `privacy.dp`."""
         balance = recipe.data.balance
         sampling = balance if opts.train and balance in ("oversample", "undersample") else "none"
+        if opts.train and recipe.privacy.dp is not None:  # DP-SGD: each example joins each batch with prob. B / N
+            sampling = "poisson"
         return {"shuffle": opts.train, "sampling": sampling, **opts.plan_kwargs(recipe)}
 
 

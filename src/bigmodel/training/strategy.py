@@ -17,6 +17,7 @@ outside a single-device model):
     full_model_state(model)         the whole weights as plain tensors (collective where sharded; rank 0's is whole);
     load_model_state(model, sd)     load whole (or this strategy's own sharded) weights;
     load_optimizer_state(model, optimizer, sd)   load a whole `optimizer.state_dict()` (parameter-index keyed);
+    log_fields() / summary()        what the training log and summary.json / the artifact record (DP: ε, δ, σ);
     state_dict() / load_state_dict()   the strategy's own state (a privacy accountant, say), saved in every
                                     checkpoint and restored on resume.
 
@@ -92,6 +93,14 @@ class Strategy:
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
         optimizer.load_state_dict(sd)
+
+    def log_fields(self) -> dict[str, Any]:
+        """Extra fields of each training log record (DP-SGD: ε spent so far)."""
+        return {}
+
+    def summary(self) -> dict[str, Any] | None:
+        """What the run's summary.json and artifact record about the strategy (DP-SGD: ε, δ, σ, q, steps), or None."""
+        return None
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-able metadata) of the strategy's own state."""

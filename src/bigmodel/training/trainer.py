@@ -229,6 +229,8 @@ class Trainer:
             with self.strategy.accumulate(self.train_model, last=i == n - 1):
                 with self.autocast():
                     loss = self.task.loss(self.train_model, batch)
+                if batch[1].shape[0] == 0:  # an empty Poisson-sampled batch (DP-SGD): no examples, no loss
+                    loss = loss.nan_to_num(0.0)
                 if self.l1_params:
                     loss = loss + self.cfg.l1 * l1_penalty(self.l1_params)
                 scaled = loss / n if n > 1 else loss
@@ -283,7 +285,8 @@ class Trainer:
                 logged = None
                 if log_now:
                     logged = self.strategy.reduce_mean(running / running_n).item()  # over processes, too
-                    self.log({"split": "train", "loss": logged, "lr": self.optimizer.param_groups[0]["lr"]})
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.log({"split": "train", "loss": logged, "lr": lr, **self.strategy.log_fields()})
                     running.zero_()
                     running_n = 0
                 for cb in self.callbacks:

@@ -1,0 +1,1 @@
+"""Privacy: differentially private training (DP-SGD, `dp.py`)."""

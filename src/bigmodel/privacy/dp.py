@@ -1,0 +1,193 @@
+"""DP-SGD as a Trainer strategy (`privacy.dp`), on Opacus.
+
+What makes a run (ε, δ)-differentially private, and where each piece lives:
+- **Poisson sampling**: the training loader draws every batch by including each example with probability
+  q = batch_size / N (`SamplingPlan` mode `poisson`, seeded by (seed, epoch, batch): batches vary in size and may be
+  empty, and a resumed run draws the same ones);
+- **per-example clipping and noise**: the model is wrapped for per-example gradients (Opacus' `GradSampleModule`:
+  hooks, expanded weights or functorch), and the optimizer is wrapped in Opacus' `DPOptimizer`, which clips each
+  example's gradient to `max_grad_norm`, adds N(0, σ² max_grad_norm²) noise to the sum and divides by the expected
+  batch size. The noise is drawn from the torch RNG, which every checkpoint holds, so resume is exact;
+- **accounting**: after every step the accountant (PRV, RDP or GDP) records (σ, q); ε is logged with the training
+  loss, and (ε, δ, σ, q, steps) go into summary.json and the artifact. The accountant's history is the strategy's
+  checkpoint state.
+Layers Opacus cannot compute per-example gradients for are replaced before training (`fix_model`: BatchNorm1d →
+GroupNorm with one group, BatchNorm2d → GroupNorm, LSTM → DPLSTM, MultiheadAttention → DPMultiheadAttention;
+in-place activations made out-of-place); the artifact records it, so loading it replays the same replacement.
+Anything else is a one-line recipe error naming the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigmodel.errors import UserError
+from bigmodel.training.strategy import OptimizerFactory, Strategy, register_strategy
+
+FIX = "opacus"  # the artifact's `model_fix` value: replay `fix_model` when loading
+
+
+def require_opacus() -> None:
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "privacy.dp needs Opacus: pip install 'bigmodel[privacy]' (bash scripts/setup.sh installs it)"
+        ) from None
+
+
+def fix_model(model: nn.Module) -> nn.Module:
+    """`model` with the layers Opacus cannot handle replaced by ones it can (deterministic, so an artifact's loader
+    replays it on a freshly built model); a layer it cannot fix → UserError naming it."""
+    require_opacus()
+    from opacus.validators import ModuleValidator
+
+    fixed = _batchnorm1d_to_groupnorm(model)
+    fixed = ModuleValidator.fix(fixed)
+    for m in fixed.modules():  # in-place activations break per-example gradient hooks (a view modified in place)
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+    errors = ModuleValidator.validate(fixed, strict=False)
+    if errors:
+        raise UserError(f"privacy.dp: {errors[0]} (Opacus cannot compute per-example gradients for it)")
+    for name, m in fixed.named_modules():
+        if isinstance(m, nn.EmbeddingBag):  # no per-example gradients in any Opacus mode (measured: hooks, ew, vmap)
+            raise UserError(
+                f"privacy.dp: layer {name!r} (EmbeddingBag) has no per-example gradients in Opacus; train a model "
+                "with a plain embedding (transformer-classifier, lstm-classifier, gru-classifier) instead"
+            )
+    return fixed
+
+
+def check_mode(model: nn.Module, mode: str) -> None:
+    """Layers that fail in one per-example gradient mode but work in another (measured with Opacus 1.6)."""
+    from opacus.layers import DPRNN
+
+    for name, m in model.named_modules():
+        if isinstance(m, DPRNN) and mode != "ew":
+            raise UserError(
+                f"privacy.dp.grad_sample_mode {mode!r}: layer {name!r} (a vanilla RNN, as DPRNN) fails in this mode; "
+                "use grad_sample_mode: ew"
+            )
+
+
+def _batchnorm1d_to_groupnorm(module: nn.Module) -> nn.Module:
+    """BatchNorm1d → GroupNorm with one group (a LayerNorm over the features, with BatchNorm's affine parameters).
+    Opacus' own fix uses min(32, C) groups, which on an (N, C) input leaves one value per group: every feature is
+    normalised to 0 and the layer outputs its bias alone (an MLP trained that way predicts one class)."""
+    if isinstance(module, nn.BatchNorm1d):
+        return nn.GroupNorm(1, module.num_features, eps=module.eps, affine=module.affine)
+    for name, child in module.named_children():
+        setattr(module, name, _batchnorm1d_to_groupnorm(child))
+    return module
+
+
+def epsilon_of(history: list[tuple[float, float, int]], accountant: str, delta: float) -> float:
+    """ε after the steps in `history` [(σ, q, steps), ...] for `accountant` at `delta` (recomputed from scratch)."""
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(accountant)
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta))
+
+
+class DPSGDStrategy(Strategy):
+    """Per-example clipping and Gaussian noise (Opacus), with the accountant stepping after every optimizer step."""
+
+    name = "dp-sgd"
+
+    def __init__(self, cfg: Any, *, num_examples: int, batch_size: int, total_steps: int) -> None:
+        require_opacus()
+        from opacus.accountants import create_accountant
+        from opacus.accountants.utils import get_noise_multiplier
+
+        self.cfg = cfg
+        self.sample_rate = min(1.0, batch_size / max(1, num_examples))
+        self.batch_size = batch_size
+        self.total_steps = total_steps
+        if cfg.noise_multiplier is not None:
+            self.sigma = float(cfg.noise_multiplier)
+        else:
+            self.sigma = float(
+                get_noise_multiplier(
+                    target_epsilon=cfg.target_epsilon,
+                    target_delta=cfg.delta,
+                    sample_rate=self.sample_rate,
+                    steps=max(1, total_steps),
+                    accountant=cfg.accountant,
+                    epsilon_tolerance=0.01,
+                )
+            )
+        self.accountant = create_accountant(cfg.accountant)
+
+    def setup(
+        self, model: nn.Module, optimizer_factory: OptimizerFactory, train_loader: Any
+    ) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        import warnings
+
+        from opacus.grad_sample.utils import wrap_model
+        from opacus.optimizers import get_optimizer_class
+
+        # Opacus' hooks fire on module outputs when the inputs need no gradient (the first layer): expected, not news.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        check_mode(model, self.cfg.grad_sample_mode)
+        try:
+            wrapped = wrap_model(model, self.cfg.grad_sample_mode, batch_first=True, loss_reduction="mean")
+        except NotImplementedError as e:  # a layer without per-example gradients in this mode
+            raise UserError(f"privacy.dp.grad_sample_mode {self.cfg.grad_sample_mode!r}: {e}") from None
+        optimizer = optimizer_factory(model)
+        cls = get_optimizer_class(self.cfg.clipping, distributed=False, grad_sample_mode=self.cfg.grad_sample_mode)
+        norm: Any = self.cfg.max_grad_norm
+        if self.cfg.clipping == "per_layer":  # each parameter's share, so the whole gradient stays within the norm
+            n = sum(len(g["params"]) for g in optimizer.param_groups)
+            norm = [self.cfg.max_grad_norm / math.sqrt(n)] * n
+        dp_optimizer = cls(
+            optimizer,
+            noise_multiplier=self.sigma,
+            max_grad_norm=norm,
+            expected_batch_size=self.batch_size,
+            loss_reduction="mean",
+        )
+        return wrapped, dp_optimizer, train_loader
+
+    def step(self, train_model: nn.Module, optimizer: Any, grad_clip: float | None, scaler: Any) -> None:
+        optimizer.step()  # clip each example, add noise, average over the expected batch size, then step
+        self.accountant.step(noise_multiplier=self.sigma, sample_rate=self.sample_rate)
+
+    def unwrap(self, train_model: nn.Module) -> nn.Module:
+        return train_model._module  # type: ignore[return-value]
+
+    def epsilon(self) -> float:
+        return float(self.accountant.get_epsilon(self.cfg.delta)) if self.accountant.history else 0.0
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"epsilon": self.epsilon()}
+
+    def summary(self) -> dict[str, Any]:
+        steps = sum(h[2] for h in self.accountant.history)
+        return {
+            "mechanism": "dp-sgd",
+            "epsilon": self.epsilon(),
+            "delta": self.cfg.delta,
+            "noise_multiplier": self.sigma,
+            "sample_rate": self.sample_rate,
+            "steps": steps,
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "clipping": self.cfg.clipping,
+            "accountant": self.cfg.accountant,
+            "target_epsilon": self.cfg.target_epsilon,
+            "history": [list(h) for h in self.accountant.history],
+        }
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"accountant_history": [list(h) for h in self.accountant.history], "noise_multiplier": self.sigma}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in meta.get("accountant_history", [])]
+
+
+register_strategy("dp-sgd", DPSGDStrategy)

@@ -1,0 +1,102 @@
+"""DP-SGD (`privacy.dp`, Opacus): the printed ε is the accountant's ε recomputed from (σ, q, steps) and stays within
+the target; Poisson-sampled batches (empty ones too) train; a resumed DP run equals an uninterrupted one bit for bit;
+layers are fixed for per-example gradients and the artifact replays the fix; unsupported layers are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+
+pytest.importorskip("opacus", reason="the privacy extra (Opacus) is not installed")
+
+RECIPE = str(ROOT / "recipes" / "breast_cancer_mlp.yaml")  # an MLP with BatchNorm and dropout
+SMALL = ["train.epochs=3", "data.limit_train=200", "train.checkpoint_every=7", "train.log_every=5"]
+
+
+def train(out, *args, env=None, check=True):
+    return run_cli("train", RECIPE, *SMALL, *args, "--out", str(out), "--no-progress", env=env, check=check)
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp") / "run"
+    train(out, "privacy.dp.target_epsilon=3", "privacy.dp.accountant=rdp")
+    return out
+
+
+def test_epsilon_is_the_accountants_and_within_the_target(dp_run):
+    from bigmodel.privacy.dp import epsilon_of
+
+    p = json.loads((dp_run / "summary.json").read_text())["privacy"]
+    assert p["accountant"] == "rdp" and p["delta"] == 1e-5 and p["steps"] == 18  # 3 epochs x 200 // 32 batches
+    assert p["sample_rate"] == pytest.approx(32 / 200)
+    # recomputed from (σ, q, steps) alone, by a fresh accountant
+    assert abs(epsilon_of([[p["noise_multiplier"], p["sample_rate"], 18]], "rdp", 1e-5) - p["epsilon"]) < 1e-6
+    assert 2.9 < p["epsilon"] <= 3.0
+    # ε spent so far is logged with the training loss, growing
+    logged = [r for r in map(json.loads, (dp_run / "metrics.jsonl").read_text().splitlines()) if "epsilon" in r]
+    assert [r["step"] for r in logged] == [5, 10, 15]
+    eps = [r["epsilon"] for r in logged]
+    assert eps == sorted(eps) and eps[-1] < p["epsilon"]
+    assert eps[-1] == pytest.approx(epsilon_of([[p["noise_multiplier"], p["sample_rate"], 15]], "rdp", 1e-5), abs=1e-9)
+    # the artifact records it and replays the layer fix (BatchNorm1d → GroupNorm with one group) when it loads
+    config = json.loads((dp_run / "model" / "config.json").read_text())
+    assert config["model_fix"] == "opacus" and config["privacy"]["epsilon"] == p["epsilon"]
+    from bigmodel import load_artifact
+
+    model = load_artifact(dp_run).model
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 1 for m in norms)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    proc = run_cli("evaluate", str(dp_run), "--json", check=True)
+    summary = json.loads((dp_run / "summary.json").read_text())
+    assert json.loads(proc.stdout)["accuracy"] == summary["metrics"]["accuracy"]
+
+
+def test_a_resumed_dp_run_equals_an_uninterrupted_one(tmp_path):
+    dp = ["privacy.dp.noise_multiplier=1.0"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(full, *dp)
+    proc = train(resumed, *dp, env={"BIGMODEL_FAULT": "kill_after_step:10"}, check=False)
+    assert proc.returncode != 0 and not (resumed / "model").exists()
+    run_cli("train", "--resume", str(resumed), "--no-progress", check=True)
+    a, b = load_file(str(full / "model" / "model.safetensors")), load_file(str(resumed / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # noise, Poisson batches and the accountant all restored
+    pa, pb = (json.loads((r / "summary.json").read_text())["privacy"] for r in (full, resumed))
+    assert pa == pb
+
+
+def test_poisson_batches_vary_and_empty_ones_train(tmp_path):
+    """Batch size 2 of 200 examples: q = 0.01, so about one batch in 7.5 is empty; the run trains through them."""
+    from bigmodel import load_recipe
+    from bigmodel.api import build_experiment
+
+    args = ["privacy.dp.noise_multiplier=1.0", "train.batch_size=2", "train.epochs=1", "data.limit_train=200"]
+    exp = build_experiment(load_recipe(RECIPE, overrides=args))
+    sizes = [int(y.shape[0]) for _, y in exp.loader("train", train=True).epoch(0)]
+    assert len(sizes) == 100 and 0 in sizes and max(sizes) > 2
+    out = tmp_path / "run"
+    run_cli("train", RECIPE, *args, "--out", str(out), "--no-progress", check=True)
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert all(x == x for x in losses)  # no NaN from an empty batch
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["model.name=embedding-bag"], "layer 'bag' (EmbeddingBag) has no per-example gradients"),
+        (["train.grad_accum_steps=2"], "train.grad_accum_steps must be 1"),
+        (["train.grad_clip=1.0"], "remove train.grad_clip"),
+        (["privacy.dp.noise_multiplier=1.0"], "exactly one of target_epsilon and noise_multiplier"),
+    ],
+)
+def test_what_dp_cannot_do_is_a_one_line_error(args, message, tmp_path):
+    recipe = str(ROOT / "recipes" / "tweets_fasttext.yaml") if "embedding-bag" in args[0] else RECIPE
+    proc = run_cli("train", recipe, "privacy.dp.target_epsilon=3", *args, "--out", str(tmp_path / "x"))
+    assert proc.returncode != 0 and message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
