@@ -46,7 +46,7 @@ def test_epsilon_is_the_accountants_and_within_the_target(dp_run):
     assert eps[-1] == pytest.approx(epsilon_of([[p["noise_multiplier"], p["sample_rate"], 15]], "rdp", 1e-5), abs=1e-9)
     # the artifact records it and replays the layer fix (BatchNorm1d → GroupNorm with one group) when it loads
     config = json.loads((dp_run / "model" / "config.json").read_text())
-    assert config["model_fix"] == "opacus" and config["privacy"]["epsilon"] == p["epsilon"]
+    assert config["model_fix"] == "dp-v1" and config["privacy"]["epsilon"] == p["epsilon"]
     from bigmodel import load_artifact
 
     model = load_artifact(dp_run).model
@@ -100,3 +100,47 @@ def test_what_dp_cannot_do_is_a_one_line_error(args, message, tmp_path):
     proc = run_cli("train", recipe, "privacy.dp.target_epsilon=3", *args, "--out", str(tmp_path / "x"))
     assert proc.returncode != 0 and message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------- encrypted models
+def test_encrypted_model_round_trips_and_refuses_wrong_keys_and_tampering(dp_run, tmp_path):
+    key = tmp_path / "k.key"
+    out = tmp_path / "enc"
+    proc = run_cli("export", str(dp_run), "--encrypt", "--new-key", str(key), "--out", str(out), check=True)
+    enc = out / "model.bmenc"
+    assert proc.stdout.strip().splitlines()[-1] == str(enc)
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_text().strip()) == 64
+    blob = enc.read_bytes()
+    weights = (dp_run / "model" / "model.safetensors").read_bytes()
+    assert weights[-64:] not in blob  # the weights are not in the file in the clear
+    # evaluate and predict through the key file (or BIGMODEL_KEY): the same numbers as the run
+    plain = json.loads(run_cli("evaluate", str(dp_run), "--json", check=True).stdout)
+    got = json.loads(run_cli("evaluate", str(enc), "--key-file", str(key), "--json", check=True).stdout)
+    assert got["accuracy"] == plain["accuracy"] and got["confusion_matrix"] == plain["confusion_matrix"]
+    from bigmodel import load_artifact
+
+    art = load_artifact(enc, key=key.read_text().strip())
+    assert art.config["privacy"]["epsilon"] > 0 and art.folder == enc
+    # no key, a wrong key, a flipped byte, a truncated file: one line, exit 2, nothing decrypted
+    other = tmp_path / "other.key"
+    other.write_text("ab" * 32)
+    flipped = tmp_path / "flipped.bmenc"
+    flipped.write_bytes(blob[:-200] + bytes([blob[-200] ^ 1]) + blob[-199:])
+    header = tmp_path / "header.bmenc"  # the header is authenticated too
+    header.write_bytes(blob.replace(b'"format": 1', b'"format":  1', 1))
+    cases = [
+        ([str(enc)], "give its key with --key-file"),
+        ([str(enc), "--key-file", str(other)], "wrong key, or the file was modified"),
+        ([str(flipped), "--key-file", str(key)], "wrong key, or the file was modified"),
+        ([str(header), "--key-file", str(key)], "wrong key, or the file was modified"),
+    ]
+    for args, message in cases:
+        proc = run_cli("evaluate", *args, env={"BIGMODEL_KEY": "", "BIGMODEL_KEY_FILE": ""})
+        assert proc.returncode == 2 and message in proc.stderr, args
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    bad_key = tmp_path / "short.key"
+    bad_key.write_text("abcd")
+    proc = run_cli("evaluate", str(enc), "--key-file", str(bad_key))
+    assert proc.returncode == 2 and "expected a 256-bit key as 64 hex characters" in proc.stderr
+    env = {"BIGMODEL_KEY": key.read_text().strip()}
+    assert json.loads(run_cli("evaluate", str(enc), "--json", env=env, check=True).stdout)["accuracy"] == got["accuracy"]

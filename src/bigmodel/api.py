@@ -482,7 +482,11 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
         own = final.artifact_options() if isinstance(final, ModelBase) else None
         options = own if own is not None else (exp.model_options or recipe.model.options)  # hf: LoRA merged
         privacy = trainer.strategy.summary()
-        extra = {"model_fix": "opacus", "privacy": privacy} if recipe.privacy.dp is not None else None
+        extra = None
+        if recipe.privacy.dp is not None:
+            from bigmodel.privacy.dp import FIX
+
+            extra = {"model_fix": FIX, "privacy": privacy}
         save_artifact(
             run_dir / "model", final, recipe.task, {"name": recipe.model.name, **options}, exp.preprocess, extra=extra
         )
@@ -590,7 +594,23 @@ def evaluation(
     """`evaluate`, returning the artifact and data it used and (`keep_outputs`, classifiers) the logits."""
     import torch
 
+    from bigmodel.privacy.encrypt import decrypted, is_encrypted
     from bigmodel.tasks import get_task
+
+    if is_encrypted(run_dir):  # `bigmodel export --encrypt`: the run's recipe and model, decrypted while evaluating
+        with decrypted(run_dir) as folder:
+            result = evaluation(
+                folder,
+                split,
+                batch_size,
+                decode=decode,
+                beam_size=beam_size,
+                limit=limit,
+                keep_outputs=keep_outputs,
+            )
+        result.metrics["run_dir"] = str(run_dir)
+        result.artifact.folder = Path(run_dir)
+        return result
 
     if is_recipe_file(run_dir):  # a pretrained model as it is (before fine-tuning)
         from bigmodel.config import load_recipe

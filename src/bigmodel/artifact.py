@@ -184,9 +184,12 @@ class Artifact:
 
         def build() -> Any:
             model = build_model(name, model_cfg, self.config["input_shape"], self.config["num_classes"])
-            if self.config.get("model_fix") == "opacus":  # trained with DP-SGD: the same layer replacements
-                from bigmodel.privacy.dp import fix_model
+            fix = self.config.get("model_fix")
+            if fix is not None:  # trained with DP-SGD: the same layer replacements
+                from bigmodel.privacy.dp import FIX, fix_model
 
+                if fix != FIX:
+                    raise UserError(f"{folder}: model_fix {fix!r} is not {FIX!r} (written by another bigmodel)")
                 model = fix_model(model)
             return model
 
@@ -425,9 +428,17 @@ class Artifact:
         return [t.strip() for t in tgt.decode_batch(ids, skip_special_tokens=True)]
 
 
-def load_artifact(path: str | Path) -> Artifact:
+def load_artifact(path: str | Path, key: bytes | str | None = None) -> Artifact:
     """Rebuild a trained model from a run directory or its `model/` folder. A recipe file of a pretrained language
-    model (`model.name: hf`) gives that model as it is, untrained (generate, serve and evaluate it directly)."""
+    model (`model.name: hf`) gives that model as it is, untrained (generate, serve and evaluate it directly). An
+    encrypted model (`bigmodel export --encrypt`) is decrypted with `key` (else the key file or BIGMODEL_KEY)."""
+    from bigmodel.privacy.encrypt import decrypted, is_encrypted
+
+    if is_encrypted(path):
+        with decrypted(path, key) as folder:
+            art = Artifact(folder / "model")
+        art.folder = Path(path)
+        return art
     if is_recipe_file(path):
         from bigmodel.api import pretrained_artifact
 

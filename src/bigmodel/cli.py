@@ -144,6 +144,23 @@ def _versus(m: dict[str, Any], b: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- evaluate
+KeyFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--key-file",
+        envvar="BIGMODEL_KEY_FILE",
+        help="The key of an encrypted model (bigmodel export --encrypt); or BIGMODEL_KEY=<64 hex>.",
+    ),
+]
+
+
+def _use_key(key_file: Path | None) -> None:
+    if key_file is not None:
+        from bigmodel.privacy.encrypt import set_key_file
+
+        set_key_file(key_file)
+
+
 @app.command()
 def evaluate(
     run_dir: Annotated[
@@ -157,9 +174,11 @@ def evaluate(
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Translation: decode only the first N pairs.")
     ] = None,
+    key_file: KeyFile = None,
 ) -> None:
     """Classifiers: accuracy, precision/recall/F1 and the confusion matrix. Language models: loss and perplexity.
     Translation: loss, perplexity, BLEU and chrF (sacrebleu)."""
+    _use_key(key_file)
     from bigmodel import api
 
     m = api.evaluate(run_dir, split=split, beam_size=beam_size, limit=limit)
@@ -210,8 +229,10 @@ def predict(
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many labels per input.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    key_file: KeyFile = None,
 ) -> None:
     """Predict labels with a trained model: image or sequence files, or texts (arguments or --lines FILE)."""
+    _use_key(key_file)
     from bigmodel import api
     from bigmodel.runs import load_artifact
 
@@ -251,9 +272,11 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option("--stop", help="End the text at this string (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text once it is complete.")] = False,
+    key_file: KeyFile = None,
 ) -> None:
     """Continue a prompt with a trained language model, streaming the text to the terminal as it is generated.
     A pretrained chat model (chat template on) prints its reply only."""
+    _use_key(key_file)
     from bigmodel.runs import load_artifact
 
     art = load_artifact(run_dir)
@@ -296,8 +319,10 @@ def translate(
         float | None, typer.Option("--length-penalty", help="Beam scores / length^α (default: the model's).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    key_file: KeyFile = None,
 ) -> None:
     """Translate sentences with a trained encoder-decoder (beam search); one translation per line."""
+    _use_key(key_file)
     from bigmodel.runs import load_artifact
 
     items = list(texts or []) + _read_lines(lines)
@@ -372,8 +397,35 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="A new folder for the bundle.")] = Path("export"),
     tolerance: Annotated[float, typer.Option(min=0.0, help="Max abs difference allowed vs the eager model.")] = 1e-4,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    encrypt: Annotated[
+        bool, typer.Option("--encrypt", help="Write OUT/model.bmenc: the run's model and recipe, AES-256-GCM.")
+    ] = False,
+    key_file: KeyFile = None,
+    new_key: Annotated[
+        Path | None, typer.Option("--new-key", help="With --encrypt: create this key file (mode 0600) and use it.")
+    ] = None,
 ) -> None:
-    """Export a model with a dynamic batch axis, run it on real test inputs, and fail if it disagrees with eager."""
+    """Export a model with a dynamic batch axis, run it on real test inputs, and fail if it disagrees with eager.
+    With --encrypt: one AES-256-GCM encrypted file that predict, evaluate, generate, translate and serve load with
+    the key."""
+    if encrypt or new_key is not None:
+        from bigmodel.privacy.encrypt import encrypt_run, new_key_file, read_key_file, resolve_key
+
+        if new_key is not None:
+            if key_file is not None:
+                raise UserError("--new-key and --key-file: give one (a new key, or an existing one)")
+            key = read_key_file(new_key_file(new_key))
+        else:
+            key = read_key_file(key_file) if key_file is not None else resolve_key(None, run_dir)
+        from bigmodel.rundir import require_run_dir
+
+        target = encrypt_run(require_run_dir(run_dir), out / "model.bmenc", key)
+        if as_json:
+            _echo_json({"format": "aes-256-gcm", "file": str(target), "key_file": str(new_key or key_file or "")})
+            return
+        typer.echo(f"encrypted {run_dir} → {target} (AES-256-GCM); load it with --key-file")
+        typer.echo(str(target))
+        return
     try:
         from bigmodel.deploy.export import export as do_export
     except ImportError as e:
@@ -576,9 +628,11 @@ def serve(
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", min=1, help="Language models: the most tokens one request may ask for.")
     ] = 1024,
+    key_file: KeyFile = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict (dynamic batching), /v1/generate (language models, streaming),
     /v1/translate (translation models), /healthz, /metrics, /docs, a page at /."""
+    _use_key(key_file)
     try:
         from bigmodel.serving.server import serve as run_server
     except ImportError as e:

@@ -12,7 +12,7 @@ Contract (all classifiers): `forward(x) -> logits`, `forward_features(x) -> (B, 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +30,9 @@ class SeedCNNConfig(BaseModel):
     conv2_channels: Annotated[int, Field(ge=1)] = 64
     hidden: Annotated[int, Field(ge=1)] = 128
     kernel_size: Annotated[int, Field(ge=1, le=7)] = 3
+    activation: Literal["relu", "tanh"] = "relu"
+    """`tanh`: bounded activations keep per-example gradients small, which is what DP-SGD's clipping wants
+    (Papernot et al. 2021, "Tempered Sigmoid Activations for Deep Learning with Differential Privacy")."""
 
 
 class CNNSmallConfig(BaseModel):
@@ -101,17 +104,18 @@ def build_seed_cnn(cfg: SeedCNNConfig, input_shape: tuple[int, int, int], num_cl
     if height < 4 or width < 4:
         raise ValueError(f"seed-cnn needs images of at least 4x4 (two 2x2 pools), got {height}x{width}")
     pad = cfg.kernel_size // 2
+    act = nn.Tanh if cfg.activation == "tanh" else nn.ReLU
     features = nn.Sequential(
         nn.Conv2d(channels, cfg.conv1_channels, cfg.kernel_size, padding=pad),
-        nn.ReLU(),
+        act(),
         nn.MaxPool2d(2),
         nn.Conv2d(cfg.conv1_channels, cfg.conv2_channels, cfg.kernel_size, padding=pad),
-        nn.ReLU(),
+        act(),
         nn.MaxPool2d(2),
     )
     # Each 'same' conv keeps H x W and each pool floors it by 2: 28 → 14 → 7, 32 → 16 → 8 (not the documents' 6).
     flat = cfg.conv2_channels * (height // 2 // 2) * (width // 2 // 2)
-    head = nn.Sequential(nn.Linear(flat, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, num_classes))
+    head = nn.Sequential(nn.Linear(flat, cfg.hidden), act(), nn.Linear(cfg.hidden, num_classes))
     return ImageClassifier(features, head)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from bigmodel.errors import UserError
 from bigmodel.training.strategy import OptimizerFactory, Strategy, register_strategy
 
-FIX = "opacus"  # the artifact's `model_fix` value: replay `fix_model` when loading
+FIX = "dp-v1"  # the artifact's `model_fix`: replay this version of `fix_model` when loading
 
 
 def require_opacus() -> None:
