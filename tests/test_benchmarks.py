@@ -82,3 +82,12 @@ def test_distributed_json():
     gpt = ["--recipe", "recipes/shakespeare_char_gpt.yaml", "--steps", "4", "--strategy", "fsdp2", "--json"]
     out = run_bench("benchmarks/distributed.py", *gpt, "data.batches_per_epoch=4", "model.num_layers=1")
     assert out["fsdp2_scaling_ratio"] > 0 and out["n_processes"]["loss"] > 0
+
+
+@pytest.mark.slow
+def test_privacy_json():
+    pytest.importorskip("opacus", reason="the privacy extra (Opacus) is not installed")
+    out = run_bench(
+        "benchmarks/privacy.py", "--recipe", "recipes/breast_cancer_mlp.yaml", "--steps", "3", "--rounds", "2", "--json"
+    )
+    assert out["dp_step_time_ratio"] > 0 and out["batch_size"] == 256

@@ -646,6 +646,36 @@ def serve(
     run_server(art, host, port, max_batch_size, max_delay_ms, api_key, max_new_tokens=max_new_tokens)
 
 
+# -------------------------------------------------------------------------------------------------------- audit
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A classifier's run directory (or its encrypted export).")],
+    membership: Annotated[
+        bool, typer.Option("--membership", help="A loss-threshold membership-inference attack on the model.")
+    ] = False,
+    split: Annotated[str, typer.Option("--split", help="The non-members: test or val.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    key_file: KeyFile = None,
+) -> None:
+    """Measure what a trained model leaks about its training data: membership inference (ROC AUC, TPR at 1% FPR)."""
+    _use_key(key_file)
+    if not membership:
+        raise UserError("bigmodel audit: choose an audit (--membership)")
+    from bigmodel.privacy.audit import membership as run_membership
+
+    r = run_membership(run_dir, split)
+    if as_json:
+        _echo_json(r)
+        return
+    typer.echo(
+        f"membership inference (loss threshold), {r['members']} train vs {r['non_members']} {split} examples: "
+        f"AUC {r['auc']:.3f}, TPR {r['tpr_at_1pct_fpr']:.3f} at 1% FPR "
+        f"(mean loss {r['member_loss_mean']:.4f} members, {r['non_member_loss_mean']:.4f} non-members)"
+    )
+    p = r["privacy"]
+    typer.echo(f"trained with DP-SGD: ε {p['epsilon']:.3f}, δ {p['delta']:g}" if p else "trained without DP")
+
+
 # ------------------------------------------------------------------------------------------------------- report
 @app.command()
 def report(
