@@ -80,6 +80,7 @@ def test_two_processes_give_one_process_weights(recipe_file, single, tmp_path):
     assert max_diff(weights(single), weights(acc)) < 1e-6
 
 
+@pytest.mark.slow
 def test_a_time_limit_stops_every_process_after_the_same_step(recipe_file, tmp_path):
     """`train.time_limit_s` over 2 processes: they agree at a log point and stop together (no rank left waiting)."""
     out = tmp_path / "limited"

@@ -58,6 +58,7 @@ def test_epsilon_is_the_accountants_and_within_the_target(dp_run):
     assert json.loads(proc.stdout)["accuracy"] == summary["metrics"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_a_resumed_dp_run_equals_an_uninterrupted_one(tmp_path):
     dp = ["privacy.dp.noise_multiplier=1.0"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
