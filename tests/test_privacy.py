@@ -58,6 +58,15 @@ def test_epsilon_is_the_accountants_and_within_the_target(dp_run):
     assert json.loads(proc.stdout)["accuracy"] == summary["metrics"]["accuracy"]
 
 
+def test_the_report_carries_the_privacy_figures(dp_run, tmp_path):
+    p = json.loads((dp_run / "summary.json").read_text())["privacy"]
+    html = tmp_path / "r.html"
+    run_cli("report", str(dp_run), "-o", str(html), "--no-inference", check=True)
+    text = html.read_text()
+    section = text[text.index('id="privacy') :][:3000]
+    assert "epsilon" in section and "noise_multiplier" in section and f"{p['epsilon']:.4g}"[:4] in section
+
+
 @pytest.mark.slow
 def test_a_resumed_dp_run_equals_an_uninterrupted_one(tmp_path):
     dp = ["privacy.dp.noise_multiplier=1.0"]

@@ -263,9 +263,10 @@ def learning_curves(ctx: ReportContext) -> Section:
 
 def privacy(ctx: ReportContext) -> Section:
     s = ctx.run.summary or {}
-    p = s.get("privacy") or (ctx.run.recipe.get("privacy") if isinstance(ctx.run.recipe.get("privacy"), dict) else None)
+    block = ctx.run.recipe.get("privacy")
+    p = s.get("privacy") or (block.get("dp") if isinstance(block, dict) else None)  # DP-SGD: ε, δ, σ, q, steps
     if not p:
-        return Section(ctx.id("privacy"), "Privacy", note("Not used in this run: no privacy block in its recipe."))
+        return Section(ctx.id("privacy"), "Privacy", note("Not used in this run: no privacy.dp in its recipe."))
     rows = [[k, v if isinstance(v, (int, float)) else str(v)] for k, v in p.items() if not isinstance(v, (dict, list))]
     ctx.data["privacy"] = p
     return Section(ctx.id("privacy"), "Privacy", table(["figure", "value"], rows))
