@@ -99,9 +99,17 @@ def is_encrypted(path: str | Path) -> bool:
         return f.read(len(MAGIC)) == MAGIC
 
 
+def _aesgcm() -> type:
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError:
+        raise UserError("encrypted models need the cryptography package: pip install 'bigmodel[privacy]'") from None
+    return AESGCM
+
+
 def encrypt_run(run_dir: Path, out: Path, key: bytes) -> Path:
     """Encrypt the run's recipe.yaml and model/ folder into `out` (written atomically, mode 0600)."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    AESGCM = _aesgcm()  # noqa: N806
 
     import bigmodel
 
@@ -141,8 +149,8 @@ def encrypt_run(run_dir: Path, out: Path, key: bytes) -> Path:
 
 def decrypt(path: Path, key: bytes) -> bytes:
     """The plaintext zip of an encrypted model, or a one-line UserError (wrong key, modified or truncated file)."""
+    AESGCM = _aesgcm()  # noqa: N806
     from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     blob = path.read_bytes()
     bad = UserError(f"{path}: cannot decrypt: wrong key, or the file was modified (AES-GCM authentication failed)")
