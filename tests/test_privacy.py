@@ -170,7 +170,14 @@ def test_membership_audit_reports_the_attack_and_the_runs_privacy(dp_run):
 
     members, _ = per_example_losses(dp_run, "train")
     others, _ = per_example_losses(dp_run, "test")
-    assert min(len(members), len(others)) == r["members"]
+    n = min(len(members), len(others))
+    assert n == r["members"]
+    g = torch.Generator().manual_seed(0)  # the audit's seeded, balanced sample
+    m = members[torch.randperm(len(members), generator=g)[:n]]
+    o = others[torch.randperm(len(others), generator=g)[:n]]
+    pairs = (m[:, None] < o[None, :]).double().mean() + 0.5 * (m[:, None] == o[None, :]).double().mean()
+    assert r["auc"] == pytest.approx(float(pairs), abs=1e-9)
+    assert r["member_loss_mean"] == pytest.approx(float(m.mean()))
     proc = run_cli("audit", str(dp_run))
     assert proc.returncode == 2 and "choose an audit (--membership)" in proc.stderr
 

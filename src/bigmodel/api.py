@@ -481,12 +481,11 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
 
         own = final.artifact_options() if isinstance(final, ModelBase) else None
         options = own if own is not None else (exp.model_options or recipe.model.options)  # hf: LoRA merged
-        privacy = trainer.strategy.summary()
         extra = None
-        if recipe.privacy.dp is not None:
+        if recipe.privacy.dp is not None:  # the layer fix build_experiment applied, replayed when the artifact loads
             from bigmodel.privacy.dp import FIX
 
-            extra = {"model_fix": FIX, "privacy": privacy}
+            extra = {"model_fix": FIX, "privacy": trainer.strategy.summary()}
         save_artifact(
             run_dir / "model", final, recipe.task, {"name": recipe.model.name, **options}, exp.preprocess, extra=extra
         )
@@ -513,8 +512,9 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
             "stopped_early": state.stopped_early,
             "best": {"monitor": recipe.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
         }
-        if trainer.strategy.summary() is not None:
-            summary["privacy"] = trainer.strategy.summary()
+        strategy_summary = trainer.strategy.summary()  # DP-SGD: ε, δ, σ, q, steps
+        if strategy_summary is not None:
+            summary["privacy"] = strategy_summary
         if baseline is not None:
             summary["baseline"] = baseline
         write_json_atomic(run_dir / "summary.json", summary)

@@ -117,6 +117,15 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     _save_tensors(model_state, tmp / "model.safetensors")
+    _complete(tmp, final, step, extra_tensors, state, keep)
+    return final
+
+
+def _complete(
+    tmp: Path, final: Path, step: int, extra_tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int
+) -> None:
+    """Add the state files to the temporary folder `tmp`, rename it to `final`, move `latest`, prune old ones."""
+    ckpt_root = final.parent
     _fault("kill_during_checkpoint", step)
     _save_tensors(extra_tensors, tmp / "state.safetensors")
     with (tmp / "state.json").open("w", encoding="utf-8") as f:
@@ -128,11 +137,10 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(ckpt_root)
-    write_text_atomic(ckpt_root / "latest", name + "\n")
+    write_text_atomic(ckpt_root / "latest", final.name + "\n")
     fsync_dir(ckpt_root)
     for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -196,22 +204,8 @@ def save_sharded_checkpoint(
     dcp.save(shards, storage_writer=HuggingFaceStorageWriter(str(tmp / "sharded"), save_distributed=True))
     dist.barrier()  # every rank's files are on disk (DCP fsyncs them)
     if rank0:
-        _fault("kill_during_checkpoint", step)
-        _save_tensors(extra_tensors, tmp / "state.safetensors")
-        with (tmp / "state.json").open("w", encoding="utf-8") as f:
-            json.dump({"format_version": FORMAT_VERSION, "sharded": True, **state}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
         fsync_dir(tmp / "sharded")
-        fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(ckpt_root)
-        write_text_atomic(ckpt_root / "latest", name + "\n")
-        fsync_dir(ckpt_root)
-        for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _complete(tmp, final, step, extra_tensors, {"sharded": True, **state}, keep)
     dist.barrier()  # nobody reads or writes the next checkpoint before this one is in place
     return final
 
