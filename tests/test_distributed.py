@@ -138,6 +138,7 @@ def _bn_worker(rank, world, folder):
         torch.testing.assert_close(getattr(sync[0], name), getattr(ref, name), atol=1e-6, rtol=0)
     sync.eval()  # eval mode: an ordinary BatchNorm with the running statistics
     torch.testing.assert_close(sync(xs), ref.eval()(xr)[rank * 3 : rank * 3 + 3], atol=1e-6, rtol=0)
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 
@@ -203,6 +204,7 @@ def _eval_worker(rank, world, folder):
         s = evaluate(0, 1).compute()
         with open(f"{folder}/single.json", "w") as f:
             json.dump({k: v for k, v in s.items() if k in out}, f)
+    dist.barrier()
     dist.destroy_process_group()
 
 

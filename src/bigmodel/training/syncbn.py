@@ -1,8 +1,8 @@
 """Batch normalisation over the global batch on any backend (gloo on CPU included).
 
 PyTorch's `nn.SyncBatchNorm` runs on GPUs only (its statistics kernels are CUDA/XPU ones). `ProcessGroupBatchNorm`
-computes the same thing with plain tensor operations and autograd-aware all-reduces
-(`torch.distributed.nn.functional.all_reduce`, whose backward all-reduces the gradient): the batch mean over all
+computes the same thing with plain tensor operations and an autograd-aware all-reduce (`_AllReduceSum`, whose
+backward all-reduces the gradient; torch's own `torch.distributed.nn.functional.all_reduce` is deprecated): the batch mean over all
 processes, then the (biased) variance around it — two passes, as one process computes it — so N processes that each
 hold 1/N of a batch normalise exactly as one process holding the whole batch, forward and backward, and update the
 running statistics the same way (the unbiased variance over the global count). In eval mode, or outside a process
@@ -17,6 +17,26 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes; the gradient of every input is the sum of the gradients of every output."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = grad.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(x)
+
+
 class ProcessGroupBatchNorm(_BatchNorm):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -26,8 +46,6 @@ class ProcessGroupBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
