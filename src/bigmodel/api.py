@@ -481,13 +481,21 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
 
         own = final.artifact_options() if isinstance(final, ModelBase) else None
         options = own if own is not None else (exp.model_options or recipe.model.options)  # hf: LoRA merged
-        extra = None
+        extra: dict[str, Any] = {}
         if recipe.privacy.dp is not None:  # the layer fix build_experiment applied, replayed when the artifact loads
             from bigmodel.privacy.dp import FIX
 
-            extra = {"model_fix": FIX, "privacy": trainer.strategy.summary()}
+            extra |= {"model_fix": FIX, "privacy": trainer.strategy.summary()}
+        if getattr(recipe.data, "mask_pii", None):  # predict, generate, translate and serve mask their inputs alike
+            d = recipe.data
+            extra["pii_mask"] = {"types": d.mask_pii, "style": d.mask_style, "model": str(d.pii_model or "") or None}
         save_artifact(
-            run_dir / "model", final, recipe.task, {"name": recipe.model.name, **options}, exp.preprocess, extra=extra
+            run_dir / "model",
+            final,
+            recipe.task,
+            {"name": recipe.model.name, **options},
+            exp.preprocess,
+            extra=extra or None,
         )
     # Final metrics through the same path as `bigmodel evaluate`: the saved artifact, fp32, so the numbers match.
     split = recipe.eval.split
@@ -515,6 +523,8 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
         strategy_summary = trainer.strategy.summary()  # DP-SGD: ε, δ, σ, q, steps
         if strategy_summary is not None:
             summary["privacy"] = strategy_summary
+        if exp.data.pii_masked is not None:  # data.mask_pii: values masked per type, all splits
+            summary["pii_masked"] = exp.data.pii_masked
         if baseline is not None:
             summary["baseline"] = baseline
         write_json_atomic(run_dir / "summary.json", summary)

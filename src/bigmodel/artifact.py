@@ -275,12 +275,21 @@ class Artifact:
                 probs[idx] = logits.softmax(dim=1)
         return probs
 
+    def mask_texts(self, texts: list[str]) -> list[str]:
+        """`texts` with the PII the model was trained without masked the same way (`data.mask_pii`), else as given."""
+        spec = self.config.get("pii_mask")
+        if not spec:
+            return texts
+        from bigmodel.privacy.pii import masker
+
+        return masker(tuple(spec["types"]), spec["style"], spec.get("model")).mask_all(texts)[0]
+
     def encode_texts(self, texts: list[str]) -> tuple[Any, Any]:
         from bigmodel.data.text import encode
 
         if self.preprocess.tokenizer is None:
             raise UserError(f"{self.folder}: this is a {self.kind} model; it does not take text")
-        return encode(self.preprocess.tokenizer, texts)
+        return encode(self.preprocess.tokenizer, self.mask_texts(texts))
 
     def predict_texts_proba(self, texts: list[str], batch_size: int = 256) -> Any:
         x, lengths = self.encode_texts(texts)
@@ -318,7 +327,11 @@ class Artifact:
         return self.spec.predict_files(self, [Path(f) for f in files], top_k)
 
     def predict_texts(self, texts: list[str], top_k: int = 1) -> list[dict[str, Any]]:
-        return self.top_k(texts, self.predict_texts_proba(texts), top_k, "text")
+        out = self.top_k(texts, self.predict_texts_proba(texts), top_k, "text")
+        if self.config.get("pii_mask"):  # what the model read
+            for r, masked in zip(out, self.mask_texts(texts), strict=True):
+                r["masked_text"] = masked
+        return out
 
     # ------------------------------------------------------------------------------------------ generative models
     def stream_text(
@@ -392,6 +405,7 @@ class Artifact:
         """The token ids a language model continues for `prompt` (a pretrained chat model: its template, BOS)."""
         from bigmodel.models.base import ModelBase
 
+        prompt = self.mask_texts([prompt])[0]
         ids = self.model.prompt_ids(prompt) if isinstance(self.model, ModelBase) else None
         if ids is None:
             ids = self.preprocess.tokenizer.encode(prompt or "\n", add_special_tokens=False).ids or [1]
@@ -415,7 +429,9 @@ class Artifact:
 
         if not self.can(Capability.TRANSLATES):
             raise UserError(f"{self.folder}: this is a {self.kind} model; `translate` needs a translation run")
-        src, lengths = encode_sources(self.preprocess.tokenizer, texts, int(self.preprocess.input_shape["max_length"]))
+        src, lengths = encode_sources(
+            self.preprocess.tokenizer, self.mask_texts(texts), int(self.preprocess.input_shape["max_length"])
+        )
         ids = translate_ids(
             self.model,
             src,

@@ -8,6 +8,7 @@
     bigmodel explain RUN_DIR INPUT... [--method M] [--target LABEL] [--out DIR] [--json] | --evaluate [--limit N]
     bigmodel runs list | show RUN | compare RUN RUN...
     bigmodel recipe validate FILE [key=value ...] | schema | models
+    bigmodel data scan FILE [--types email,phone,...] [--column C] [--json]
 
 User errors print one line to stderr and exit with status 2; results go to stdout.
 """
@@ -32,8 +33,10 @@ app = typer.Typer(
 )
 runs_app = typer.Typer(no_args_is_help=True, help="The run index: list, show and compare runs.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Check recipes and print their schema.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at data before training on it.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(recipe_app, name="recipe")
+app.add_typer(data_app, name="data")
 
 
 def _echo_json(obj: Any) -> None:
@@ -827,6 +830,37 @@ def recipe_models() -> None:
     for name in model_names():
         e = get_model(name)
         typer.echo(f"{name}\t{', '.join(e.tasks)}\t{', '.join(sorted(e.capabilities))}\t{e.description}")
+
+
+# --------------------------------------------------------------------------------------------------------- data
+@data_app.command("scan")
+def data_scan(
+    file: Annotated[Path, typer.Argument(help="A text file (one text per line), or CSV / TSV / JSONL.")],
+    types: Annotated[
+        str | None,
+        typer.Option("--types", help="Comma-separated PII types (default: every type that needs no NER model)."),
+    ] = None,
+    column: Annotated[str, typer.Option("--column", help="CSV/TSV column or JSONL key holding the text.")] = "text",
+    encoding: Annotated[str, typer.Option("--encoding")] = "utf-8",
+    pii_model: Annotated[
+        Path | None, typer.Option("--pii-model", help="A spaCy pipeline folder (person, location, organization).")
+    ] = None,
+    examples: Annotated[int, typer.Option("--examples", help="Texts with PII to show, masked.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Report what PII a text file holds (counts per type, examples shown masked) without training on it."""
+    from bigmodel.privacy.pii import PATTERN_TYPES, read_texts, scan
+
+    chosen = [t.strip() for t in types.split(",") if t.strip()] if types else list(PATTERN_TYPES)
+    r = scan(read_texts(file, column, encoding), chosen, pii_model, max(0, examples))
+    if as_json:
+        _echo_json({"file": str(file), **r})
+        return
+    typer.echo(f"{file}: {r['texts_with_pii']} of {r['texts']} texts hold PII")
+    for t, n in r["counts"].items():
+        typer.echo(f"  {t:<12} {n}")
+    for e in r["examples"]:
+        typer.echo(f"  e.g. {e}")
 
 
 # --------------------------------------------------------------------------------------------------------- main

@@ -281,6 +281,23 @@ class _Text(Strict):
     text_column: str = "text"
     """`csv`, `tsv`, `jsonl` text: the column (key) holding the text."""
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    mask_pii: list[str] = Field(default_factory=list)
+    """PII types replaced in every text (every split, both sides of a translation pair) before the tokenizer is
+    trained, so no masked value reaches the vocabulary, the model or a checkpoint; `predict`, `generate`, `translate`
+    and the server mask their inputs the same way. Types: email, phone, credit_card, iban, ip, url, mac, crypto,
+    us_ssn, uk_nhs, and with `pii_model` person, location, organization (Microsoft Presidio, offline)."""
+    mask_style: Literal["tag", "hash", "redact"] = "tag"
+    """`tag` (`<EMAIL>`), `hash` (`<EMAIL:3f9a0c1d2e>`, HMAC-SHA256 keyed by the secret in BIGMODEL_PII_SALT: the
+    same value gives the same token), `redact` (removed)."""
+    pii_model: Path | None = None
+    """A spaCy pipeline folder with a named-entity recognizer, for the types person, location, organization."""
+
+    @model_validator(mode="after")
+    def _pii(self) -> _Text:
+        from bigmodel.privacy.pii import check_types
+
+        check_types(self.mask_pii, self.pii_model)
+        return self
 
 
 class TextDataConfig(_Files, _Labels, _Text):

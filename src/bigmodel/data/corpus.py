@@ -115,7 +115,15 @@ def carve_documents(docs: list[str], val_fraction: float, test_fraction: float) 
 
 
 def load_corpus(cfg: LanguageModelDataConfig, seed: int) -> TextCorpus:
-    """The raw text of each split for a language model."""
+    """The raw text of each split for a language model (`data.mask_pii` applied)."""
+    from bigmodel.privacy.pii import mask_splits
+
+    if cfg.source in ("shakespeare", "text"):
+        return mask_splits(cfg, _load_corpus(cfg, seed), ())
+    return _load_corpus(cfg, seed)  # a classification source: load_text masked it
+
+
+def _load_corpus(cfg: LanguageModelDataConfig, seed: int) -> TextCorpus:
     if cfg.source == "shakespeare":
         docs = [_read(p, "latin-1") for p in shakespeare_files()]
         return carve_documents(docs, cfg.val_fraction, cfg.test_fraction)
@@ -133,11 +141,13 @@ def load_corpus(cfg: LanguageModelDataConfig, seed: int) -> TextCorpus:
     from bigmodel.data.text import load_text
 
     data = load_text(cfg.as_text(), seed)
-    return TextCorpus(
+    out = TextCorpus(
         "\n".join(data.train.texts) + "\n",
         "\n".join(data.val.texts) + "\n" if data.val is not None and len(data.val) else None,
         "\n".join(data.test.texts) + "\n" if data.test is not None and len(data.test) else None,
     )
+    out.pii_masked = data.pii_masked
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ tokenisation

@@ -206,7 +206,9 @@ def load_pairs(cfg: TranslationDataConfig, seed: int) -> PairCorpus:
     train = split("train")
     if train is None:
         raise UserError("the training split holds no sentence pairs")
-    return PairCorpus(train, split("val"), split("test"))
+    from bigmodel.privacy.pii import mask_splits
+
+    return mask_splits(cfg, PairCorpus(train, split("val"), split("test")), ("source", "target"))
 
 
 # ------------------------------------------------------------------------------------------------ tokenization

@@ -38,6 +38,9 @@ class ImageSplit:
 class Splits:
     """`split(name)` for every data set (images, sequences, text): the split, or a clear error when it is absent."""
 
+    pii_masked: dict[str, int] | None = None
+    """Text data with `data.mask_pii`: how many values of each type were masked (all splits)."""
+
     def split(self, name: str) -> Any:
         s = getattr(self, name)
         if s is None or len(s) == 0:

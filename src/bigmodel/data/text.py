@@ -191,7 +191,9 @@ def load_text(cfg: TextDataConfig, seed: int) -> TextDataset:
     for split, (p, rows) in files.items():
         splits[split] = _rows_to_split(rows, labels, p)
     train, val, test = finish_splits(splits["train"], splits["val"], splits["test"], labels, cfg, seed)
-    return TextDataset(train, val, test, labels)
+    from bigmodel.privacy.pii import mask_splits
+
+    return mask_splits(cfg, TextDataset(train, val, test, labels), ("texts",))
 
 
 # --------------------------------------------------------------------------------------------------- tokenizers

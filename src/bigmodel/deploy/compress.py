@@ -286,7 +286,7 @@ def compress(
     dst = _new_run(src, Path(out))
     model = art.model.train()
     model_cfg = dict(art.config["model"])
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {k: art.config[k] for k in ("pii_mask",) if k in art.config}  # inputs masked alike
     details: dict[str, Any] = {"method": method}
     torch.manual_seed(recipe.seed)
     if method == "prune" and structured:

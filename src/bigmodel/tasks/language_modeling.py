@@ -38,7 +38,9 @@ class LanguageModeling(TaskSpec):
                 "tokenizer": cfg.tokenizer.kind,
             }
             pre = Preprocess(labels=[], mean=None, std=None, input_shape=spec, kind="lm", tokenizer=tok)
-        return tokenize_corpus(corpus, pre.tokenizer), pre
+        data = tokenize_corpus(corpus, pre.tokenizer)
+        data.pii_masked = corpus.pii_masked
+        return data, pre
 
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.corpus import WindowLoader

@@ -57,7 +57,9 @@ class TextClassification(ClassificationSpec):
                 n0 = len(tok.special)
                 spec |= {"has_cls": False, "ngram_words": [n0, n0 + tok.num_words]}
             pre = Preprocess(labels=text.labels, mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
-        return tokenize_dataset(text, pre.tokenizer), pre
+        data = tokenize_dataset(text, pre.tokenizer)
+        data.pii_masked = text.pii_masked
+        return data, pre
 
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.loader import SequenceLoader

@@ -45,7 +45,9 @@ class Translation(TaskSpec):
                 target_tokenizer=tgt_tok,
             )
         tgt = pre.target_tokenizer or pre.tokenizer
-        return tokenize_pairs(pairs, pre.tokenizer, tgt, cfg.tokenizer.max_length), pre
+        data = tokenize_pairs(pairs, pre.tokenizer, tgt, cfg.tokenizer.max_length)
+        data.pii_masked = pairs.pii_masked
+        return data, pre
 
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.parallel import PairLoader

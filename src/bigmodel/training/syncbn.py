@@ -2,11 +2,11 @@
 
 PyTorch's `nn.SyncBatchNorm` runs on GPUs only (its statistics kernels are CUDA/XPU ones). `ProcessGroupBatchNorm`
 computes the same thing with plain tensor operations and an autograd-aware all-reduce (`_AllReduceSum`, whose
-backward all-reduces the gradient; torch's own `torch.distributed.nn.functional.all_reduce` is deprecated): the batch mean over all
-processes, then the (biased) variance around it — two passes, as one process computes it — so N processes that each
-hold 1/N of a batch normalise exactly as one process holding the whole batch, forward and backward, and update the
-running statistics the same way (the unbiased variance over the global count). In eval mode, or outside a process
-group, it is an ordinary BatchNorm. On CUDA the DDP strategy keeps PyTorch's `SyncBatchNorm`.
+backward all-reduces the gradient; torch's `torch.distributed.nn.functional.all_reduce` is deprecated): the batch mean
+over all processes, then the (biased) variance around it — two passes, as one process computes it — so N processes
+that each hold 1/N of a batch normalise exactly as one process holding the whole batch, forward and backward, and
+update the running statistics the same way (the unbiased variance over the global count). In eval mode, or outside a
+process group, it is an ordinary BatchNorm. On CUDA the DDP strategy keeps PyTorch's `SyncBatchNorm`.
 """
 
 from __future__ import annotations
