@@ -225,3 +225,39 @@ def test_language_model_and_translation_data_are_masked(tmp_path):
     tcfg = TranslationDataConfig(source="tsv", path=pairs, mask_pii=["email"])
     data = load_pairs(tcfg, 0)
     assert set(data.train.source) == {"mail <EMAIL>"} and set(data.train.target) == {"escribe a <EMAIL>"}
+
+
+# ------------------------------------------------------------------------------------------------- the canary
+SECRET, PREFIX = "617-555-0147", "my phone is "
+
+
+@pytest.fixture(scope="module")
+def canary_corpus(tmp_path_factory):
+    """A page of Shakespeare with the canary line planted 40 times."""
+    from bigmodel.data.corpus import shakespeare_files
+
+    lines = shakespeare_files()[0].read_text(encoding="latin-1").splitlines()[200:600]
+    for i in range(40):
+        lines.insert(10 * i, PREFIX + SECRET)
+    path = tmp_path_factory.mktemp("canary") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_canary_is_reproduced_without_masking_and_never_with(canary_corpus, tmp_path, masked):
+    out = tmp_path / "lm"
+    run_cli(
+        "train", "recipes/shakespeare_char_gpt.yaml", "data.source=text", f"data.path={canary_corpus}",
+        "data.val_fraction=0.02", "data.test_fraction=0.02", "model.dim=64", "model.num_layers=2",
+        "data.batches_per_epoch=200", "train.epochs=4", "data.context_length=32", "train.batch_size=16",
+        *(["data.mask_pii=[phone]"] if masked else []), "--out", str(out), "--no-progress", check=True,
+    )  # fmt: skip
+    p = run_cli("audit", str(out), "--canary", SECRET, "--prefix", PREFIX, "--candidates", "300", "--json", check=True)
+    r = json.loads(p.stdout)
+    if masked:
+        assert not r["reproduced"] and r["greedy"].startswith("<PHONE>"), r["greedy"]
+        assert r["exposure"] < 4  # of log2(301) = 8.23: the number is no likelier than most random ones
+    else:
+        assert r["reproduced"] and r["rank"] == 1 and r["exposure"] == r["max_exposure"], r

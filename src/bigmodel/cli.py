@@ -657,13 +657,32 @@ def audit(
         bool, typer.Option("--membership", help="A loss-threshold membership-inference attack on the model.")
     ] = False,
     split: Annotated[str, typer.Option("--split", help="The non-members: test or val.")] = "test",
+    canary: Annotated[
+        str | None, typer.Option("--canary", help="Language models: a secret planted in the training text.")
+    ] = None,
+    prefix: Annotated[str | None, typer.Option("--prefix", help="The text the canary followed.")] = None,
+    candidates: Annotated[int, typer.Option("--candidates", help="Random values the canary is ranked among.")] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     key_file: KeyFile = None,
 ) -> None:
-    """Measure what a trained model leaks about its training data: membership inference (ROC AUC, TPR at 1% FPR)."""
+    """Measure what a trained model leaks about its training data: membership inference (ROC AUC, TPR at 1% FPR) for
+    classifiers, a canary's reproduction and exposure for language models."""
     _use_key(key_file)
+    if canary is not None:
+        from bigmodel.privacy.audit import canary as run_canary
+
+        c = run_canary(run_dir, canary, prefix or "", candidates)
+        if as_json:
+            _echo_json(c)
+            return
+        typer.echo(
+            f"canary: {'REPRODUCED' if c['reproduced'] else 'not reproduced'} by greedy decoding "
+            f"(it wrote {c['greedy']!r}); exposure {c['exposure']:.2f} of {c['max_exposure']:.2f} bits "
+            f"(rank {c['rank']} among {c['candidates'] + 1})"
+        )
+        return
     if not membership:
-        raise UserError("bigmodel audit: choose an audit (--membership)")
+        raise UserError("bigmodel audit: choose an audit (--membership, or --canary SECRET --prefix TEXT)")
     from bigmodel.privacy.audit import membership as run_membership
 
     r = run_membership(run_dir, split)
