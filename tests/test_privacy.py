@@ -46,7 +46,7 @@ def test_epsilon_is_the_accountants_and_within_the_target(dp_run):
     assert eps[-1] == pytest.approx(epsilon_of([[p["noise_multiplier"], p["sample_rate"], 15]], "rdp", 1e-5), abs=1e-9)
     # the artifact records it and replays the layer fix (BatchNorm1d → GroupNorm with one group) when it loads
     config = json.loads((dp_run / "model" / "config.json").read_text())
-    assert config["model_fix"] == "dp-v1" and config["privacy"]["epsilon"] == p["epsilon"]
+    assert config["model_fix"] == "dp-v2" and config["privacy"]["epsilon"] == p["epsilon"]
     from bigmodel import load_artifact
 
     model = load_artifact(dp_run).model
@@ -99,17 +99,56 @@ def test_poisson_batches_vary_and_empty_ones_train(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["model.name=embedding-bag"], "layer 'bag' (EmbeddingBag) has no per-example gradients"),
         (["train.grad_accum_steps=2"], "train.grad_accum_steps must be 1"),
         (["train.grad_clip=1.0"], "remove train.grad_clip"),
         (["privacy.dp.noise_multiplier=1.0"], "exactly one of target_epsilon and noise_multiplier"),
     ],
 )
 def test_what_dp_cannot_do_is_a_one_line_error(args, message, tmp_path):
-    recipe = str(ROOT / "recipes" / "tweets_fasttext.yaml") if "embedding-bag" in args[0] else RECIPE
-    proc = run_cli("train", recipe, "privacy.dp.target_epsilon=3", *args, "--out", str(tmp_path / "x"))
+    proc = run_cli("train", RECIPE, "privacy.dp.target_epsilon=3", *args, "--out", str(tmp_path / "x"))
     assert proc.returncode != 0 and message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum", "max"])
+def test_pooled_embedding_is_the_bag_with_per_example_gradients(mode):
+    """The EmbeddingBag fix gives the bag's outputs from the same weights, and Opacus' per-example gradients of it
+    equal each example's own gradient."""
+    from opacus import GradSampleModule
+
+    from bigmodel.privacy.dp import PooledEmbedding
+
+    torch.manual_seed(0)
+    bag = torch.nn.EmbeddingBag(50, 8, mode=mode, padding_idx=0)
+    ids = torch.randint(1, 50, (5, 7))
+    ids[1, 4:] = 0  # padding
+    ids[3] = 0  # an empty text
+    pooled = PooledEmbedding(bag)
+    torch.testing.assert_close(pooled(ids), bag(ids))
+    head = torch.nn.Linear(8, 3)
+    model = GradSampleModule(torch.nn.Sequential(pooled, head), loss_reduction="sum")
+    y = torch.randint(0, 3, (5,))
+    torch.nn.functional.cross_entropy(model(ids), y, reduction="sum").backward()
+    per_example = pooled.embedding.weight.grad_sample
+    for i in range(5):
+        ref = torch.nn.Sequential(PooledEmbedding(bag), head)
+        ref.zero_grad()
+        torch.nn.functional.cross_entropy(ref(ids[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        torch.testing.assert_close(per_example[i], ref[0].embedding.weight.grad, atol=1e-6, rtol=0)
+
+
+def test_embedding_bag_trains_with_dp_and_its_artifact_replays_the_fix(tmp_path):
+    out = tmp_path / "bag"
+    run_cli(
+        "train", str(ROOT / "recipes" / "tweets_fasttext.yaml"), "privacy.dp.target_epsilon=8",
+        "data.limit_train=400", "data.tokenizer.vocab_size=2000", "train.epochs=2", "train.min_steps=1",
+        "train.batch_size=100", "--out", str(out), "--no-progress", check=True,
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["epsilon"] <= 8.0
+    assert "bag.embedding.weight" in load_file(str(out / "model" / "model.safetensors"))
+    again = json.loads(run_cli("evaluate", str(out), "--json", check=True).stdout)
+    assert again["accuracy"] == summary["metrics"]["accuracy"]
 
 
 # ----------------------------------------------------------------------------------------------- encrypted models

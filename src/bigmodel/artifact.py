@@ -186,10 +186,10 @@ class Artifact:
             model = build_model(name, model_cfg, self.config["input_shape"], self.config["num_classes"])
             fix = self.config.get("model_fix")
             if fix is not None:  # trained with DP-SGD: the same layer replacements
-                from bigmodel.privacy.dp import FIX, fix_model
+                from bigmodel.privacy.dp import FIXES, fix_model
 
-                if fix != FIX:
-                    raise UserError(f"{folder}: model_fix {fix!r} is not {FIX!r} (written by another bigmodel)")
+                if fix not in FIXES:
+                    raise UserError(f"{folder}: model_fix {fix!r} is not one of {FIXES} (written by another bigmodel)")
                 model = fix_model(model)
             return model
 

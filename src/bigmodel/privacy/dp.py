@@ -12,7 +12,8 @@ What makes a run (ε, δ)-differentially private, and where each piece lives:
   loss, and (ε, δ, σ, q, steps) go into summary.json and the artifact. The accountant's history is the strategy's
   checkpoint state.
 Layers Opacus cannot compute per-example gradients for are replaced before training (`fix_model`: BatchNorm1d →
-GroupNorm with one group, BatchNorm2d → GroupNorm, LSTM → DPLSTM, MultiheadAttention → DPMultiheadAttention;
+GroupNorm with one group, BatchNorm2d → GroupNorm, EmbeddingBag → Embedding + pooling, LSTM → DPLSTM,
+MultiheadAttention → DPMultiheadAttention;
 in-place activations made out-of-place); the artifact records it, so loading it replays the same replacement.
 Anything else is a one-line recipe error naming the layer.
 """
@@ -28,7 +29,9 @@ from torch import nn
 from bigmodel.errors import UserError
 from bigmodel.training.strategy import OptimizerFactory, Strategy, register_strategy
 
-FIX = "dp-v1"  # the artifact's `model_fix`: replay this version of `fix_model` when loading
+FIX = "dp-v2"  # the artifact's `model_fix`: replay this version of `fix_model` when loading
+# v2 added EmbeddingBag → PooledEmbedding; a v1 model holds no EmbeddingBag (v1 refused it), so v2 replays v1 exactly
+FIXES = ("dp-v1", "dp-v2")
 
 
 def require_opacus() -> None:
@@ -46,7 +49,7 @@ def fix_model(model: nn.Module) -> nn.Module:
     require_opacus()
     from opacus.validators import ModuleValidator
 
-    fixed = _batchnorm1d_to_groupnorm(model)
+    fixed = _batchnorm1d_to_groupnorm(_pool_embeddings(model))
     fixed = ModuleValidator.fix(fixed)
     for m in fixed.modules():  # in-place activations break per-example gradient hooks (a view modified in place)
         if getattr(m, "inplace", False) is True:
@@ -54,13 +57,48 @@ def fix_model(model: nn.Module) -> nn.Module:
     errors = ModuleValidator.validate(fixed, strict=False)
     if errors:
         raise UserError(f"privacy.dp: {errors[0]} (Opacus cannot compute per-example gradients for it)")
-    for name, m in fixed.named_modules():
-        if isinstance(m, nn.EmbeddingBag):  # no per-example gradients in any Opacus mode (measured: hooks, ew, vmap)
-            raise UserError(
-                f"privacy.dp: layer {name!r} (EmbeddingBag) has no per-example gradients in Opacus; train a model "
-                "with a plain embedding (transformer-classifier, lstm-classifier, gru-classifier) instead"
-            )
     return fixed
+
+
+class PooledEmbedding(nn.Module):
+    """`nn.EmbeddingBag(mode, padding_idx)` on (B, L) ids, as an `nn.Embedding` followed by pooling over the positions
+    that are not padding: the same outputs from the same weights, and per-example gradients Opacus computes (its
+    EmbeddingBag sampler takes only 1-D ids with offsets, so a bag over padded rows had none in any mode)."""
+
+    def __init__(self, bag: nn.EmbeddingBag) -> None:
+        super().__init__()
+        if bag.mode not in ("mean", "sum", "max"):
+            raise UserError(f"privacy.dp: EmbeddingBag mode {bag.mode!r} cannot be fixed")
+        self.mode = bag.mode
+        self.padding_idx = bag.padding_idx
+        self.embedding = nn.Embedding(bag.num_embeddings, bag.embedding_dim, padding_idx=bag.padding_idx)
+        with torch.no_grad():
+            self.embedding.weight.copy_(bag.weight)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.embedding.weight
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        if ids.dim() != 2 or offsets is not None:
+            raise ValueError("PooledEmbedding takes padded (B, L) ids")
+        e = self.embedding(ids)
+        keep = torch.ones_like(ids, dtype=torch.bool) if self.padding_idx is None else ids != self.padding_idx
+        if self.mode == "max":
+            out = e.masked_fill(~keep[..., None], float("-inf")).amax(1)
+            return torch.where(keep.any(1, keepdim=True), out, torch.zeros_like(out))  # an empty bag is 0
+        total = (e * keep[..., None].to(e.dtype)).sum(1)
+        if self.mode == "sum":
+            return total
+        return total / keep.sum(1, keepdim=True).clamp_min(1).to(e.dtype)
+
+
+def _pool_embeddings(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.EmbeddingBag):
+        return PooledEmbedding(module)
+    for name, child in module.named_children():
+        setattr(module, name, _pool_embeddings(child))
+    return module
 
 
 def check_mode(model: nn.Module, mode: str) -> None:
