@@ -3,9 +3,12 @@ against the same step without it, at the same batch size, on the same model and 
 of `--rounds` rounds of `--steps` steps each, the two alternating). Prints the environment and a table; `--json` one
 object with `dp_step_time_ratio` (DP step time / non-private step time; Opacus measured 1.7-2.5x here, the goal is
 ≤ 2.5). With `--accuracy`: also trains the recipe at ε = 1, 3, 8 and without DP, and reports test accuracy (slow).
+With `--audit`: trains `benchmarks/audit_overfit.yaml` (a model overfit on 300 images) without DP and at ε = 3 and
+runs `bigmodel audit --membership` on both (`membership_auc_plain`, `membership_auc_dp`; the goal: ≥ 0.65 without,
+≤ 0.55 with).
 
     python benchmarks/privacy.py [--recipe recipes/fashion_mnist_dp.yaml] [--batch-size 256] [--steps 10]
-        [--rounds 5] [--accuracy] [--json] [key=value ...]
+        [--rounds 5] [--accuracy] [--audit] [--json] [key=value ...]
 """
 
 from __future__ import annotations
@@ -60,6 +63,21 @@ def accuracy(recipe: str, overrides: list[str], tmp: Path, tag: str) -> float:
     return float(json.loads((out / "summary.json").read_text())["metrics"]["accuracy"])
 
 
+def audit(tmp: Path, dp: bool) -> dict:
+    import json
+
+    recipe = str(ROOT / "benchmarks" / "audit_overfit.yaml")
+    accuracy(recipe, ["privacy.dp.target_epsilon=3"] if dp else [], tmp, "dp" if dp else "plain")
+    run = tmp / ("dp" if dp else "plain")
+    cmd = [sys.executable, "-m", "bigmodel", "audit", str(run), "--membership", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    r = json.loads(proc.stdout)
+    r["test_accuracy"] = json.loads((run / "summary.json").read_text())["metrics"]["accuracy"]
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/fashion_mnist_dp.yaml")
@@ -67,6 +85,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--accuracy", action="store_true", help="also train at ε = 1, 3, 8, ∞ (slow)")
+    ap.add_argument("--audit", action="store_true", help="also the membership audit, without DP and at ε = 3")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -91,6 +110,16 @@ def main() -> None:
                 )
             acc["inf"] = accuracy(args.recipe, ["privacy.dp=null", *args.overrides], Path(tmp), "inf")
         result["accuracy_by_epsilon"] = acc
+    if args.audit:
+        with tempfile.TemporaryDirectory() as tmp:
+            plain_audit, dp_audit = audit(Path(tmp), dp=False), audit(Path(tmp), dp=True)
+        result |= {
+            "membership_auc_plain": round(plain_audit["auc"], 4),
+            "membership_auc_dp": round(dp_audit["auc"], 4),
+            "membership_dp_epsilon": round(dp_audit["privacy"]["epsilon"], 4),
+            "audit_test_accuracy_plain": plain_audit["test_accuracy"],
+            "audit_test_accuracy_dp": dp_audit["test_accuracy"],
+        }
     if args.json:
         emit_json(result)
         return
@@ -105,6 +134,18 @@ def main() -> None:
     print(f"dp_step_time_ratio {ratio:.3f}  (batch {args.batch_size}, median of {args.rounds} rounds)")
     if args.accuracy:
         print_table(["epsilon", "test accuracy"], [[k, v] for k, v in result["accuracy_by_epsilon"].items()])
+    if args.audit:
+        print_table(
+            ["overfit model (300 images)", "membership AUC", "test accuracy"],
+            [
+                ["without DP", result["membership_auc_plain"], result["audit_test_accuracy_plain"]],
+                [
+                    f"DP-SGD ε = {result['membership_dp_epsilon']}",
+                    result["membership_auc_dp"],
+                    result["audit_test_accuracy_dp"],
+                ],
+            ],
+        )
 
 
 if __name__ == "__main__":
