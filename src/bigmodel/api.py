@@ -387,6 +387,7 @@ def train(
         require(recipe.train.track)
     from bigmodel.training import ddp
 
+    joined = not ddp.in_process_group()
     ddp.init_process_group(recipe.train.distributed.backend)  # under torchrun: join the job (else nothing)
     if resume is None:
         run_dir = new_run_dir(out, recipe.name or "run") if is_main_process() else Path(out or ".")
@@ -463,6 +464,10 @@ def train(
         from bigmodel.report import write_report
 
         write_report([run_dir])
+    # Under torchrun: every rank leaves the group together. A group left to the interpreter's exit can abort the
+    # process ("terminate called without an active exception": gloo's threads destroyed while joinable).
+    if joined:
+        ddp.destroy()
     return result
 
 

@@ -56,8 +56,14 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def in_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def destroy() -> None:
+    """Leave the process group after a finished job: wait for every rank, then destroy it (no-op outside one)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
