@@ -130,7 +130,7 @@ def canary(run_dir: str | Path, secret: str, prefix: str, candidates: int = 1000
     if candidates < 1:
         raise UserError(f"--candidates {candidates}: expected ≥ 1")
     art = load_artifact(run_dir)
-    if not art.can(Capability.GENERATES):
+    if not art.can(Capability.GENERATES) or art.kind != "lm":
         raise UserError(f"{run_dir}: audit --canary takes language models (this is a {art.kind} model)")
     n_tokens = len(art.preprocess.tokenizer.encode(secret, add_special_tokens=False).ids)
     greedy = art.generate_text(prefix, max_new_tokens=n_tokens + 4, temperature=0.0)
