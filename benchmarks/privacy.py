@@ -2,10 +2,11 @@
 against the same step without it, at the same batch size, on the same model and batches, in one process (the median
 of `--rounds` rounds of `--steps` steps each, the two alternating). Prints the environment and a table; `--json` one
 object with `dp_step_time_ratio` (DP step time / non-private step time; Opacus measured 1.7-2.5x here, the goal is
-≤ 2.5). With `--accuracy`: also trains the recipe at ε = 1, 3, 8 and without DP, and reports test accuracy (slow).
-With `--audit`: trains `benchmarks/audit_overfit.yaml` (a model overfit on 300 images) without DP and at ε = 3 and
-runs `bigmodel audit --membership` on both (`membership_auc_plain`, `membership_auc_dp`; the goal: ≥ 0.65 without,
-≤ 0.55 with).
+≤ 2.5) and, when the recipe's `grad_sample_mode` is not `hooks`, `dp_hooks_step_time_ratio` (Opacus' own hooks mode on
+the same batches). With `--accuracy`: also trains the recipe at ε = 1, 3, 8 and without DP, and reports test
+accuracy (slow). With `--audit`: trains `benchmarks/audit_overfit.yaml` (a model overfit on 300 images) without DP
+and at ε = 3 and runs `bigmodel audit --membership` on both (`membership_auc_plain`, `membership_auc_dp`; the goal:
+≥ 0.65 without, ≤ 0.55 with).
 
     python benchmarks/privacy.py [--recipe recipes/fashion_mnist_dp.yaml] [--batch-size 256] [--steps 10]
         [--rounds 5] [--accuracy] [--audit] [--json] [key=value ...]
@@ -27,29 +28,36 @@ from _common import emit_json, environment, median, print_env, print_table  # no
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def step_times(recipe_path: str, overrides: list[str], steps: int, rounds: int) -> tuple[list[float], list[float]]:
+def step_times(recipe_path: str, overrides: list[str], steps: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each variant, per round: `dp` (the recipe's DP-SGD), `hooks` (Opacus' own hooks mode, when
+    the recipe's mode is another) and `plain` (no DP), on the same batches, the variants alternating."""
     import itertools
 
     from bigmodel import load_recipe
     from bigmodel.api import build_experiment
 
+    variants = {"dp": [], "hooks": ["privacy.dp.grad_sample_mode=hooks"], "plain": ["privacy.dp=null"]}
+    dp = load_recipe(recipe_path, overrides=overrides).privacy.dp
+    if dp is None:
+        raise SystemExit(f"{recipe_path} has no privacy.dp block: add e.g. privacy.dp.target_epsilon=3")
+    if dp.grad_sample_mode == "hooks":
+        del variants["hooks"]
     trainers = {}
-    for name, extra in (("dp", []), ("plain", ["privacy.dp=null"])):
-        exp = build_experiment(load_recipe(recipe_path, overrides=[*overrides, *extra]))
-        trainers[name] = exp.trainer(validate=False)
-    # the same fixed batches for both (the DP run's loader is Poisson-sampled: take the plain loader's)
+    for name, extra in variants.items():
+        recipe = load_recipe(recipe_path, overrides=[*overrides, *extra])
+        trainers[name] = build_experiment(recipe).trainer(validate=False)
+    # the same fixed batches for all (the DP runs' loaders are Poisson-sampled: take the plain loader's)
     batches = list(itertools.islice(trainers["plain"].train_loader.epoch(0), steps))
-    times: dict[str, list[float]] = {"dp": [], "plain": []}
-    for name in ("dp", "plain"):  # warm-up
-        trainers[name].train_step([batches[0]])
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for t in trainers.values():  # warm-up
+        t.train_step([batches[0]])
     for _ in range(rounds):
-        for name in ("dp", "plain"):
-            t = trainers[name]
+        for name, t in trainers.items():
             t0 = time.perf_counter()
             for b in batches:
                 t.train_step([b])
             times[name].append((time.perf_counter() - t0) / len(batches))
-    return times["dp"], times["plain"]
+    return times
 
 
 def accuracy(recipe: str, overrides: list[str], tmp: Path, tag: str) -> float:
@@ -91,7 +99,8 @@ def main() -> None:
     args = ap.parse_args()
     env = environment()
     base = [f"train.batch_size={args.batch_size}", "train.baseline=false", *args.overrides]
-    dp, plain = step_times(str(ROOT / args.recipe), base, args.steps, args.rounds)
+    times = step_times(str(ROOT / args.recipe), base, args.steps, args.rounds)
+    dp, plain = times["dp"], times["plain"]
     ratio = median(dp) / median(plain)
     result: dict = {
         "environment": env,
@@ -101,6 +110,9 @@ def main() -> None:
         "plain_step_s": median(plain),
         "dp_step_time_ratio": round(ratio, 4),
     }
+    if "hooks" in times:
+        result["dp_hooks_step_s"] = median(times["hooks"])
+        result["dp_hooks_step_time_ratio"] = round(median(times["hooks"]) / median(plain), 4)
     if args.accuracy:
         with tempfile.TemporaryDirectory() as tmp:
             acc = {}
@@ -124,13 +136,12 @@ def main() -> None:
         emit_json(result)
         return
     print_env(env)
-    print_table(
-        ["step", "median s", "samples/s"],
-        [
-            ["DP-SGD", median(dp), args.batch_size / median(dp)],
-            ["non-private", median(plain), args.batch_size / median(plain)],
-        ],
-    )
+    rows = [["DP-SGD (the recipe's grad_sample_mode)", median(dp), args.batch_size / median(dp), ratio]]
+    if "hooks" in times:
+        h = median(times["hooks"])
+        rows.append(["DP-SGD (Opacus' hooks mode)", h, args.batch_size / h, h / median(plain)])
+    rows.append(["non-private", median(plain), args.batch_size / median(plain), 1.0])
+    print_table(["step", "median s", "samples/s", "x non-private"], rows)
     print(f"dp_step_time_ratio {ratio:.3f}  (batch {args.batch_size}, median of {args.rounds} rounds)")
     if args.accuracy:
         print_table(["epsilon", "test accuracy"], [[k, v] for k, v in result["accuracy_by_epsilon"].items()])

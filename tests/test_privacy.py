@@ -110,6 +110,91 @@ def test_what_dp_cannot_do_is_a_one_line_error(args, message, tmp_path):
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+class _Mixed(torch.nn.Module):
+    """Every path of `grad_sample_mode: bk`: a conv (Opacus' sampler), a rank-one Linear head (factored), an
+    Embedding with repeated ids and padding (factored), a Linear over a sequence (B, T, F) (Opacus' sampler) and a
+    Linear used twice in one forward (Opacus' sampler)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.seq = torch.nn.Linear(6, 5)
+        self.twice = torch.nn.Linear(5, 5)
+        self.embed = torch.nn.Embedding(10, 4, padding_idx=0)
+        self.head = torch.nn.Linear(4 * 6 * 6 + 5 + 4, 3)
+        self.out = torch.nn.Linear(3, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        img = torch.tanh(self.conv(x)).flatten(1)  # (B, 144)
+        seq = self.seq(x[:, 0]).mean(1)  # the image rows as a sequence: (B, 6, 6) → (B, 5)
+        seq = self.twice(torch.tanh(self.twice(seq)))  # (B, 5), one weight in two places
+        ids = (x[:, 0].abs() * 3).long().clamp(max=9)  # (B, 6, 6) ids in 0..9: repeats, and 0 is padding
+        tokens = self.embed(ids).mean((1, 2))  # (B, 4)
+        return self.out(torch.tanh(self.head(torch.cat([img, seq, tokens], 1))))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("n", [7, 0])
+def test_book_keeping_clips_each_example_like_its_own_backward(n):
+    """The clipped, summed gradient of `bk` (no noise) equals the one built example by example with plain autograd,
+    and Opacus' hooks mode, to float rounding; an empty batch gives zeros."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from bigmodel.privacy.bookkeeping import BookKeepingDPOptimizer, BookKeepingGradSampleModule
+
+    torch.manual_seed(0)
+    ref = _Mixed()
+    x, y = torch.randn(n, 1, 6, 6) * 3, torch.randint(0, 3, (n,))
+    clip = 4.0
+    want = {k: torch.zeros_like(v) for k, v in ref.named_parameters()}
+    norms = []
+    for i in range(n):  # each example's own gradient, clipped, summed
+        ref.zero_grad()
+        torch.nn.functional.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
+        g = {k: v.grad.clone() for k, v in ref.named_parameters()}
+        norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
+        norms.append(float(norm))
+        for k in want:
+            want[k] += g[k] * min(1.0, clip / (float(norm) + 1e-6))
+    if n:
+        assert min(norms) < clip < max(norms)  # some examples clipped, some not
+    got = {}
+    for name, gsm, opt_cls in (
+        ("bk", BookKeepingGradSampleModule, BookKeepingDPOptimizer),
+        ("hooks", GradSampleModule, DPOptimizer),
+    ):
+        model = _Mixed()
+        model.load_state_dict(ref.state_dict())
+        wrapped = gsm(model, batch_first=True, loss_reduction="mean")
+        opt = opt_cls(
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            noise_multiplier=0.0,
+            max_grad_norm=clip,
+            expected_batch_size=1,
+            loss_reduction="mean",
+        )
+        for _ in range(2):  # two steps: the factors are cleared by zero_grad and rebuilt
+            loss = torch.nn.functional.cross_entropy(wrapped(x), y) if n else wrapped(x).sum() * 0
+            loss.backward()
+            if name == "bk" and n:  # which path each layer took
+                assert model.head.weight._bk_factors is not None and model.head.weight.grad_sample is None
+                assert model.out.weight._bk_factors is not None and model.embed.weight._bk_factors is not None
+                assert all(getattr(m.weight, "_bk_factors", None) is None for m in (model.seq, model.twice))
+                assert model.seq.weight.grad_sample is not None and model.twice.weight.grad_sample is not None
+            assert opt.pre_step()
+            got[name] = {k: v.grad.clone() for k, v in model.named_parameters()}
+            opt.zero_grad(set_to_none=True)
+        if name == "bk" and n:
+            assert model.head.weight.grad_sample is None and model.seq.weight.grad_sample is None  # cleared
+    for k, v in want.items():
+        torch.testing.assert_close(got["bk"][k], v, atol=1e-6, rtol=1e-5)
+        if k == "embed.weight":  # Opacus' embedding sampler gives the padding row gradients autograd does not
+            assert n == 0 or got["hooks"][k][0].abs().max() > 1e-4
+            got["hooks"][k], v = got["hooks"][k][1:], v[1:]
+        torch.testing.assert_close(got["hooks"][k], v, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["mean", "sum", "max"])
 def test_pooled_embedding_is_the_bag_with_per_example_gradients(mode):
     """The EmbeddingBag fix gives the bag's outputs from the same weights, and Opacus' per-example gradients of it
@@ -149,6 +234,66 @@ def test_embedding_bag_trains_with_dp_and_its_artifact_replays_the_fix(tmp_path)
     assert "bag.embedding.weight" in load_file(str(out / "model" / "model.safetensors"))
     again = json.loads(run_cli("evaluate", str(out), "--json", check=True).stdout)
     assert again["accuracy"] == summary["metrics"]["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "model", "fixed"),
+    [
+        (
+            "tweets_transformer.yaml",
+            ["model.dim=16", "model.num_heads=2", "model.num_layers=1", "model.ff_dim=32"],
+            None,
+        ),
+        pytest.param(  # DPLSTM steps through time in Python: ~1 min here
+            "tweets_lstm.yaml", ["model.embedding_dim=16", "model.hidden_size=16"], "DPLSTM", marks=pytest.mark.slow
+        ),
+        (
+            "tweets_pretrained_gpt.yaml",  # learned positions: looked up per example under DP
+            ["model.init_from=null", "model.dim=16", "model.num_heads=2", "model.num_layers=1", "train.grad_clip=null"],
+            None,
+        ),
+    ],
+)
+def test_attention_lstm_and_gpt_classifiers_train_with_dp(recipe, model, fixed, tmp_path):
+    """Self-attention built from Linear layers (Opacus' sampler takes their (B, T, F) inputs), a bidirectional LSTM
+    (fixed to DPLSTM, and the artifact replays the fix) and the GPT classifier (its position table looked up per
+    example) train under DP-SGD; the artifact evaluates to the run's numbers."""
+    from bigmodel import load_artifact
+
+    out = tmp_path / "run"
+    run_cli(
+        "train", str(ROOT / "recipes" / recipe), *model, "privacy.dp.target_epsilon=8", "data.limit_train=400",
+        "data.tokenizer.vocab_size=2000", "data.tokenizer.max_length=16", "train.epochs=2", "train.min_steps=1",
+        "train.batch_size=100", "--out", str(out), "--no-progress", check=True,
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy"]["steps"] == 8 and 0 < summary["privacy"]["epsilon"] <= 8.0
+    modules = [type(m).__name__ for m in load_artifact(out).model.modules()]
+    if fixed:
+        assert fixed in modules and "LSTM" not in modules
+    again = json.loads(run_cli("evaluate", str(out), "--json", check=True).stdout)
+    assert again["accuracy"] == summary["metrics"]["accuracy"]
+
+
+def test_a_lookup_shared_by_the_batch_is_a_one_line_error():
+    """A position table indexed once for the whole batch has no per-example gradient; `bk` says so instead of
+    clipping the table's T rows as if they were T examples."""
+    from bigmodel.errors import UserError
+    from bigmodel.models.layers import LearnedPositionalEmbedding
+    from bigmodel.privacy.bookkeeping import BookKeepingGradSampleModule
+
+    x = torch.randn(3, 5, 4)
+    for per_example in (False, True):  # True: what the DP fix sets
+        pos = LearnedPositionalEmbedding(4, 16)
+        pos.per_example_positions = per_example
+        model = torch.nn.Sequential(pos, torch.nn.Flatten(), torch.nn.Linear(4 * 5, 2))
+        wrapped = BookKeepingGradSampleModule(model, batch_first=True, loss_reduction="mean")
+        if not per_example:
+            with pytest.raises(UserError, match=r"embedding '0.embedding' is looked up once for the whole batch"):
+                wrapped(x).sum().backward()
+        else:
+            wrapped(x).sum().backward()
+            assert pos.embedding.weight._bk_factors is not None
 
 
 # ----------------------------------------------------------------------------------------------- encrypted models

@@ -114,6 +114,10 @@ class Block(nn.Module):
 
 
 class GPT(ModelBase):
+    per_example_positions = False
+    """True (set by the DP fix): look positions up per example, (B, T) rather than (T,) shared by the batch; the same
+    outputs, and the position table's gradient splits by example, which per-example clipping needs."""
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -153,6 +157,8 @@ class GPT(ModelBase):
         if start + T > self.cfg.max_len:
             raise ValueError(f"sequence length {start + T} exceeds max_len {self.cfg.max_len}")
         pos = torch.arange(start, start + T, device=ids.device)
+        if self.per_example_positions:  # DP-SGD: each example's own lookup, so it has a per-example gradient
+            pos = pos.expand(ids.shape[0], T)
         x = self.drop(self.tok(ids) + self.pos(pos))
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)

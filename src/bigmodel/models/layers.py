@@ -179,6 +179,10 @@ class SinusoidalPositionalEncoding(nn.Module):
 class LearnedPositionalEmbedding(nn.Module):
     """Adds a trained embedding per position to (B, T, d)."""
 
+    per_example_positions = False
+    """True (set by the DP fix): look positions up per example, (B, T) rather than (T,) shared by the batch; the same
+    outputs, and the table's gradient splits by example, which per-example clipping needs."""
+
     def __init__(self, dim: int, max_len: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(max_len, dim)
@@ -188,7 +192,10 @@ class LearnedPositionalEmbedding(nn.Module):
         T = x.shape[1]
         if offset + T > self.embedding.num_embeddings:
             raise ValueError(f"sequence length {offset + T} exceeds max_len {self.embedding.num_embeddings}")
-        return x + self.embedding(torch.arange(offset, offset + T, device=x.device))
+        pos = torch.arange(offset, offset + T, device=x.device)
+        if self.per_example_positions:  # DP-SGD: each example's own lookup, so it has a per-example gradient
+            pos = pos.expand(x.shape[0], T)
+        return x + self.embedding(pos)
 
 
 class RotaryEmbedding(nn.Module):

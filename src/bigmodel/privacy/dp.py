@@ -5,17 +5,18 @@ What makes a run (ε, δ)-differentially private, and where each piece lives:
   q = batch_size / N (`SamplingPlan` mode `poisson`, seeded by (seed, epoch, batch): batches vary in size and may be
   empty, and a resumed run draws the same ones);
 - **per-example clipping and noise**: the model is wrapped for per-example gradients (Opacus' `GradSampleModule`:
-  hooks, expanded weights or functorch), and the optimizer is wrapped in Opacus' `DPOptimizer`, which clips each
-  example's gradient to `max_grad_norm`, adds N(0, σ² max_grad_norm²) noise to the sum and divides by the expected
-  batch size. The noise is drawn from the torch RNG, which every checkpoint holds, so resume is exact;
+  hooks, expanded weights or functorch; by default `bk`: hooks, with the per-example gradients of Linear heads and
+  Embeddings kept as factors, `privacy/bookkeeping.py`), and the optimizer is wrapped in Opacus' `DPOptimizer`, which
+  clips each example's gradient to `max_grad_norm`, adds N(0, σ² max_grad_norm²) noise to the sum and divides by the
+  expected batch size. The noise is drawn from the torch RNG, which every checkpoint holds, so resume is exact;
 - **accounting**: after every step the accountant (PRV, RDP or GDP) records (σ, q); ε is logged with the training
   loss, and (ε, δ, σ, q, steps) go into summary.json and the artifact. The accountant's history is the strategy's
   checkpoint state.
 Layers Opacus cannot compute per-example gradients for are replaced before training (`fix_model`: BatchNorm1d →
 GroupNorm with one group, BatchNorm2d → GroupNorm, EmbeddingBag → Embedding + pooling, LSTM → DPLSTM,
-MultiheadAttention → DPMultiheadAttention;
-in-place activations made out-of-place); the artifact records it, so loading it replays the same replacement.
-Anything else is a one-line recipe error naming the layer.
+MultiheadAttention → DPMultiheadAttention; in-place activations made out-of-place; position tables, which models
+look up once for the whole batch, looked up per example); the artifact records it, so loading it replays the same
+replacement. Anything else is a one-line recipe error naming the layer.
 """
 
 from __future__ import annotations
@@ -54,10 +55,40 @@ def fix_model(model: nn.Module) -> nn.Module:
     for m in fixed.modules():  # in-place activations break per-example gradient hooks (a view modified in place)
         if getattr(m, "inplace", False) is True:
             m.inplace = False
+        if hasattr(m, "per_example_positions"):  # a position table looked up once for the whole batch: per example
+            m.per_example_positions = True
     errors = ModuleValidator.validate(fixed, strict=False)
     if errors:
         raise UserError(f"privacy.dp: {errors[0]} (Opacus cannot compute per-example gradients for it)")
+    _one_name_per_parameter(fixed)
     return fixed
+
+
+def _one_name_per_parameter(model: nn.Module) -> None:
+    """DPLSTM registers each parameter under two names (its cells' `l0.ih.weight` and nn.LSTM's `weight_ih_l0`).
+    Opacus' state-dict hook drops the first names only when the DPLSTM is the root module (it compares unprefixed
+    names and returns a new dict, which a parent ignores), so inside a model `state_dict()` held both, and safetensors
+    refuses tensors that share memory. A hook on `model` drops them from the dict every level writes into (at any
+    prefix), and one on each such layer gives them back when loading, so a strict load of that state dict works."""
+    from opacus.layers.param_rename import RenameParamsMixin
+
+    renamed = [(name, m) for name, m in model.named_modules() if isinstance(m, RenameParamsMixin)]
+    if not renamed:
+        return
+
+    def drop(module: Any, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for name, m in renamed:
+            for old in m.old_to_new:
+                state_dict.pop(f"{prefix}{name}.{old}" if name else f"{prefix}{old}", None)
+
+    def restore(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for old, new in module.old_to_new.items():
+            if prefix + new in state_dict and prefix + old not in state_dict:
+                state_dict[prefix + old] = state_dict[prefix + new]
+
+    model._register_state_dict_hook(drop)
+    for _, m in renamed:
+        m._register_load_state_dict_pre_hook(restore, with_module=True)
 
 
 class PooledEmbedding(nn.Module):
@@ -178,12 +209,24 @@ class DPSGDStrategy(Strategy):
         # Opacus' hooks fire on module outputs when the inputs need no gradient (the first layer): expected, not news.
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         check_mode(model, self.cfg.grad_sample_mode)
+        mode = self.cfg.grad_sample_mode
+        book_keeping = mode == "bk" and self.cfg.clipping == "flat"
         try:
-            wrapped = wrap_model(model, self.cfg.grad_sample_mode, batch_first=True, loss_reduction="mean")
+            if book_keeping:
+                from bigmodel.privacy.bookkeeping import BookKeepingGradSampleModule
+
+                wrapped = BookKeepingGradSampleModule(model, batch_first=True, loss_reduction="mean")
+            else:
+                wrapped = wrap_model(model, "hooks" if mode == "bk" else mode, batch_first=True, loss_reduction="mean")
         except NotImplementedError as e:  # a layer without per-example gradients in this mode
-            raise UserError(f"privacy.dp.grad_sample_mode {self.cfg.grad_sample_mode!r}: {e}") from None
+            raise UserError(f"privacy.dp.grad_sample_mode {mode!r}: {e}") from None
         optimizer = optimizer_factory(model)
-        cls = get_optimizer_class(self.cfg.clipping, distributed=False, grad_sample_mode=self.cfg.grad_sample_mode)
+        if book_keeping:
+            from bigmodel.privacy.bookkeeping import BookKeepingDPOptimizer as cls
+        else:
+            cls = get_optimizer_class(
+                self.cfg.clipping, distributed=False, grad_sample_mode="hooks" if mode == "bk" else mode
+            )
         norm: Any = self.cfg.max_grad_norm
         if self.cfg.clipping == "per_layer":  # each parameter's share, so the whole gradient stays within the norm
             n = sum(len(g["params"]) for g in optimizer.param_groups)
