@@ -81,6 +81,31 @@ def test_a_resumed_dp_run_equals_an_uninterrupted_one(tmp_path):
     assert pa == pb
 
 
+def test_physical_batches_give_the_logical_batch_step(tmp_path):
+    """`max_physical_batch_size` computes each Poisson batch in pieces (each clipped and summed, the noise once): the
+    same ε and, to float rounding, the same weights as each batch computed whole."""
+    from bigmodel import load_recipe
+    from bigmodel.api import build_experiment
+
+    # fp32 (bf16 autocast rounds activations to 3 digits, so any regrouping moves the sums by ~0.5%), no dropout (its
+    # draws would follow the pieces), SGD (Adam's first steps turn rounding in near-zero coordinates into ±lr)
+    dp = ["privacy.dp.noise_multiplier=1.0", "model.dropout=0", "train.optimizer.name=sgd", "train.optimizer.lr=0.1"]
+    dp += ["train.precision=fp32", "train.select_best=false"]
+    exp = build_experiment(load_recipe(RECIPE, overrides=[*SMALL, *dp, "privacy.dp.max_physical_batch_size=7"]))
+    trainer = exp.trainer(validate=False)
+    batch = next(iter(trainer.train_loader.epoch(0)))
+    pieces = trainer.strategy.physical_batches(batch)
+    assert len(pieces) == -(-len(batch[1]) // 7) >= 3 and all(len(p[1]) <= 7 for p in pieces)
+    assert torch.equal(torch.cat([p[1] for p in pieces]), batch[1])
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(whole, *dp)
+    train(split, *dp, "privacy.dp.max_physical_batch_size=7")
+    a, b = (load_file(str(r / "model" / "model.safetensors")) for r in (whole, split))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    pa, pb = (json.loads((r / "summary.json").read_text())["privacy"] for r in (whole, split))
+    assert pa == pb
+
+
 def test_poisson_batches_vary_and_empty_ones_train(tmp_path):
     """Batch size 2 of 200 examples: q = 0.01, so about one batch in 7.5 is empty; the run trains through them."""
     from bigmodel import load_recipe

@@ -592,6 +592,10 @@ class DPConfig(Strict):
     clipping: Literal["flat", "per_layer"] = "flat"
     """`per_layer`: each parameter's per-example gradient is clipped to max_grad_norm / sqrt(#parameters), so the
     whole gradient stays within max_grad_norm."""
+    max_physical_batch_size: Annotated[int, Field(ge=1)] | None = None
+    """Compute each Poisson-sampled (logical) batch in pieces of at most this many examples, for memory: every
+    piece's examples are clipped and summed, and the noise and the step come once, after the last (Opacus'
+    BatchMemoryManager, without its loader). The same ε and, to float rounding, the same weights."""
     grad_sample_mode: Literal["bk", "hooks", "ew", "functorch"] = "bk"
     """How per-example gradients are computed: `hooks` (Opacus' module hooks), `ew` (expanded weights),
     `functorch` (vmap over any module), `bk` (hooks, except that a Linear layer with one input vector per example

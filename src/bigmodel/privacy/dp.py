@@ -164,6 +164,17 @@ def epsilon_of(history: list[tuple[float, float, int]], accountant: str, delta: 
     return float(acc.get_epsilon(delta))
 
 
+def _rows(batch: Any, start: int, stop: int) -> Any:
+    """Examples start..stop of a batch: every tensor in it sliced along its first dimension."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_rows(b, start, stop) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _rows(v, start, stop) for k, v in batch.items()}
+    return batch
+
+
 class DPSGDStrategy(Strategy):
     """Per-example clipping and Gaussian noise (Opacus), with the accountant stepping after every optimizer step."""
 
@@ -239,6 +250,17 @@ class DPSGDStrategy(Strategy):
             loss_reduction="mean",
         )
         return wrapped, dp_optimizer, train_loader
+
+    def physical_batches(self, batch: Any) -> list[Any]:
+        size, n = self.cfg.max_physical_batch_size, int(batch[1].shape[0])
+        if size is None or n <= size:
+            return [batch]
+        return [_rows(batch, i, min(i + size, n)) for i in range(0, n, size)]
+
+    def partial_step(self, train_model: nn.Module, optimizer: Any) -> None:
+        optimizer.signal_skip_step(do_skip=True)
+        optimizer.step()  # clip this piece's examples and add them to the sum: no noise, no update
+        optimizer.zero_grad(set_to_none=True)  # its per-example gradients go, the clipped sum stays
 
     def step(self, train_model: nn.Module, optimizer: Any, grad_clip: float | None, scaler: Any) -> None:
         optimizer.step()  # clip each example, add noise, average over the expected batch size, then step

@@ -53,6 +53,15 @@ class Strategy:
         """Around the backward of one micro-batch; `last` is the micro-batch after which the optimizer steps."""
         yield
 
+    def physical_batches(self, batch: Any) -> list[Any]:
+        """The pieces one micro-batch is computed in, each with its own forward and backward (DP-SGD: a Poisson-sampled
+        batch in chunks of at most `max_physical_batch_size` examples, for memory). Default: the batch whole."""
+        return [batch]
+
+    def partial_step(self, train_model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """After the backward of every piece of `physical_batches` but the last: fold its gradients away for the step
+        the last piece ends in. Default: nothing (one piece)."""
+
     def step(
         self,
         train_model: nn.Module,

@@ -226,19 +226,25 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         n = len(micro_batches)
         for i, batch in enumerate(micro_batches):
-            with self.strategy.accumulate(self.train_model, last=i == n - 1):
-                with self.autocast():
-                    loss = self.task.loss(self.train_model, batch)
-                if batch[1].shape[0] == 0:  # an empty Poisson-sampled batch (DP-SGD): no examples, no loss
-                    loss = loss.nan_to_num(0.0)
-                if self.l1_params:
-                    loss = loss + self.cfg.l1 * l1_penalty(self.l1_params)
-                scaled = loss / n if n > 1 else loss
-                if self.scaler is not None:
-                    self.scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-            total += loss.detach()
+            pieces = self.strategy.physical_batches(batch)  # [batch], or DP-SGD's chunks of one Poisson batch
+            for j, piece in enumerate(pieces):
+                last_piece = j == len(pieces) - 1
+                with self.strategy.accumulate(self.train_model, last=i == n - 1 and last_piece):
+                    with self.autocast():
+                        loss = self.task.loss(self.train_model, piece)
+                    if piece[1].shape[0] == 0:  # an empty Poisson-sampled batch (DP-SGD): no examples, no loss
+                        loss = loss.nan_to_num(0.0)
+                    if self.l1_params:
+                        loss = loss + self.cfg.l1 * l1_penalty(self.l1_params)
+                    scaled = loss / n if n > 1 else loss
+                    if self.scaler is not None:
+                        self.scaler.scale(scaled).backward()
+                    else:
+                        scaled.backward()
+                if not last_piece:
+                    self.strategy.partial_step(self.train_model, self.optimizer)
+                share = piece[1].shape[0] / batch[1].shape[0] if len(pieces) > 1 else 1.0
+                total += loss.detach() * share
         self.strategy.step(self.train_model, self.optimizer, self.cfg.grad_clip, self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
         return total / n if n > 1 else total
