@@ -300,6 +300,33 @@ def test_attention_lstm_and_gpt_classifiers_train_with_dp(recipe, model, fixed, 
     assert again["accuracy"] == summary["metrics"]["accuracy"]
 
 
+class _LSTMNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(4, 5, batch_first=True, bidirectional=True)
+        self.head = torch.nn.Linear(10, 2)
+
+
+def test_a_fixed_lstm_inside_a_model_saves_one_name_per_weight(tmp_path):
+    """DPLSTM registers each weight under two names; inside a model both reached `state_dict()`, and safetensors
+    refused the artifact. After the fix: nn.LSTM's names only, and a strict load into a freshly fixed model works."""
+    from safetensors.torch import save_file
+
+    from bigmodel.privacy.dp import fix_model
+
+    torch.manual_seed(0)
+    a = fix_model(_LSTMNet())
+    assert type(a.rnn).__name__ == "DPLSTM"
+    sd = a.state_dict()
+    assert sorted(k for k in sd if k.startswith("rnn.")) == sorted(
+        f"rnn.{k}" for k in torch.nn.LSTM(4, 5, bidirectional=True).state_dict()
+    )
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    b = fix_model(_LSTMNet())
+    b.load_state_dict(load_file(str(tmp_path / "w.safetensors")))  # strict
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
 def test_a_lookup_shared_by_the_batch_is_a_one_line_error():
     """A position table indexed once for the whole batch has no per-example gradient; `bk` says so instead of
     clipping the table's T rows as if they were T examples."""
