@@ -159,35 +159,44 @@ class _Mixed(torch.nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("n", [7, 0])
-def test_book_keeping_clips_each_example_like_its_own_backward(n):
+def test_book_keeping_clips_each_example_like_its_own_backward(n, clipping):
     """The clipped, summed gradient of `bk` (no noise) equals the one built example by example with plain autograd,
-    and Opacus' hooks mode, to float rounding; an empty batch gives zeros."""
+    and Opacus' hooks mode, to float rounding, with flat and per-layer clipping; an empty batch gives zeros."""
     from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 
-    from bigmodel.privacy.bookkeeping import BookKeepingDPOptimizer, BookKeepingGradSampleModule
+    from bigmodel.privacy.bookkeeping import (
+        BookKeepingDPOptimizer,
+        BookKeepingGradSampleModule,
+        BookKeepingPerLayerDPOptimizer,
+    )
 
     torch.manual_seed(0)
     ref = _Mixed()
     x, y = torch.randn(n, 1, 6, 6) * 3, torch.randint(0, 3, (n,))
     clip = 4.0
+    names = [k for k, _ in ref.named_parameters()]
+    bounds = [clip / len(names) ** 0.5] * len(names)  # per_layer: each parameter's share, as the strategy sets them
     want = {k: torch.zeros_like(v) for k, v in ref.named_parameters()}
-    norms = []
+    factors = []
     for i in range(n):  # each example's own gradient, clipped, summed
         ref.zero_grad()
         torch.nn.functional.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
         g = {k: v.grad.clone() for k, v in ref.named_parameters()}
-        norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
-        norms.append(float(norm))
-        for k in want:
-            want[k] += g[k] * min(1.0, clip / (float(norm) + 1e-6))
+        norm = float(torch.sqrt(sum(v.pow(2).sum() for v in g.values())))
+        for k, bound in zip(names, bounds, strict=True):
+            c = min(1.0, clip / (norm + 1e-6)) if clipping == "flat" else min(1.0, bound / (float(g[k].norm()) + 1e-6))
+            factors.append(c)
+            want[k] += g[k] * c
     if n:
-        assert min(norms) < clip < max(norms)  # some examples clipped, some not
+        assert min(factors) < 1.0 and max(factors) == 1.0  # some gradients clipped, some not
     got = {}
+    flat = clipping == "flat"
     for name, gsm, opt_cls in (
-        ("bk", BookKeepingGradSampleModule, BookKeepingDPOptimizer),
-        ("hooks", GradSampleModule, DPOptimizer),
+        ("bk", BookKeepingGradSampleModule, BookKeepingDPOptimizer if flat else BookKeepingPerLayerDPOptimizer),
+        ("hooks", GradSampleModule, DPOptimizer if flat else DPPerLayerOptimizer),
     ):
         model = _Mixed()
         model.load_state_dict(ref.state_dict())
@@ -195,7 +204,7 @@ def test_book_keeping_clips_each_example_like_its_own_backward(n):
         opt = opt_cls(
             torch.optim.SGD(model.parameters(), lr=0.0),
             noise_multiplier=0.0,
-            max_grad_norm=clip,
+            max_grad_norm=clip if flat else bounds,
             expected_batch_size=1,
             loss_reduction="mean",
         )
@@ -216,6 +225,8 @@ def test_book_keeping_clips_each_example_like_its_own_backward(n):
         torch.testing.assert_close(got["bk"][k], v, atol=1e-6, rtol=1e-5)
         if k == "embed.weight":  # Opacus' embedding sampler gives the padding row gradients autograd does not
             assert n == 0 or got["hooks"][k][0].abs().max() > 1e-4
+            if not flat:  # and they enter the layer's own norm
+                continue
             got["hooks"][k], v = got["hooks"][k][1:], v[1:]
         torch.testing.assert_close(got["hooks"][k], v, atol=1e-6, rtol=1e-5)
 

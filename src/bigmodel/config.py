@@ -598,9 +598,9 @@ class DPConfig(Strict):
     BatchMemoryManager, without its loader). The same ε and, to float rounding, the same weights."""
     grad_sample_mode: Literal["bk", "hooks", "ew", "functorch"] = "bk"
     """How per-example gradients are computed: `hooks` (Opacus' module hooks), `ew` (expanded weights),
-    `functorch` (vmap over any module), `bk` (hooks, except that a Linear layer with one input vector per example
-    never builds its (batch, out, in) per-example gradients: norms from the factors, the clipped sum one matrix
-    product; the same clipped gradients, faster; with clipping per_layer it is hooks)."""
+    `functorch` (vmap over any module), `bk` (hooks, except that Linear layers with one input vector per example and
+    Embeddings never build their per-example weight gradients: norms from the factors, the clipped sums one matrix
+    product or one index_add; the same clipped gradients, faster)."""
 
     @model_validator(mode="after")
     def _one_noise(self) -> DPConfig:

@@ -16,8 +16,8 @@ Everything else is Opacus: the hooks, the grad samplers of every other layer, no
 subclasses, which reach into Opacus 1.6's hook and optimizer internals (pinned in pyproject):
 - `BookKeepingGradSampleModule`: for such a layer, keeps the factors on the weight (`_bk_factors`: `Outer` or
   `Lookup`) and a Linear bias' per-example gradients (= G, which is small) as usual;
-- `BookKeepingDPOptimizer`: per-example norms over all parameters from the factors and the other grad samples, then
-  the clipped sums.
+- `BookKeepingDPOptimizer` (flat clipping) and `BookKeepingPerLayerDPOptimizer` (per_layer): per-example norms from
+  the factors and the other grad samples, then the clipped sums.
 The clipped gradients equal those built example by example with autograd to float rounding
 (`tests/test_privacy.py`).
 """
@@ -192,17 +192,22 @@ class BookKeepingDPOptimizer(DPOptimizer):
             raise ValueError("Number of accumulated steps is inconsistent across parameters")
         return counts.pop() if counts else 1
 
+    def _clip_factors(self, sq: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each parameter's per-example clip factors from the per-example squared norms of every parameter: flat
+        clipping scales a whole example by one factor."""
+        c = (self.max_grad_norm / (torch.stack(sq, dim=1).sum(1).sqrt() + 1e-6)).clamp(max=1.0)
+        return [c] * len(sq)
+
     def clip_and_accumulate(self) -> None:
         sq = []  # per-example squared norms, one (B,) per parameter
         for p in self.params:
             f = self._factors(p)
             sq.append(f.sq_norms() if f is not None else self._get_flat_grad_sample(p).flatten(1).pow(2).sum(1))
         if not len(sq[0]):  # an empty Poisson batch: every summed gradient is zero
-            clip = torch.zeros((0,), device=self.params[0].device)
+            clips = [torch.zeros((0,), device=self.params[0].device)] * len(sq)
         else:
-            norms = torch.stack(sq, dim=1).sum(1).sqrt()
-            clip = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for p in self.params:
+            clips = self._clip_factors(sq)
+        for p, clip in zip(self.params, clips, strict=True):
             f = self._factors(p)
             c = clip.to(device=p.device, dtype=p.dtype)
             if f is not None:
@@ -222,3 +227,17 @@ class BookKeepingDPOptimizer(DPOptimizer):
             if hasattr(p, "_bk_factors"):
                 p._bk_factors = None
         super().zero_grad(set_to_none)
+
+
+class BookKeepingPerLayerDPOptimizer(BookKeepingDPOptimizer):
+    """Per-layer clipping (Opacus' DPPerLayerOptimizer): parameter i's per-example gradient is clipped to its own
+    bound `max_grad_norm[i]`; the noise is scaled to the norm of the bounds."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, max_grad_norm: list[float], **kwargs: Any) -> None:
+        self.max_grad_norms = [float(m) for m in max_grad_norm]
+        super().__init__(optimizer, max_grad_norm=float(torch.tensor(self.max_grad_norms).norm()), **kwargs)
+        if len(self.max_grad_norms) != len(self.params):
+            raise ValueError(f"{len(self.max_grad_norms)} clipping bounds for {len(self.params)} parameters")
+
+    def _clip_factors(self, sq: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [(m / (s.sqrt() + 1e-6)).clamp(max=1.0) for m, s in zip(self.max_grad_norms, sq, strict=True)]

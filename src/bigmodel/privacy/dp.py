@@ -221,23 +221,23 @@ class DPSGDStrategy(Strategy):
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         check_mode(model, self.cfg.grad_sample_mode)
         mode = self.cfg.grad_sample_mode
-        book_keeping = mode == "bk" and self.cfg.clipping == "flat"
+        book_keeping = mode == "bk"
         try:
             if book_keeping:
                 from bigmodel.privacy.bookkeeping import BookKeepingGradSampleModule
 
                 wrapped = BookKeepingGradSampleModule(model, batch_first=True, loss_reduction="mean")
             else:
-                wrapped = wrap_model(model, "hooks" if mode == "bk" else mode, batch_first=True, loss_reduction="mean")
+                wrapped = wrap_model(model, mode, batch_first=True, loss_reduction="mean")
         except NotImplementedError as e:  # a layer without per-example gradients in this mode
             raise UserError(f"privacy.dp.grad_sample_mode {mode!r}: {e}") from None
         optimizer = optimizer_factory(model)
         if book_keeping:
-            from bigmodel.privacy.bookkeeping import BookKeepingDPOptimizer as cls
+            from bigmodel.privacy.bookkeeping import BookKeepingDPOptimizer, BookKeepingPerLayerDPOptimizer
+
+            cls = BookKeepingDPOptimizer if self.cfg.clipping == "flat" else BookKeepingPerLayerDPOptimizer
         else:
-            cls = get_optimizer_class(
-                self.cfg.clipping, distributed=False, grad_sample_mode="hooks" if mode == "bk" else mode
-            )
+            cls = get_optimizer_class(self.cfg.clipping, distributed=False, grad_sample_mode=mode)
         norm: Any = self.cfg.max_grad_norm
         if self.cfg.clipping == "per_layer":  # each parameter's share, so the whole gradient stays within the norm
             n = sum(len(g["params"]) for g in optimizer.param_groups)
