@@ -4,6 +4,7 @@ layers are fixed for per-example gradients and the artifact replays the fix; uns
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -309,6 +310,77 @@ def test_attention_lstm_and_gpt_classifiers_train_with_dp(recipe, model, fixed, 
         assert fixed in modules and "LSTM" not in modules
     again = json.loads(run_cli("evaluate", str(out), "--json", check=True).stdout)
     assert again["accuracy"] == summary["metrics"]["accuracy"]
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_the_gpt_language_model_clips_each_window_like_its_own_backward(tmp_path):
+    """The GPT's LM head is tied to its token embedding; the DP fix routes it through a Linear that holds the same
+    Parameter, so each window's gradient of that weight is the lookup's share plus the head's. The clipped sum (no
+    noise) equals the one built window by window with autograd; the state dict keeps one name for the weight."""
+    from bigmodel.models.gpt import GPT, GPTConfig
+    from bigmodel.privacy.bookkeeping import BookKeepingDPOptimizer, BookKeepingGradSampleModule
+    from bigmodel.privacy.dp import fix_model
+
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(vocab_size=11, max_len=8, dim=8, num_heads=2, num_layers=1))
+    model = fix_model(GPT(GPTConfig(vocab_size=11, max_len=8, dim=8, num_heads=2, num_layers=1)))
+    model.load_state_dict(ref.state_dict())  # strict: the head's name is filled from tok.weight
+    assert model.head.weight is model.tok.weight and "head.weight" not in model.state_dict()
+    ids = torch.randint(0, 11, (5, 6))
+    x, y = ids, torch.roll(ids, -1, 1)
+    torch.testing.assert_close(model(x), ref(x))
+
+    def loss(m, a, b):
+        return torch.nn.functional.cross_entropy(m(a).reshape(-1, 11), b.reshape(-1))
+
+    clip, want = 1.0, {k: torch.zeros_like(v) for k, v in ref.named_parameters()}
+    factors = []
+    for i in range(len(x)):  # each window's own gradient (the tied weight's two uses summed by autograd)
+        ref.zero_grad()
+        loss(ref, x[i : i + 1], y[i : i + 1]).backward()
+        norm = float(torch.sqrt(sum(v.grad.pow(2).sum() for v in ref.parameters())))
+        factors.append(min(1.0, clip / (norm + 1e-6)))
+        for k, v in ref.named_parameters():
+            want[k] += v.grad * factors[-1]
+    assert min(factors) < 1.0
+    wrapped = BookKeepingGradSampleModule(model, batch_first=True, loss_reduction="mean")
+    opt = BookKeepingDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=1
+    )
+    loss(wrapped, x, y).backward()
+    assert opt.pre_step()
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(v.grad, want[k], atol=1e-6, rtol=1e-5)
+
+
+def test_dp_trains_the_gpt_language_model_on_disjoint_windows(tmp_path):
+    """`privacy.dp` on the from-scratch GPT: Poisson-sampled disjoint windows (the record), ε within the target, an
+    artifact that generates; translation and pretrained language models stay one-line errors."""
+    from bigmodel import load_recipe
+    from bigmodel.api import build_experiment
+
+    recipe = str(ROOT / "recipes" / "shakespeare_char_gpt.yaml")
+    args = [
+        "data.batches_per_epoch=null", "train.grad_clip=null", "privacy.dp.target_epsilon=8", "model.dim=32",
+        "model.num_heads=2", "model.num_layers=1", "train.epochs=1", "train.batch_size=64", "train.max_steps=12",
+        "train.log_every=4",
+    ]  # fmt: skip
+    out = tmp_path / "lm"
+    run_cli("train", recipe, *args, "--out", str(out), "--no-progress", check=True)
+    p = json.loads((out / "summary.json").read_text())["privacy"]
+    assert p["steps"] == 12 and 7.5 < p["epsilon"] <= 8.0
+    exp = build_experiment(load_recipe(recipe, overrides=args))
+    loader = exp.loader("train", train=True)
+    windows = len(range(0, len(exp.data.train) - 64, 64))  # disjoint windows of context_length 64
+    assert loader.plan.mode == "poisson" and loader.plan.num_examples == windows
+    assert p["sample_rate"] == pytest.approx(64 / windows)
+    sizes = [len(y) for _, y in itertools.islice(loader.epoch(0), 20)]
+    assert len(set(sizes)) > 1  # Poisson batches vary
+    assert "head.weight" not in load_file(str(out / "model" / "model.safetensors"))
+    gen = run_cli("generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "8", check=True)
+    assert gen.stdout.strip()
+    proc = run_cli("train", str(ROOT / "recipes" / "bible_en_es_transformer.yaml"), "privacy.dp.target_epsilon=3")
+    assert proc.returncode != 0 and "privacy.dp trains classifiers and the from-scratch gpt" in proc.stderr
 
 
 class _LSTMNet(torch.nn.Module):

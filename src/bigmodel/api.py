@@ -128,7 +128,7 @@ class Experiment:
         return get_strategy(
             "dp-sgd",
             cfg=self.recipe.privacy.dp,
-            num_examples=len(self.data.train),
+            num_examples=loader.plan.num_examples,  # the records Poisson sampling draws (LM: disjoint windows)
             batch_size=cfg.batch_size,
             total_steps=total,
         )

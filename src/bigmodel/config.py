@@ -656,10 +656,16 @@ class Recipe(Strict):
             raise ValueError(f"data: task {self.task!r} takes a {spec.data_config.__name__} block")
         spec.check_recipe(self)  # the task's own cross-field checks and defaults
         if self.privacy.dp is not None:
-            if spec.generative or self.task == "translation" or get_model(self.model.name).can("solved"):
+            lm = self.task == "language_modeling" and self.model.name == "gpt"  # records: disjoint context windows
+            if (spec.generative and not lm) or self.task == "translation" or get_model(self.model.name).can("solved"):
                 raise ValueError(
-                    f"privacy.dp trains classifiers by gradient steps; task {self.task!r} with model "
-                    f"{self.model.name!r} is not one"
+                    f"privacy.dp trains classifiers and the from-scratch gpt language model by gradient steps; task "
+                    f"{self.task!r} with model {self.model.name!r} is not one"
+                )
+            if lm and getattr(self.data, "batches_per_epoch", None) is not None:
+                raise ValueError(
+                    "privacy.dp: remove data.batches_per_epoch (an epoch is windows / batch_size Poisson-sampled "
+                    "batches)"
                 )
             if getattr(self.data, "balance", "none") in ("oversample", "undersample"):
                 raise ValueError("privacy.dp samples batches by Poisson sampling; set data.balance to none")

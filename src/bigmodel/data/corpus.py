@@ -210,8 +210,10 @@ class WindowLoader:
     """Batches `(x, y)` of token windows: y is x shifted by one.
 
     Training: `batches` batches per epoch of `batch_size` windows at random offsets, seeded by (seed, epoch, batch),
-    so `epoch(e, start=k)` resumes exactly. Evaluation: windows that step by `context_length`, so every token after
-    the first is predicted exactly once (a tail shorter than one window is left out).
+    so `epoch(e, start=k)` resumes exactly. With `poisson` (DP-SGD), the records are the disjoint windows stepping by
+    `context_length`, and each joins each batch independently with probability batch_size / windows. Evaluation:
+    windows that step by `context_length`, so every token after the first is predicted exactly once (a tail shorter
+    than one window is left out).
     """
 
     def __init__(
@@ -223,6 +225,7 @@ class WindowLoader:
         train: bool,
         seed: int = 0,
         batches: int | None = None,
+        poisson: bool = False,
         device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
@@ -237,7 +240,17 @@ class WindowLoader:
         self.seed = seed
         self.device = device
         self._offsets = torch.arange(self.T + 1, device=device)
-        if train:  # windows at uniformly random offsets, drawn per batch
+        if train and poisson:  # DP-SGD: the records are the disjoint windows; each joins each batch with prob. B / N
+            self._starts = torch.arange(0, n - self.T, self.T, device=device)
+            plan = SamplingPlan(
+                "poisson",
+                num_examples=len(self._starts),
+                batch_size=batch_size,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
+            )
+        elif train:  # windows at uniformly random offsets, drawn per batch
             plan = SamplingPlan(
                 "with_replacement",
                 num_examples=n - self.T,

@@ -148,7 +148,30 @@ class GPT(ModelBase):
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); with a cache, `ids` are the positions after those cached."""
-        return F.linear(self.hidden(ids, cache), self.tok.weight)  # the LM head is tied to the token embedding
+        h = self.hidden(ids, cache)
+        if "head" in self._modules:  # the DP fix: the tied weight through a module per-example hooks see
+            return self._modules["head"](h)
+        return F.linear(h, self.tok.weight)  # the LM head is tied to the token embedding
+
+    def per_example_head(self) -> None:
+        """The DP fix: the tied LM head becomes a Linear module holding the token embedding's own Parameter, so
+        per-example gradient hooks see both of its uses (lookup and head) and sum them per example. The same outputs;
+        the state dict keeps one name for the weight (`tok.weight`) and loading fills the other."""
+        if "head" in self._modules:
+            return
+        head = nn.Linear(self.cfg.dim, self.cfg.vocab_size, bias=False)
+        head.weight = self.tok.weight
+        self.head = head
+
+        def drop(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+            state_dict.pop(prefix + "head.weight", None)
+
+        def restore(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+            if prefix + "tok.weight" in state_dict:
+                state_dict.setdefault(prefix + "head.weight", state_dict[prefix + "tok.weight"])
+
+        self._register_state_dict_hook(drop)
+        self._register_load_state_dict_pre_hook(restore, with_module=True)
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final (normalised) hidden states (B, T, C)."""

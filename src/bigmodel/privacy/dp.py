@@ -57,6 +57,9 @@ def fix_model(model: nn.Module) -> nn.Module:
             m.inplace = False
         if hasattr(m, "per_example_positions"):  # a position table looked up once for the whole batch: per example
             m.per_example_positions = True
+    for m in list(fixed.modules()):
+        if hasattr(m, "per_example_head"):  # a head tied to the embedding through F.linear: a module hooks see
+            m.per_example_head()
     errors = ModuleValidator.validate(fixed, strict=False)
     if errors:
         raise UserError(f"privacy.dp: {errors[0]} (Opacus cannot compute per-example gradients for it)")

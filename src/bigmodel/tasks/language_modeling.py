@@ -49,7 +49,10 @@ class LanguageModeling(TaskSpec):
         if not opts.train and opts.default_batch_size:  # keep an evaluation batch's logits under ~256 MB
             bs = max(1, min(bs, (1 << 26) // (T * int(pre.input_shape["vocab_size"]))))
         batches = recipe.data.batches_per_epoch if opts.train else None
-        return WindowLoader(split, T, bs, train=opts.train, batches=batches, **opts.plan_kwargs(recipe, drop=False))
+        poisson = opts.train and recipe.privacy.dp is not None  # DP-SGD: Poisson-sampled disjoint windows
+        return WindowLoader(
+            split, T, bs, train=opts.train, batches=batches, poisson=poisson, **opts.plan_kwargs(recipe, drop=False)
+        )
 
     def objective(self, recipe: Any, data: Any, num_classes: int, labels: list[str]) -> LanguageModelingTask:
         return LanguageModelingTask(recipe.train.label_smoothing if recipe is not None else 0.0)
