@@ -3,10 +3,10 @@ against the same step without it, at the same batch size, on the same model and 
 of `--rounds` rounds of `--steps` steps each, the two alternating). Prints the environment and a table; `--json` one
 object with `dp_step_time_ratio` (DP step time / non-private step time; Opacus measured 1.7-2.5x here, the goal is
 ≤ 2.5) and, when the recipe's `grad_sample_mode` is not `hooks`, `dp_hooks_step_time_ratio` (Opacus' own hooks mode on
-the same batches). With `--accuracy`: also trains the recipe at ε = 1, 3, 8 and without DP, and reports test
-accuracy (slow). With `--audit`: trains `benchmarks/audit_overfit.yaml` (a model overfit on 300 images) without DP
-and at ε = 3 and runs `bigmodel audit --membership` on both (`membership_auc_plain`, `membership_auc_dp`; the goal:
-≥ 0.65 without, ≤ 0.55 with).
+the same batches). With `--accuracy`: also trains the recipe at ε = 1, 3, 8 and ∞ (no noise, clipping and learning
+rate kept) and reports test accuracy (slow). With `--audit`: trains `benchmarks/audit_overfit.yaml` (a model overfit on
+300 images) without DP and at ε = 3 and runs `bigmodel audit --membership` on both (`membership_auc_plain`,
+`membership_auc_dp`; the goal: ≥ 0.65 without, ≤ 0.55 with).
 
     python benchmarks/privacy.py [--recipe recipes/fashion_mnist_dp.yaml] [--batch-size 256] [--steps 10]
         [--rounds 5] [--accuracy] [--audit] [--json] [key=value ...]
@@ -120,7 +120,11 @@ def main() -> None:
                 acc[str(eps)] = accuracy(
                     args.recipe, [f"privacy.dp.target_epsilon={eps}", *args.overrides], Path(tmp), f"e{eps}"
                 )
-            acc["inf"] = accuracy(args.recipe, ["privacy.dp=null", *args.overrides], Path(tmp), "inf")
+            # ε = ∞: the same recipe without noise (σ → 0), clipping and learning rate kept. Dropping `privacy.dp`
+            # instead trains with the DP learning rate on unclipped gradients: SGD at lr 4 on the Fashion CNN diverged
+            # (training loss 3.6 → 5.5 by epoch 9), which says nothing about the price of privacy.
+            nonoise = ["privacy.dp.target_epsilon=null", "privacy.dp.noise_multiplier=1e-9"]
+            acc["inf"] = accuracy(args.recipe, [*nonoise, *args.overrides], Path(tmp), "inf")
         result["accuracy_by_epsilon"] = acc
     if args.audit:
         with tempfile.TemporaryDirectory() as tmp:
