@@ -59,6 +59,19 @@ def test_epsilon_is_the_accountants_and_within_the_target(dp_run):
     assert json.loads(proc.stdout)["accuracy"] == summary["metrics"]["accuracy"]
 
 
+def test_no_noise_is_infinite_epsilon_not_a_crash():
+    """σ → 0 (ε = ∞: the price of clipping alone) made the PRV accountant's grid overflow inside the first log."""
+    import math
+
+    from bigmodel.config import DPConfig
+    from bigmodel.privacy.dp import DPSGDStrategy
+
+    strategy = DPSGDStrategy(DPConfig(noise_multiplier=1e-9), num_examples=1000, batch_size=100, total_steps=10)
+    assert strategy.epsilon() == 0.0
+    strategy.accountant.step(noise_multiplier=strategy.sigma, sample_rate=strategy.sample_rate)
+    assert strategy.epsilon() == math.inf
+
+
 def test_the_report_carries_the_privacy_figures(dp_run, tmp_path):
     p = json.loads((dp_run / "summary.json").read_text())["privacy"]
     html = tmp_path / "r.html"

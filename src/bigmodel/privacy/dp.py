@@ -273,7 +273,12 @@ class DPSGDStrategy(Strategy):
         return train_model._module  # type: ignore[return-value]
 
     def epsilon(self) -> float:
-        return float(self.accountant.get_epsilon(self.cfg.delta)) if self.accountant.history else 0.0
+        if not self.accountant.history:
+            return 0.0
+        try:
+            return float(self.accountant.get_epsilon(self.cfg.delta))
+        except (ValueError, OverflowError, MemoryError):  # σ so small the accountant's grid gives out (PRV at 1e-9)
+            return math.inf
 
     def log_fields(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon()}
