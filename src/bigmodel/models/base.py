@@ -43,6 +43,24 @@ def decays(p: nn.Parameter) -> bool:
     return p.ndim >= 2
 
 
+def keep_one_name(module: nn.Module, aliases: dict[str, str]) -> None:
+    """`module` holds some tensors under two names (`alias` → `canonical`, relative to it): its state dict keeps the
+    canonical name only (safetensors refuses two names for one tensor) and loading fills the alias from it, so a strict
+    load works. The hooks edit the dict every level writes into, at whatever prefix `module` sits."""
+
+    def drop(m: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for alias in aliases:
+            state_dict.pop(prefix + alias, None)
+
+    def restore(m: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for alias, canonical in aliases.items():
+            if prefix + canonical in state_dict:
+                state_dict.setdefault(prefix + alias, state_dict[prefix + canonical])
+
+    module._register_state_dict_hook(drop)
+    module._register_load_state_dict_pre_hook(restore, with_module=True)
+
+
 class ModelBase(nn.Module):
     """Every bigmodel model. The hooks below have neutral defaults; the artifact and the optimizer call them."""
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from bigmodel.models.base import Capability, Classifier, ModelBase
+from bigmodel.models.base import Capability, Classifier, ModelBase, keep_one_name
 from bigmodel.registry import register_model
 
 
@@ -162,16 +162,7 @@ class GPT(ModelBase):
         head = nn.Linear(self.cfg.dim, self.cfg.vocab_size, bias=False)
         head.weight = self.tok.weight
         self.head = head
-
-        def drop(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-            state_dict.pop(prefix + "head.weight", None)
-
-        def restore(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-            if prefix + "tok.weight" in state_dict:
-                state_dict.setdefault(prefix + "head.weight", state_dict[prefix + "tok.weight"])
-
-        self._register_state_dict_hook(drop)
-        self._register_load_state_dict_pre_hook(restore, with_module=True)
+        keep_one_name(self, {"head.weight": "tok.weight"})
 
     def hidden(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final (normalised) hidden states (B, T, C)."""

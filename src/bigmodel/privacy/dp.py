@@ -71,27 +71,19 @@ def _one_name_per_parameter(model: nn.Module) -> None:
     """DPLSTM registers each parameter under two names (its cells' `l0.ih.weight` and nn.LSTM's `weight_ih_l0`).
     Opacus' state-dict hook drops the first names only when the DPLSTM is the root module (it compares unprefixed
     names and returns a new dict, which a parent ignores), so inside a model `state_dict()` held both, and safetensors
-    refuses tensors that share memory. A hook on `model` drops them from the dict every level writes into (at any
-    prefix), and one on each such layer gives them back when loading, so a strict load of that state dict works."""
+    refused the artifact. nn.LSTM's names are kept, the cells' filled back when loading (`keep_one_name`), by hooks
+    on `model` itself: a hook on the DPLSTM would run after Opacus' and edit the new dict it returned."""
     from opacus.layers.param_rename import RenameParamsMixin
 
-    renamed = [(name, m) for name, m in model.named_modules() if isinstance(m, RenameParamsMixin)]
-    if not renamed:
-        return
+    from bigmodel.models.base import keep_one_name
 
-    def drop(module: Any, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        for name, m in renamed:
-            for old in m.old_to_new:
-                state_dict.pop(f"{prefix}{name}.{old}" if name else f"{prefix}{old}", None)
-
-    def restore(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        for old, new in module.old_to_new.items():
-            if prefix + new in state_dict and prefix + old not in state_dict:
-                state_dict[prefix + old] = state_dict[prefix + new]
-
-    model._register_state_dict_hook(drop)
-    for _, m in renamed:
-        m._register_load_state_dict_pre_hook(restore, with_module=True)
+    aliases = {}
+    for name, m in model.named_modules():
+        if isinstance(m, RenameParamsMixin):
+            at = f"{name}." if name else ""
+            aliases |= {at + old: at + new for old, new in m.old_to_new.items()}
+    if aliases:
+        keep_one_name(model, aliases)
 
 
 class PooledEmbedding(nn.Module):
