@@ -23,6 +23,12 @@ LM = {"kind": "lm", "vocab_size": V, "context_length": 16}
 TABLE = {"kind": "tabular", "numeric": ["a", "b", "c"], "categorical": {"d": ["x", "y"]}, "cardinalities": [3]}
 HF_BERT = {**TEXT, "hf": "bert"}  # hf classifiers: a tiny BERT (pooler + classifier) and GPT-2 (score) layout
 HF_GPT2 = {**TEXT, "hf": "gpt2"}
+AUDIO = {
+    "kind": "audio",
+    "sample_rate": 8000,
+    "samples": 800,
+    "features": {"n_fft": 128, "win_length": 100, "hop_length": 40, "n_mels": 12, "f_min": 0.0, "f_max": None},
+}
 TRANSLATION = {"kind": "translation", "src_vocab_size": V, "tgt_vocab_size": V, "shared_vocab": True, "max_length": 16}
 
 # Tiny options per registered name; a new model name without an entry here fails test_every_model_has_a_case.
@@ -40,6 +46,7 @@ TINY: dict[str, dict] = {
     "embedding-bag": {"embedding_dim": 8, "ngram_buckets": 16},
     "gpt-classifier": {"dim": 16, "num_heads": 2, "num_layers": 1},
     "mlp": {"hidden": [8, 8]},
+    "audio-cnn": {"widths": [4, 8]},
     "gpt": {"dim": 16, "num_heads": 2, "num_layers": 1},
     "transformer-seq2seq": {"dim": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff_dim": 32},
     "hf": {},  # a tiny random-init GPT-2 written by the `hf_gpt2` fixture
@@ -64,6 +71,8 @@ def _inputs(shape) -> tuple:
         return (torch.randint(0, V, (2, 8), generator=g),)
     if kind == "tabular":
         return torch.randn(2, 3, generator=g), torch.tensor([[1], [2]])
+    if kind == "audio":
+        return (0.1 * torch.randn(2, shape["samples"], generator=g),)
     src = torch.randint(4, V, (2, 6), generator=g)
     return src, torch.tensor([6, 5]), torch.randint(4, V, (2, 5), generator=g)
 
@@ -80,6 +89,8 @@ def _cases() -> list[tuple[str, object]]:
             out.extend([(name, TEXT)] if name != "hf" else [(name, HF_BERT), (name, HF_GPT2)])
         if "tabular_classification" in tasks:
             out.append((name, TABLE))
+        if "audio_classification" in tasks:
+            out.append((name, AUDIO))
         if "language_modeling" in tasks:
             out.append((name, LM))
         if "translation" in tasks:

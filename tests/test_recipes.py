@@ -8,6 +8,7 @@ train: tests/test_hf.py generates with it.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ REPORTED = {
     "breast_cancer_mlp",
     "shakespeare_char_gpt",
     "bible_en_es_transformer",
+    "speech_digits_cnn",
 }
 # The slowest debug runs (20-80 s each: pretrained weights, a pretraining run first, the largest models); their code
 # paths also run, smaller, in test_hf.py, test_generative.py and the other recipes. They run in CI (conftest.py).
@@ -65,6 +67,12 @@ def test_recipe_debug_size_trains(path, tmp_path):
         extra = [f"data.path={write_aclimdb_fixture(tmp_path / 'aclImdb', n_train=40, n_test=10)}"]
     elif source == "bible" and not Path("/usr/share/sword/modules/texts/ztext/engKJV2006eb").is_dir():
         pytest.skip("the SWORD Bibles are not installed (apt-get install sword-text-kjv sword-text-sparv)")
+    elif source == "spoken_digits":
+        if shutil.which("espeak-ng") is None:
+            pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+        extra = ["data.voices=10"]  # 100 clips to synthesise instead of 800
+    elif source == "fillets_speakers" and not Path("/usr/share/games/fillets-ng/sound").is_dir():
+        pytest.skip("the Fish Fillets voices are not installed (apt-get install fillets-ng-data-cs)")
     if recipe.task in ("language_modeling", "translation"):  # small held-out splits: evaluation dominates here
         extra += ["data.val_fraction=0.01", "data.test_fraction=0.01"]
     if recipe.model.name == "hf":  # pretrained models: evaluation over full held-out splits would dominate

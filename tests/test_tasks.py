@@ -23,7 +23,7 @@ def test_every_schema_task_has_one_spec():
 
 
 def test_unknown_task_is_a_one_line_error_and_names_are_unique():
-    with pytest.raises(UserError, match="unknown task 'nope'; expected one of: image_classification"):
+    with pytest.raises(UserError, match="unknown task 'nope'; expected one of: audio_classification, image_class"):
         get_task("nope")
     with pytest.raises(ValueError, match="registered twice"):
         register_task(get_task("translation"))

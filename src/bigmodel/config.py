@@ -22,6 +22,7 @@ TaskName = Literal[
     "sequence_classification",
     "text_classification",
     "tabular_classification",
+    "audio_classification",
     "language_modeling",
     "translation",
 ]

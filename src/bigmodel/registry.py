@@ -58,6 +58,7 @@ def register_model(
 
 def _load_builtin_models() -> None:
     # Importing the family modules runs their @register_model decorators.
+    import bigmodel.models.audio  # noqa: F401
     import bigmodel.models.classic  # noqa: F401
     import bigmodel.models.cnn  # noqa: F401
     import bigmodel.models.gpt  # noqa: F401

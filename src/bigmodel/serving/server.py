@@ -13,8 +13,9 @@
     GET  /             a page to try the model (draw or upload an image, type text, paste a sequence)
     GET  /docs         OpenAPI (Swagger UI); /openapi.json
 
-Each input is a string (text models), `{"image_base64": "..."}` (PNG/JPEG/BMP; image models), `{"array": [...]}`
-(nested numbers: an image as (C, H, W) or (H, W) pixel values 0..255, or a sequence as (T, F)) or a table row
+Each input is a string (text models), `{"image_base64": "..."}` (PNG/JPEG/BMP; image models), `{"audio_base64":
+"..."}` (WAV/FLAC/Ogg/MP3; audio models), `{"array": [...]}` (nested numbers: an image as (C, H, W) or (H, W) pixel
+values 0..255, a sequence as (T, F), mono audio samples at the model's rate) or a table row
 `{"column": value, ...}` (tabular models); the task spec (`serve_item`) says which a model takes. Inputs go through the
 artifact's own preprocessing and prediction code, so the answers are those of `bigmodel predict`.
 Client mistakes are 4xx (422 malformed, 413 too large, 401 without the API key), never 500.
@@ -48,6 +49,13 @@ class ImageInput(BaseModel):
     image_base64: Annotated[str, Field(min_length=1, description="A PNG/JPEG/BMP file, base64-encoded.")]
 
 
+class AudioInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    audio_base64: Annotated[
+        str, Field(min_length=1, description="A WAV/FLAC/Ogg/MP3 file (any rate, any channels), base64-encoded.")
+    ]
+
+
 class ArrayInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     array: Annotated[list[Any], Field(min_length=1, description="Nested numbers in the model's input shape.")]
@@ -58,7 +66,7 @@ TableRow = dict[str, str | float | int | bool | None]  # a table row: column →
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    inputs: Annotated[list[str | ImageInput | ArrayInput | TableRow], Field(min_length=1)]
+    inputs: Annotated[list[str | ImageInput | AudioInput | ArrayInput | TableRow], Field(min_length=1)]
     top_k: Annotated[int, Field(ge=1, le=1000)] = 1
 
 
@@ -69,7 +77,7 @@ ExplainMethod = Literal[
 
 class ExplainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    inputs: Annotated[list[str | ImageInput | ArrayInput | TableRow], Field(min_length=1)]
+    inputs: Annotated[list[str | ImageInput | AudioInput | ArrayInput | TableRow], Field(min_length=1)]
     method: ExplainMethod | None = None
     target: Annotated[str | None, Field(description="A label name or index (default: the predicted label).")] = None
 

@@ -241,6 +241,7 @@ def register_task(spec: TaskSpec) -> TaskSpec:
 
 def _load_builtin_tasks() -> None:
     # Importing the task modules runs their register_task lines.
+    import bigmodel.tasks.audio  # noqa: F401
     import bigmodel.tasks.image  # noqa: F401
     import bigmodel.tasks.language_modeling  # noqa: F401
     import bigmodel.tasks.sequence  # noqa: F401
