@@ -99,3 +99,13 @@ def test_privacy_json():
         "privacy.dp.noise_multiplier=1.0",
     )
     assert out["dp_step_time_ratio"] > 0 and out["dp_hooks_step_time_ratio"] > 0 and out["batch_size"] == 256
+
+
+@pytest.mark.skipif(importlib.util.find_spec("soundfile") is None, reason="the audio extra is not installed")
+def test_audio_json():
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    out = run_bench("benchmarks/audio.py", "--seeds", "0", "--ablation", "--json", "train.epochs=1", "data.voices=6")
+    assert out["model_vs_linear_accuracy_ratio"] > 0 and 0 <= out["no_specaugment_noisy_accuracy"] <= 1

@@ -26,9 +26,10 @@ HF_GPT2 = {**TEXT, "hf": "gpt2"}
 AUDIO = {
     "kind": "audio",
     "sample_rate": 8000,
-    "samples": 800,
+    "samples": 400,  # 11 frames
     "features": {"n_fft": 128, "win_length": 100, "hop_length": 40, "n_mels": 12, "f_min": 0.0, "f_max": None},
 }
+SPEECH = {"kind": "speech", "sample_rate": 8000, "features": AUDIO["features"]}
 TRANSLATION = {"kind": "translation", "src_vocab_size": V, "tgt_vocab_size": V, "shared_vocab": True, "max_length": 16}
 
 # Tiny options per registered name; a new model name without an entry here fails test_every_model_has_a_case.
@@ -47,6 +48,7 @@ TINY: dict[str, dict] = {
     "gpt-classifier": {"dim": 16, "num_heads": 2, "num_layers": 1},
     "mlp": {"hidden": [8, 8]},
     "audio-cnn": {"widths": [4, 8]},
+    "ctc-bilstm": {"conv_channels": 2, "hidden_size": 8, "num_layers": 1},
     "gpt": {"dim": 16, "num_heads": 2, "num_layers": 1},
     "transformer-seq2seq": {"dim": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff_dim": 32},
     "hf": {},  # a tiny random-init GPT-2 written by the `hf_gpt2` fixture
@@ -73,6 +75,8 @@ def _inputs(shape) -> tuple:
         return torch.randn(2, 3, generator=g), torch.tensor([[1], [2]])
     if kind == "audio":
         return (0.1 * torch.randn(2, shape["samples"], generator=g),)
+    if kind == "speech":  # waveforms and their lengths (the second clip padded)
+        return 0.1 * torch.randn(2, 400, generator=g), torch.tensor([400, 300])
     src = torch.randint(4, V, (2, 6), generator=g)
     return src, torch.tensor([6, 5]), torch.randint(4, V, (2, 5), generator=g)
 
@@ -91,6 +95,8 @@ def _cases() -> list[tuple[str, object]]:
             out.append((name, TABLE))
         if "audio_classification" in tasks:
             out.append((name, AUDIO))
+        if "speech_recognition" in tasks:
+            out.append((name, SPEECH))
         if "language_modeling" in tasks:
             out.append((name, LM))
         if "translation" in tasks:
@@ -148,13 +154,16 @@ def test_model_contract(name, shape, request, tmp_path):
     # forward / backward: shapes, and every trainable parameter gets a gradient
     model.train()
     out = model(*x)
-    classifying = shape not in (LM, TRANSLATION)
+    if shape is SPEECH:  # CTC: per-step log-probabilities over the alphabet and each clip's step count
+        out, steps = out
+        assert out.shape == (2, int(steps.max()), 3) and steps[1] < steps[0]
+    classifying = shape not in (LM, TRANSLATION, SPEECH)
     if classifying:
         assert entry.can(Capability.CLASSIFIER) and isinstance(model, Classifier)
         assert out.shape == (2, 3)
     elif shape is TRANSLATION:
         assert out.shape == (2, 5, V)
-    else:
+    elif shape is not SPEECH:
         assert out.shape[:2] == (2, 8) and out.shape[-1] >= V
     out.float().square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -168,6 +177,7 @@ def test_model_contract(name, shape, request, tmp_path):
     model.eval()
     with torch.no_grad():
         ref = model(*x)
+        ref = ref[0] if shape is SPEECH else ref
     # declared capabilities hold
     assert entry.can(Capability.CLASSIFIER) == isinstance(model, Classifier)
     if classifying:
@@ -204,7 +214,8 @@ def test_model_contract(name, shape, request, tmp_path):
         again.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
     again.eval()
     with torch.no_grad():
-        assert torch.equal(again(*x), ref)
+        got = again(*x)
+        assert torch.equal(got[0] if shape is SPEECH else got, ref)
     if entry.can(Capability.EXPORTABLE):
         ep = torch.export.export(model, x, strict=False)
         with torch.no_grad():

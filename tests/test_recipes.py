@@ -30,6 +30,7 @@ REPORTED = {
     "shakespeare_char_gpt",
     "bible_en_es_transformer",
     "speech_digits_cnn",
+    "speech_sentences_ctc",
 }
 # The slowest debug runs (20-80 s each: pretrained weights, a pretraining run first, the largest models); their code
 # paths also run, smaller, in test_hf.py, test_generative.py and the other recipes. They run in CI (conftest.py).
@@ -71,6 +72,10 @@ def test_recipe_debug_size_trains(path, tmp_path):
         if shutil.which("espeak-ng") is None:
             pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
         extra = ["data.voices=10"]  # 100 clips to synthesise instead of 800
+    elif source == "spoken_sentences":
+        if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fillets-ng/script").is_dir():
+            pytest.skip("espeak-ng or fillets-ng-data is not installed")
+        extra = ["data.voices=5", "data.sentences_per_voice=4"]
     elif source == "fillets_speakers" and not Path("/usr/share/games/fillets-ng/sound").is_dir():
         pytest.skip("the Fish Fillets voices are not installed (apt-get install fillets-ng-data-cs)")
     if recipe.task in ("language_modeling", "translation"):  # small held-out splits: evaluation dominates here
@@ -119,7 +124,9 @@ def test_recipe_debug_size_trains(path, tmp_path):
         assert summary["steps"] == 0 and summary["epochs_done"] == 1
     else:
         assert summary["steps"] >= 1
-    if recipe.task in ("language_modeling", "translation"):
+    if recipe.task == "speech_recognition":
+        assert 0 <= m["cer"] and 0 <= m["wer"] and m["num_examples"] > 0
+    elif recipe.task in ("language_modeling", "translation"):
         assert m["perplexity"] > 1 and m["num_tokens"] > 0
         if recipe.task == "translation":
             assert 0 <= m["bleu"] <= 100 and m["num_sentences"] == 8
@@ -147,6 +154,8 @@ def check_report(out, task, summary):
         assert run["samples"] and all(s["generated"] for s in run["samples"])
     elif task == "translation":
         assert run["translations"] == summary["metrics"]["examples"]
+    elif task == "speech_recognition":
+        assert run["final_metrics"]["cer"] == summary["metrics"]["cer"]
     else:
         assert run["confusion_matrix"] == summary["metrics"]["confusion_matrix"]
         assert len(run["worst"]) == min(12, summary["metrics"]["num_examples"])

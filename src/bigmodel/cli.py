@@ -188,6 +188,15 @@ def evaluate(
     if as_json:
         _echo_json(m)
         return
+    if "cer" in m:  # speech recognition
+        line = f"{split}: CER {m['cer']:.4f}  WER {m['wer']:.4f}  loss {m['loss']:.4f}  ({m['num_examples']} clips)"
+        if "beam_cer" in m:
+            line += f"\nbeam {m['beam_size']}: CER {m['beam_cer']:.4f}  WER {m['beam_wer']:.4f}"
+        line += f"\ntrivial baseline: CER {m['baseline_cer']:.4f}  WER {m['baseline_wer']:.4f}"
+        for e in m.get("examples", []):
+            line += f"\n  {e['file']}\n    ref: {e['reference']}\n    hyp: {e['hypothesis']}"
+        typer.echo(line)
+        return
     if "perplexity" in m:
         line = (
             f"{split}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.3f}  bits/token {m['bits_per_token']:.4f}"

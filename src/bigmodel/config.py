@@ -23,6 +23,7 @@ TaskName = Literal[
     "text_classification",
     "tabular_classification",
     "audio_classification",
+    "speech_recognition",
     "language_modeling",
     "translation",
 ]

@@ -61,6 +61,7 @@ def _load_builtin_models() -> None:
     import bigmodel.models.audio  # noqa: F401
     import bigmodel.models.classic  # noqa: F401
     import bigmodel.models.cnn  # noqa: F401
+    import bigmodel.models.ctc  # noqa: F401
     import bigmodel.models.gpt  # noqa: F401
     import bigmodel.models.hf  # noqa: F401
     import bigmodel.models.mlp  # noqa: F401

@@ -94,6 +94,44 @@ class SpecAugmentConfig(Strict):
         return self.freq_masks + self.time_masks > 0
 
 
+class NoiseConfig(Strict):
+    """White Gaussian noise added to training clips (robustness to noisy recordings), seeded by (seed, epoch,
+    batch); evaluation sees the clips as they are."""
+
+    prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """The chance that a training clip gets noise."""
+    snr_db: tuple[float, float] = (5.0, 30.0)
+    """Signal-to-noise ratio in dB (against the clip's mean power), drawn uniformly from this range."""
+
+    @model_validator(mode="after")
+    def _range(self) -> NoiseConfig:
+        if self.snr_db[0] > self.snr_db[1]:
+            raise ValueError(f"data.noise.snr_db {list(self.snr_db)}: expected [low, high] with low <= high")
+        return self
+
+
+def clip_power(samples: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean power of each clip of a flat buffer (float64 running sums)."""
+    cs = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(samples.double().square(), 0)])
+    return ((cs[offsets + lengths] - cs[offsets]) / lengths.clamp(min=1)).to(torch.float32)
+
+
+def noise_batch(
+    wave: torch.Tensor, power: torch.Tensor, cfg: NoiseConfig, g: torch.Generator, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`wave` (B, S) with white noise at a random SNR (against `power`, each clip's mean power) on a random share
+    `cfg.prob` of the clips (only where `valid`, when given: a padded batch's real samples)."""
+    B, S = wave.shape
+    hit = torch.rand(B, generator=g) < cfg.prob
+    lo, hi = cfg.snr_db
+    snr = lo + (hi - lo) * torch.rand(B, generator=g)
+    std = torch.sqrt(power / torch.pow(10.0, snr / 10)) * hit
+    noise = torch.randn(B, S, generator=g) * std.unsqueeze(1)
+    if valid is not None:
+        noise = noise * valid
+    return wave + noise.to(wave.device)
+
+
 class AudioDataConfig(_Split, _Labels):
     """`data` of `task: audio_classification`."""
 
@@ -117,6 +155,7 @@ class AudioDataConfig(_Split, _Labels):
     zero-padded."""
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     spec_augment: SpecAugmentConfig = Field(default_factory=SpecAugmentConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
     voices: Annotated[int, Field(ge=3, le=600)] = 80
     """`spoken_digits`: how many synthetic voices speak the ten digits (each voice is an espeak-ng English accent,
     a voice variant, a speed and a pitch)."""
@@ -550,6 +589,7 @@ class AudioLoader:
         seed: int = 0,
         random_crop: bool = False,
         spec_augment: SpecAugmentConfig | None = None,
+        noise: NoiseConfig | None = None,
         mel_channels: int = 0,
         frames: int = 0,
         drop_last: bool = False,
@@ -564,6 +604,8 @@ class AudioLoader:
         self.seed = seed
         self.random_crop = random_crop
         self.spec_augment = spec_augment if spec_augment is not None and spec_augment.on else None
+        self.noise = noise if random_crop and noise is not None and noise.prob > 0 else None
+        self.power = clip_power(split.samples, split.offsets, split.lengths) if self.noise is not None else None
         self.mel_channels, self.frames = mel_channels, frames
         self.device = torch.device(device)
         self.plan = SamplingPlan.for_labels(
@@ -598,7 +640,11 @@ class AudioLoader:
 
     def _batch(self, idx: slice | torch.Tensor, epoch: int, i: int) -> tuple[Any, torch.Tensor]:
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i)) if self.random_crop else None
-        wave = cut(self.split, idx, self.samples, g).to(self.device)
+        wave = cut(self.split, idx, self.samples, g)
+        if self.noise is not None:
+            assert g is not None and self.power is not None
+            wave = noise_batch(wave, self.power[idx], self.noise, g)
+        wave = wave.to(self.device)
         y = self.y[idx].to(self.device)
         if self.spec_augment is None:
             return wave, y
@@ -625,3 +671,10 @@ def spec_augment_masks(
         start = (torch.rand(b, count, generator=g) * (size - width + 1)).floor().to(torch.int64)
         rows.append(torch.stack([torch.full_like(width, axis), start, width], dim=2))
     return torch.cat(rows, dim=1)
+
+
+def add_noise(x: np.ndarray, snr_db: float, g: np.random.Generator) -> np.ndarray:
+    """`x` plus white Gaussian noise at `snr_db` dB below the clip's mean power (robustness checks)."""
+    power = float(np.mean(np.square(x, dtype=np.float64)))
+    noise = g.standard_normal(len(x)) * math.sqrt(power / 10 ** (snr_db / 10))
+    return (x + noise).astype(np.float32)

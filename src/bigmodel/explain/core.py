@@ -748,5 +748,6 @@ def explainer_for(art: Any) -> Explainer:
 
         return LanguageModelExplainer(art)
     if art.kind not in KINDS:
-        raise UserError(f"{art.folder}: explain takes classifiers and language models, not {art.kind} models")
+        kinds = ", ".join(sorted(KINDS))
+        raise UserError(f"{art.folder}: explain takes {kinds} classifiers and language models, not {art.kind} models")
     return KINDS[art.kind](art)

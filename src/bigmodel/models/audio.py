@@ -19,7 +19,8 @@ f_min, f_max, mel_scale, norm, mean, std}}`.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from bigmodel.models.base import Capability, ConvClassifier
+from bigmodel.models.base import Capability, Classifier, ConvClassifier
 from bigmodel.registry import register_model
 
 LOG_EPS = 1e-6  # log(mel power + eps): -13.8 for silence (librosa's power_to_db uses amin 1e-10 on a dB scale)
@@ -169,6 +170,9 @@ class AudioCNNConfig(BaseModel):
     blocks: Annotated[int, Field(ge=1, le=8)] = 1
     """Residual blocks (two 3x3 convolutions each) per stage."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    pooling: Literal["time", "global"] = "time"
+    """`time`: average over frames only, each channel keeping its mel bands (which band a pattern sits in tells a
+    low voice from a high one); `global`: over frames and bands (fewer head weights; pitch-shift invariant)."""
 
 
 class _Block(nn.Module):
@@ -209,8 +213,9 @@ class AudioCNN(ConvClassifier):
         mels = int(shape["features"]["n_mels"])
         for _ in w[1:]:
             mels = (mels + 1) // 2  # each later stage's first block has stride 2 (3x3, padding 1)
+        self.pooling = cfg.pooling
         self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(cin * mels, num_classes)
+        self.head = nn.Linear(cin * mels if cfg.pooling == "time" else cin, num_classes)
 
     def features_map(self, waveform: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         feats = self.frontend(waveform)
@@ -219,9 +224,10 @@ class AudioCNN(ConvClassifier):
         return self.stages(self.stem(feats.unsqueeze(1)))
 
     def forward_features(self, waveform: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        # Average over time only: which mel band a pattern sits in is what tells a low voice from a high one, and a
-        # convnet pooled over frequency too can only learn it from the zero padding at the band edges.
-        return self.features_map(waveform, masks).mean(dim=3).flatten(1)
+        # Pooled over time only, a pattern keeps its mel band; pooled over bands too, a convnet can only learn where
+        # in the spectrum it sits from the zero padding at the band edges.
+        fmap = self.features_map(waveform, masks)
+        return fmap.mean(dim=3).flatten(1) if self.pooling == "time" else fmap.mean(dim=(2, 3))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(features))
@@ -239,3 +245,33 @@ class AudioCNN(ConvClassifier):
 )
 def build_audio_cnn(cfg: AudioCNNConfig, input_shape: Any, num_classes: int) -> AudioCNN:
     return AudioCNN(cfg, audio_shape(input_shape, "audio-cnn"), num_classes)
+
+
+# ------------------------------------------------------------------------------------ sequence models on mel frames
+class MelFrames(Classifier):
+    """A sequence classifier (LSTM / GRU / RNN / Transformer, `models/sequence.py`) over log-mel frames: the
+    front-end's (B, n_mels, T) become T steps of n_mels features, every clip the same length. The sequence model's
+    weights sit under `sequence.`; `forward(waveform, masks=None)` as every audio model."""
+
+    def __init__(self, shape: dict[str, Any], build_sequence: Callable[[dict[str, Any]], Classifier]) -> None:
+        super().__init__()
+        self.frontend = LogMel(shape["features"], int(shape["sample_rate"]))
+        self.sequence = build_sequence({"kind": "sequence", "features": self.frontend.n_mels})
+
+    def forward_features(self, waveform: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        feats = self.frontend(waveform)
+        if masks is not None:
+            feats = apply_masks(feats, masks)
+        x = feats.transpose(1, 2)  # (B, T, n_mels)
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
+        return self.sequence.forward_features(x, lengths)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.sequence.forward_head(features)
+
+    def shard_units(self) -> list[nn.Module]:
+        return self.sequence.shard_units()
+
+
+def is_audio(input_shape: Any) -> bool:
+    return isinstance(input_shape, dict) and input_shape.get("kind") == "audio"

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from bigmodel.models.audio import MelFrames, is_audio
 from bigmodel.models.base import Capability, Classifier
 from bigmodel.models.layers import (
     LearnedPositionalEmbedding,
@@ -26,7 +27,7 @@ from bigmodel.models.layers import (
 )
 from bigmodel.registry import register_model
 
-SEQ_TASKS = ("sequence_classification", "text_classification")
+SEQ_TASKS = ("sequence_classification", "text_classification", "audio_classification")  # audio: on log-mel frames
 SEQ_CAPABILITIES = (Capability.CLASSIFIER, Capability.EXPORTABLE, Capability.QUANTIZABLE, Capability.EXPLAINABLE)
 
 
@@ -153,6 +154,8 @@ class RNNClassifier(Classifier):
 
 
 def _rnn(cfg: RNNConfig, input_shape: Any, num_classes: int) -> nn.Module:
+    if is_audio(input_shape):
+        return MelFrames(input_shape, lambda spec: RNNClassifier(cfg, spec, num_classes))
     return RNNClassifier(cfg, _spec(input_shape), num_classes)
 
 
@@ -286,6 +289,11 @@ class TransformerClassifier(Classifier):
     description="Transformer encoder (from-scratch attention), sinusoidal/learned/rotary positions, CLS/mean pooling",
 )
 def _transformer(cfg: TransformerClassifierConfig, input_shape: Any, num_classes: int) -> nn.Module:
+    if is_audio(input_shape):
+        frames = int(input_shape["samples"]) // int(input_shape["features"]["hop_length"]) + 1
+        if frames > cfg.max_length:
+            raise ValueError(f"model.max_length {cfg.max_length} is shorter than a clip's {frames} mel frames")
+        return MelFrames(input_shape, lambda spec: TransformerClassifier(cfg, spec, num_classes))
     return TransformerClassifier(cfg, _spec(input_shape), num_classes)
 
 

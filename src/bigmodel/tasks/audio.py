@@ -93,6 +93,7 @@ class AudioClassification(ClassificationSpec):
             samples,
             random_crop=opts.train,
             spec_augment=recipe.data.spec_augment if opts.train else None,
+            noise=recipe.data.noise if opts.train else None,
             mel_channels=int(shape["features"]["n_mels"]),
             frames=samples // int(shape["features"]["hop_length"]) + 1,
             **self.loader_kwargs(recipe, opts),

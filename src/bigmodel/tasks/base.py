@@ -245,6 +245,7 @@ def _load_builtin_tasks() -> None:
     import bigmodel.tasks.image  # noqa: F401
     import bigmodel.tasks.language_modeling  # noqa: F401
     import bigmodel.tasks.sequence  # noqa: F401
+    import bigmodel.tasks.speech  # noqa: F401
     import bigmodel.tasks.tabular  # noqa: F401
     import bigmodel.tasks.text  # noqa: F401
     import bigmodel.tasks.translation  # noqa: F401

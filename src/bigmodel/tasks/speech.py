@@ -1,0 +1,248 @@
+"""Speech recognition: raw audio → characters with a CTC model (`models/ctc.py`); character and word error rates
+(CER / WER) from jiwer's edit operations, streamed as sums; greedy or prefix-beam decoding; `predict` transcribes
+audio files of any common format, channel count and sample rate.
+
+Added through the seams: this file, `data/speech.py`, `models/ctc.py` and registration lines.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bigmodel.data.speech import SpeechDataConfig, decode_ids
+from bigmodel.errors import UserError
+from bigmodel.tasks.base import LoaderOptions, TaskSpec, refuse_inputs, register_task
+
+EVAL_BATCH = 16  # clips per evaluation batch unless asked otherwise (long clips: activations grow with length)
+
+
+def edit_counts(refs: list[str], hyps: list[str]) -> tuple[int, int, int, int]:
+    """(character edits, reference characters, word edits, reference words) over pairs, with jiwer; an empty
+    reference counts its hypothesis as insertions."""
+    import jiwer
+
+    ce = cn = we = wn = 0
+    pairs = [(r, h) for r, h in zip(refs, hyps, strict=True) if r]
+    for r, h in zip(refs, hyps, strict=True):
+        if not r:
+            ce += len(h)
+            we += len(h.split())
+    if pairs:
+        rs, hs = [r for r, _ in pairs], [h for _, h in pairs]
+        c = jiwer.process_characters(rs, hs)
+        w = jiwer.process_words(rs, hs)
+        ce += c.substitutions + c.deletions + c.insertions
+        cn += c.substitutions + c.deletions + c.hits
+        we += w.substitutions + w.deletions + w.insertions
+        wn += w.substitutions + w.deletions + w.hits
+    return ce, cn, we, wn
+
+
+class SpeechMetrics:
+    """Summed CTC loss and edit counts → loss per clip, CER, WER (corpus level: total edits / total reference
+    length, as jiwer and the literature compute them)."""
+
+    KEYS = ("loss_sum", "clips", "char_edits", "chars", "word_edits", "words")
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        for k in self.KEYS:
+            setattr(self, k, torch.zeros((), dtype=torch.float64 if k == "loss_sum" else torch.int64, device=device))
+
+    def update(self, loss_sum: torch.Tensor, refs: list[str], hyps: list[str]) -> None:
+        ce, cn, we, wn = edit_counts(refs, hyps)
+        self.loss_sum += loss_sum.double()
+        self.clips += len(refs)
+        self.char_edits += ce
+        self.chars += cn
+        self.word_edits += we
+        self.words += wn
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.KEYS}
+
+    def compute(self) -> dict[str, Any]:
+        n = int(self.clips)
+        return {
+            "loss": float(self.loss_sum) / max(n, 1),
+            "cer": int(self.char_edits) / max(int(self.chars), 1),
+            "wer": int(self.word_edits) / max(int(self.words), 1),
+            "num_examples": n,
+            "num_chars": int(self.chars),
+        }
+
+
+def _beam(model: nn.Module) -> int:
+    inner = getattr(model, "module", model)  # a strategy's wrapper (DDP, Opacus) holds the model as .module
+    return int(getattr(inner, "beam_size", 1))
+
+
+class CTCTask:
+    """batch = ((waveform, lengths[, masks]), targets (B, L) padded with 0); the model gives (log_probs,
+    out_lengths)."""
+
+    name = "speech_recognition"
+
+    def __init__(self, alphabet: list[str], beam_size: int | None = None) -> None:
+        self.alphabet = alphabet
+        self.beam_size = beam_size
+
+    def loss(self, model: nn.Module, batch: tuple[Any, Any]) -> torch.Tensor:
+        from bigmodel.models.ctc import ctc_loss
+
+        x, targets = batch
+        log_probs, out_lengths = model(*x)
+        return ctc_loss(log_probs.float(), out_lengths, targets, (targets != 0).sum(dim=1))
+
+    def new_metrics(self, device: torch.device | str = "cpu") -> SpeechMetrics:
+        return SpeechMetrics(device)
+
+    def references(self, targets: torch.Tensor) -> list[str]:
+        return [decode_ids(row.tolist(), self.alphabet) for row in targets.cpu()]
+
+    def eval_batch(self, model: nn.Module, batch: tuple[Any, Any], metrics: SpeechMetrics) -> None:
+        from bigmodel.models.ctc import ctc_loss, decode
+
+        x, targets = batch
+        log_probs, out_lengths = model(*x)
+        loss = ctc_loss(log_probs.float(), out_lengths, targets, (targets != 0).sum(dim=1), reduction="sum")
+        beam = self.beam_size or _beam(model)
+        hyps = [decode_ids(ids, self.alphabet) for ids in decode(log_probs, out_lengths, beam)]
+        metrics.update(loss.detach(), self.references(targets), hyps)
+
+
+def frontend_stats(shape: dict[str, Any], split: Any) -> tuple[list[float], list[float]]:
+    """Per mel channel mean and std over every frame of the training clips (float64 sums)."""
+    from bigmodel.tasks.audio import feature_frontend
+
+    fe = feature_frontend(shape, stats=False)
+    total = torch.zeros(fe.n_mels, dtype=torch.float64)
+    sq = torch.zeros(fe.n_mels, dtype=torch.float64)
+    n = 0
+    with torch.inference_mode():
+        for i in range(len(split)):
+            f = fe(torch.from_numpy(split.clip(i))[None])[0].double()  # (M, T)
+            total += f.sum(dim=1)
+            sq += f.square().sum(dim=1)
+            n += f.shape[1]
+    mean = total / n
+    std = (sq / n - mean.square()).clamp(min=1e-10).sqrt().clamp(min=1e-5)
+    return mean.tolist(), std.tolist()
+
+
+class SpeechRecognition(TaskSpec):
+    name = "speech_recognition"
+    kind = "speech"
+    data_config = SpeechDataConfig
+
+    def check_recipe(self, recipe: Any) -> None:
+        if recipe.eval.tta_flip:
+            raise ValueError("eval.tta_flip applies to image_classification only")
+        self.monitor_val_loss(recipe)
+        if recipe.train.early_stopping is not None and not recipe.data.may_have_val_split():
+            raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
+
+    def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
+        from bigmodel.data.speech import load_speech
+        from bigmodel.runs import Preprocess
+
+        cfg = recipe.data
+        if pre is not None and int(pre.input_shape["sample_rate"]) != cfg.sample_rate:
+            raise UserError(
+                f"data.sample_rate {cfg.sample_rate}: the model was trained at {pre.input_shape['sample_rate']} Hz"
+            )
+        data = load_speech(cfg, recipe.seed, alphabet=pre.labels if pre is not None else None)
+        if pre is None:
+            features = cfg.feature_spec()
+            features["mean"] = features["std"] = None
+            shape = {"kind": "speech", "sample_rate": cfg.sample_rate, "features": features}
+            if cfg.features.normalize:
+                features["mean"], features["std"] = frontend_stats(shape, data.train)
+            pre = Preprocess(data.labels, None, None, shape, kind="speech")
+        return data, pre
+
+    def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
+        from bigmodel.data.speech import SpeechLoader
+
+        feats = pre.input_shape["features"]
+        batch = opts.batch_size if opts.train or not opts.default_batch_size else min(opts.batch_size, EVAL_BATCH)
+        return SpeechLoader(
+            split,
+            pre.labels,
+            batch,
+            train=opts.train,
+            seed=recipe.seed,
+            hop_length=int(feats["hop_length"]),
+            mel_channels=int(feats["n_mels"]),
+            spec_augment=recipe.data.spec_augment if opts.train else None,
+            noise=recipe.data.noise if opts.train else None,
+            device=opts.device,
+            rank=opts.rank,
+            world_size=opts.world_size,
+        )
+
+    def objective(self, recipe: Any, data: Any, num_classes: int, labels: list[str]) -> CTCTask:
+        return CTCTask(labels)
+
+    def evaluate_extra(self, art: Any, data: Any, split: str, **options: Any) -> dict[str, Any]:
+        """A trivial baseline (each clip transcribed as the training split's most frequent character, repeated at
+        its rate per second of audio), beam-search CER / WER when `beam_size` > 1 is asked, and five decoded
+        examples."""
+        s = data.split(split)
+        train = data.train
+        chars = Counter(c for t in train.texts for c in t)
+        top = chars.most_common(1)[0][0] if chars else " "
+        rate = sum(len(t) for t in train.texts) / max(float(train.lengths.sum()), 1.0)  # characters per sample
+        refs = list(s.texts)
+        trivial = [top * round(rate * int(n)) for n in s.lengths.tolist()]
+        ce, cn, we, wn = edit_counts(refs, trivial)
+        out: dict[str, Any] = {"baseline_cer": ce / max(cn, 1), "baseline_wer": we / max(wn, 1)}
+        beam = options.get("beam_size") or _beam(art.model)
+        n = len(s) if options.get("limit") is None else min(len(s), int(options["limit"]))
+        hyps = self.transcribe(art, [s.clip(i) for i in range(n)], beam)
+        if beam > 1:
+            ce, cn, we, wn = edit_counts(refs[:n], hyps)
+            out.update({"beam_size": beam, "beam_cer": ce / max(cn, 1), "beam_wer": we / max(wn, 1)})
+        out["examples"] = [{"file": s.names[i], "reference": refs[i], "hypothesis": hyps[i]} for i in range(min(5, n))]
+        return out
+
+    # ------------------------------------------------------------------------------------------- prediction
+    inputs = "files"
+
+    def transcribe(self, art: Any, clips: list[np.ndarray], beam_size: int | None = None) -> list[str]:
+        """Mono clips at the model's rate → text (one clip per forward: no padding, any length)."""
+        from bigmodel.models.ctc import decode
+
+        beam = beam_size or _beam(art.model)
+        out = []
+        with torch.inference_mode():
+            for c in clips:
+                wave = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))[None]
+                log_probs, lengths = art.model(wave, torch.tensor([wave.shape[1]]))
+                out.append(decode_ids(decode(log_probs, lengths, beam)[0], art.labels))
+        return out
+
+    def predict(
+        self, art: Any, files: list[str | Path] | None, texts: list[str] | None, top_k: int
+    ) -> list[dict[str, Any]]:
+        from bigmodel.data.audio import read_audio
+
+        refuse_inputs(art, files, texts, takes="files")
+        rate = int(art.preprocess.input_shape["sample_rate"])
+        clips = [read_audio(f, rate) for f in files or []]
+        return [{"file": str(f), "text": t} for f, t in zip(files or [], self.transcribe(art, clips), strict=True)]
+
+    def format_prediction(self, result: dict[str, Any]) -> str:
+        return f"{result['file']}\t{result['text']}"
+
+    def summary(self, metrics: dict[str, Any], split: str) -> str:
+        m = metrics
+        return f"{split} CER {m.get('cer', float('nan')):.4f}  WER {m.get('wer', float('nan')):.4f}"
+
+
+register_task(SpeechRecognition())

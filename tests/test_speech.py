@@ -1,0 +1,259 @@
+"""Speech recognition: transcripts (normalisation, the game's dialogue files), CTC decoding against brute force, error
+rates against jiwer, the model's lengths and padding, and a run that learns tone "words" through the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("soundfile") is None or importlib.util.find_spec("jiwer") is None,
+    reason="the audio extra (soundfile, jiwer) is not installed",
+)
+SCRIPT = Path("/usr/share/games/fillets-ng/script")
+
+
+def test_normalize_text():
+    from bigmodel.data.speech import normalize_text
+
+    assert normalize_text("  Vidíš to OKO?  Němý — svědek…") == "vidíš to oko němý svědek"
+    assert normalize_text("It’s 737, isn't it?!") == "it's 737 isn't it"
+    assert normalize_text("ﬁne") == "fine"  # NFKC
+
+
+def test_dialog_files_are_parsed(tmp_path):
+    from bigmodel.data.speech import fillets_dialogs
+
+    (tmp_path / "lvl").mkdir()
+    (tmp_path / "lvl" / "dialogs_en.lua").write_text(
+        'dialogId("a-m-x", "font_small", "What \\"strange\\" ship?")\n\ndialogId("a-v-y", "font_big", "Yes.")\n'
+    )
+    (tmp_path / "lvl" / "dialogs_cs.lua").write_text(
+        'dialogId("a-m-x", "font_small", "What?")\ndialogStr("Co je to?")\n\n'
+        'dialogId("a-v-z", "font_big", "No text")\n\ndialogId("a-v-y", "font_big", "Yes.")\ndialogStr("Ano.")\n'
+    )
+    assert fillets_dialogs(tmp_path, "en") == {"a-m-x": 'What "strange" ship?', "a-v-y": "Yes."}
+    assert fillets_dialogs(tmp_path, "cs") == {"a-m-x": "Co je to?", "a-v-y": "Ano."}
+
+
+@pytest.mark.skipif(not SCRIPT.is_dir(), reason="fillets-ng-data is not installed")
+def test_the_games_czech_transcripts_cover_its_clips():
+    from bigmodel.data.speech import fillets_dialogs
+
+    cs = fillets_dialogs(SCRIPT, "cs")
+    assert cs["let-v-vrak0"] == "To je vrak dopravního letadla LC-10 Lemura."
+    clips = [p.stem for p in SCRIPT.parent.glob("sound/*/cs/*.ogg")]
+    assert sum(c in cs for c in clips) / len(clips) > 0.9
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+def brute_force(probs: np.ndarray) -> tuple[int, ...]:
+    """The most probable collapsed prefix, summing every path (T x V small enough to enumerate)."""
+    totals: dict[tuple[int, ...], float] = {}
+    T, V = probs.shape
+    for path in itertools.product(range(V), repeat=T):
+        p = float(np.prod([probs[t, c] for t, c in enumerate(path)]))
+        collapsed = tuple(c for i, c in enumerate(path) if c != 0 and (i == 0 or c != path[i - 1]))
+        totals[collapsed] = totals.get(collapsed, 0.0) + p
+    return max(totals, key=totals.get)
+
+
+def test_prefix_beam_search_finds_the_most_probable_transcript():
+    from bigmodel.models.ctc import greedy_decode, prefix_beam_decode
+
+    # The classic case: the best single path is "blank" everywhere, but the paths of "1" sum to more.
+    probs = np.array([[0.4, 0.35, 0.25], [0.4, 0.35, 0.25], [0.4, 0.35, 0.25]])
+    lp = torch.from_numpy(np.log(probs))[None].float()
+    assert greedy_decode(lp, torch.tensor([3])) == [[]]
+    assert tuple(prefix_beam_decode(lp, torch.tensor([3]), 8)[0]) == brute_force(probs) != ()
+    g = np.random.default_rng(0)
+    for _ in range(20):
+        probs = g.dirichlet(np.ones(3) * 0.7, size=4)
+        lp = torch.from_numpy(np.log(probs))[None].float()
+        assert tuple(prefix_beam_decode(lp, torch.tensor([4]), 16)[0]) == brute_force(probs)
+
+
+def test_greedy_decode_merges_repeats_and_drops_blanks():
+    from bigmodel.models.ctc import greedy_decode
+
+    ids = torch.tensor([[1, 1, 0, 1, 2, 2, 0, 0, 3, 3]])
+    lp = torch.nn.functional.one_hot(ids, 4).float().log()
+    assert greedy_decode(lp, torch.tensor([10])) == [[1, 1, 2, 3]]
+    assert greedy_decode(lp, torch.tensor([4])) == [[1, 1]]  # only the valid steps
+
+
+def test_error_rates_are_jiwers():
+    import jiwer
+
+    from bigmodel.tasks.speech import SpeechMetrics
+
+    refs = ["the cat sat", "on the mat", "hello world"]
+    hyps = ["the cat sad", "on mat", "hello world and more"]
+    m = SpeechMetrics()
+    m.update(torch.tensor(3.0), refs[:2], hyps[:2])
+    m.update(torch.tensor(6.0), refs[2:], hyps[2:])
+    out = m.compute()
+    assert out["cer"] == pytest.approx(jiwer.cer(refs, hyps)) and out["wer"] == pytest.approx(jiwer.wer(refs, hyps))
+    assert out["loss"] == pytest.approx(3.0) and out["num_examples"] == 3
+    m2 = SpeechMetrics()
+    m2.update(torch.tensor(0.0), ["", "ab"], ["xy", "ab"])  # an empty reference: its hypothesis is all insertions
+    assert m2.compute()["cer"] == pytest.approx(2 / 2)
+
+
+# ------------------------------------------------------------------------------------------------------- model
+def test_output_lengths_and_padding_invariance():
+    from bigmodel.models import build_model
+
+    shape = {
+        "kind": "speech",
+        "sample_rate": 8000,
+        "features": {"n_fft": 256, "win_length": 200, "hop_length": 80, "n_mels": 16, "f_min": 0.0, "f_max": None},
+    }
+    torch.manual_seed(0)
+    model = build_model("ctc-bilstm", {"hidden_size": 16, "num_layers": 2, "conv_channels": 4}, shape, 6).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([8000, 5123, 2400])
+    batch = torch.zeros(3, 8000)
+    for i, n in enumerate(lengths.tolist()):
+        batch[i, :n] = 0.3 * torch.randn(n, generator=g)
+    with torch.no_grad():
+        lp, out_len = model(batch, lengths)
+        for i, n in enumerate(lengths.tolist()):
+            alone, alone_len = model(batch[i : i + 1, :n], torch.tensor([n]))
+            assert alone.shape[1] == int(alone_len[0]) == int(out_len[i])
+            torch.testing.assert_close(alone[0], lp[i, : int(out_len[i])], rtol=1e-4, atol=1e-4)
+    assert lp.shape == (3, int(out_len.max()), 6) and torch.allclose(lp.exp().sum(-1), torch.ones(()), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- a real run
+TONES = {"a": 400.0, "b": 1300.0, "c": 2600.0}
+
+
+def tone_word(word: str, rate: int, g: np.random.Generator) -> np.ndarray:
+    """Each letter a tone of 0.12-0.2 s, a short silence between letters."""
+    parts = []
+    for ch in word:
+        n = int(rate * g.uniform(0.12, 0.2))
+        t = np.arange(n) / rate
+        parts += [0.4 * np.sin(2 * np.pi * TONES[ch] * t), np.zeros(int(rate * 0.05))]
+    return (np.concatenate(parts) + 0.01 * g.standard_normal(sum(len(p) for p in parts))).astype(np.float32)
+
+
+def tones_asr(d: Path, epochs: int) -> Path:
+    """Tone "words" (as a CSV of FLAC files and transcripts) and a ctc-bilstm trained on them for `epochs`."""
+    import soundfile as sf
+    import yaml
+
+    g = np.random.default_rng(0)
+    rows = ["path,text,split"]
+    for i in range(120):
+        word = "".join(g.choice(list(TONES), size=g.integers(2, 5)))
+        split = "test" if i < 12 else "val" if i < 20 else "train"
+        sf.write(d / f"{i}.flac", tone_word(word, 8000, g), 8000)
+        rows.append(f"{i}.flac,{word},{split}")
+    (d / "clips.csv").write_text("\n".join(rows) + "\n")
+    recipe = {
+        "task": "speech_recognition",
+        "data": {
+            "source": "audio_csv",
+            "path": str(d / "clips.csv"),
+            "sample_rate": 8000,
+            "features": {"n_mels": 16, "n_fft": 256, "win_length": 200, "hop_length": 80},
+            "spec_augment": {"time_masks": 1, "time_width": 3},
+        },
+        "model": {"name": "ctc-bilstm", "hidden_size": 48, "num_layers": 1, "conv_channels": 8, "dropout": 0.0},
+        "train": {"epochs": epochs, "batch_size": 8, "optimizer": {"name": "adamw", "lr": 0.01}, "checkpoint_every": 6},
+        "seed": 0,
+    }
+    (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run_cli("train", str(d / "recipe.yaml"), "--out", str(d / "run"), "--no-progress", check=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tones_asr_run(tmp_path_factory):
+    return tones_asr(tmp_path_factory.mktemp("asr"), epochs=2)
+
+
+def test_evaluate_and_predict_through_the_cli(tones_asr_run):
+    import json
+
+    from bigmodel import api
+
+    d = tones_asr_run
+    m = api.evaluate(d / "run", beam_size=4)
+    assert m["num_examples"] == 12 and m["cer"] >= 0 and m["beam_size"] == 4 and m["beam_cer"] >= 0
+    assert m["baseline_cer"] > 0.5 and len(m["examples"]) == 5
+    pre = json.loads((d / "run" / "model" / "preprocess.json").read_text())
+    assert pre["kind"] == "speech" and pre["labels"] == ["<blank>", "a", "b", "c"]
+    out = run_cli("predict", str(d / "run"), str(d / "0.flac"), str(d / "1.flac"), check=True).stdout.splitlines()
+    assert [line.split("\t")[0] for line in out] == [str(d / "0.flac"), str(d / "1.flac")]
+    p = run_cli("evaluate", str(d / "run"), check=True).stdout
+    assert "CER" in p and "trivial baseline" in p and "ref:" in p
+    bad = d / "bad.flac"
+    bad.write_bytes(b"fLaC" + b"\0" * 40)
+    p = run_cli("predict", str(d / "run"), str(bad))
+    assert p.returncode != 0 and str(bad) in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_a_ctc_run_learns_and_predict_equals_evaluate(tmp_path):
+    from bigmodel import api
+
+    d = tones_asr(tmp_path, epochs=40)
+    m = api.evaluate(d / "run", beam_size=4)
+    assert m["cer"] < 0.2 and m["beam_cer"] < 0.2 and m["cer"] < m["baseline_cer"] / 3, m
+    # a file transcribed alone = the same clip decoded in an evaluation batch
+    got = api.predict(d / "run", [d / f"{i}.flac" for i in range(5)])
+    greedy = api.evaluate(d / "run")["examples"]
+    assert [r["text"] for r in got] == [e["hypothesis"] for e in greedy]
+
+
+def test_resume_with_spec_augment_is_bit_identical(tones_asr_run, tmp_path):
+    import signal
+
+    from safetensors.torch import load_file
+
+    d = tones_asr_run
+    run = tmp_path / "run"
+    killed = run_cli(
+        "train", str(d / "recipe.yaml"), "--out", str(run), "--no-progress", env={"BIGMODEL_FAULT": "kill_after_step:9"}
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_cli("train", "--resume", str(run), "--no-progress", check=True)
+    a, b = (
+        load_file(str(d / "run" / "model" / "model.safetensors")),
+        load_file(str(run / "model" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(
+    shutil.which("espeak-ng") is None or not SCRIPT.is_dir(), reason="espeak-ng or fillets-ng-data is not installed"
+)
+def test_spoken_sentences_split_voices_and_sentences(tmp_path):
+    from bigmodel.data.speech import SpeechDataConfig, load_speech
+
+    cfg = SpeechDataConfig(
+        source="spoken_sentences",
+        voices=5,
+        sentences_per_voice=4,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        cache_dir=tmp_path,
+    )
+    data = load_speech(cfg, seed=0)
+    assert (len(data.train), len(data.val), len(data.test)) == (12, 4, 4)
+    assert not set(data.train.texts) & (set(data.val.texts) | set(data.test.texts))
+    assert data.labels[0] == "<blank>" and " " in data.labels
+    assert all(len(data.test.clip(i)) > 0.3 * 16000 for i in range(len(data.test)))
+    assert math.isclose(float(data.train.lengths.sum()), float(sum(len(data.train.clip(i)) for i in range(12))))
