@@ -125,7 +125,7 @@ def test_recipe_debug_size_trains(path, tmp_path):
     else:
         assert summary["steps"] >= 1
     if recipe.task == "speech_recognition":
-        assert 0 <= m["cer"] and 0 <= m["wer"] and m["num_examples"] > 0
+        assert m["cer"] >= 0 and m["wer"] >= 0 and m["num_examples"] > 0
     elif recipe.task in ("language_modeling", "translation"):
         assert m["perplexity"] > 1 and m["num_tokens"] > 0
         if recipe.task == "translation":
