@@ -400,3 +400,23 @@ def test_bad_audio_recipes_are_one_line_errors(tmp_path, write_recipe):
             node[last] = v
         p = run_cli("train", str(write_recipe(r)), "--out", str(tmp_path / "run"), "--no-progress")
         assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, (over, p.stderr)
+
+
+def test_sequence_models_take_mel_frames(tmp_path):
+    from bigmodel import api
+    from bigmodel.config import validate_recipe
+
+    root = make_audio_folder(tmp_path / "data", per_class=6)
+    for model in ({"name": "gru-classifier", "hidden_size": 16}, {"name": "transformer-classifier", "dim": 16}):
+        r = audio_recipe(root)
+        r["model"] = {**model, **({"max_length": 64} if model["name"].startswith("transformer") else {})}
+        r["train"] = {"epochs": 1, "batch_size": 8}
+        run = api.train(validate_recipe(r), out=tmp_path / model["name"], progress=False)
+        got = api.predict(run.run_dir, [next((root / "test" / "high").iterdir())], top_k=2)
+        assert got[0]["label"] in ("low", "high") and len(got[0]["top_k"]) == 2
+    r["model"] = {"name": "transformer-classifier", "dim": 16, "max_length": 16}  # 51 frames do not fit
+    import yaml
+
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(r))
+    p = run_cli("train", str(tmp_path / "short.yaml"), "--out", str(tmp_path / "short"), "--no-progress")
+    assert p.returncode == 2 and "shorter than a clip's 51 mel frames" in p.stderr and "Traceback" not in p.stderr

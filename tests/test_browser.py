@@ -22,7 +22,8 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        args = ["--no-sandbox", "--disable-gpu", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         yield b
         b.close()
 
@@ -94,5 +95,40 @@ def test_language_model_page_streams_generated_text(browser, tmp_path):
         page.wait_for_selector("#generated[data-done='1']")
         text = page.text_content("#generated")
         assert text.startswith("All:") and len(text) > 20
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("soundfile") is None, reason="the audio extra is not installed")
+def test_audio_page_uploads_and_records(browser, tmp_path):
+    import yaml
+
+    from test_audio import audio_recipe, make_audio_folder
+
+    root = make_audio_folder(tmp_path / "data", per_class=6)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**audio_recipe(root), "train": {"epochs": 1, "batch_size": 8}}))
+    api.train(validate_recipe(yaml.safe_load(recipe.read_text())), out=tmp_path / "run", progress=False)
+    server = ServerProcess(tmp_path / "run")
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        assert "audio model" in page.text_content("#about") and page.is_hidden("#explain-row")
+        page.click("#go")
+        page.wait_for_selector("#error:not(:empty)")
+        assert "upload or record" in page.text_content("#error")
+        page.set_input_files("#audio-file", str(next((root / "test" / "low").iterdir())))
+        page.click("#go")
+        page.wait_for_selector(".prediction")
+        assert page.locator(".prediction .label").all_text_contents()[0] in ("low", "high")
+        # a recording (chromium's fake microphone: a beep) is encoded as a WAV and predicted
+        page.click("#record")
+        page.wait_for_timeout(800)
+        page.click("#record")
+        page.wait_for_selector("#audio-player:not(.hidden)")
+        page.evaluate("() => { document.getElementById('results').innerHTML = ''; }")
+        page.click("#go")
+        page.wait_for_selector(".prediction")
+        assert page.locator(".prediction .label").all_text_contents()[0] in ("low", "high")
     finally:
         server.stop()
