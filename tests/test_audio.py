@@ -420,3 +420,21 @@ def test_sequence_models_take_mel_frames(tmp_path):
     (tmp_path / "short.yaml").write_text(yaml.safe_dump(r))
     p = run_cli("train", str(tmp_path / "short.yaml"), "--out", str(tmp_path / "short"), "--no-progress")
     assert p.returncode == 2 and "shorter than a clip's 51 mel frames" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("opacus") is None, reason="the privacy extra is not installed")
+def test_dp_sgd_trains_an_audio_model(tones_run, tmp_path):
+    import yaml
+
+    from bigmodel import api
+
+    d, recipe, _ = tones_run
+    r = yaml.safe_load(recipe.read_text())
+    r["privacy"] = {"dp": {"target_epsilon": 8.0, "max_grad_norm": 1.0}}
+    r["train"] = {**r["train"], "epochs": 2, "precision": "fp32"}
+    (tmp_path / "dp.yaml").write_text(yaml.safe_dump(r))
+    run_cli("train", str(tmp_path / "dp.yaml"), "--out", str(tmp_path / "run"), "--no-progress", check=True)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 < summary["privacy"]["epsilon"] <= 8.0
+    got = api.predict(tmp_path / "run", sorted((d / "data" / "test").rglob("*.*"))[:2])
+    assert all(g["label"] in ("low", "high") for g in got)

@@ -200,11 +200,21 @@ class AudioDataConfig(_Split, _Labels):
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
+def need(module: str) -> Any:
+    """Import an audio extra's module, or a one-line error saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"audio needs the {module} package: pip install 'bigmodel[audio]'") from None
+
+
 def _decode(source: Any, name: str) -> tuple[np.ndarray, int]:
     """Decode with libsndfile; a file shorter than its header says (a cut-off download) is an error, not a clip."""
     import re
 
-    import soundfile as sf
+    sf = need("soundfile")
 
     try:
         with sf.SoundFile(source) as f:

@@ -25,8 +25,9 @@ EVAL_BATCH = 16  # clips per evaluation batch unless asked otherwise (long clips
 def edit_counts(refs: list[str], hyps: list[str]) -> tuple[int, int, int, int]:
     """(character edits, reference characters, word edits, reference words) over pairs, with jiwer; an empty
     reference counts its hypothesis as insertions."""
-    import jiwer
+    from bigmodel.data.audio import need
 
+    jiwer = need("jiwer")
     ce = cn = we = wn = 0
     pairs = [(r, h) for r, h in zip(refs, hyps, strict=True) if r]
     for r, h in zip(refs, hyps, strict=True):
