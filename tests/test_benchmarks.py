@@ -108,4 +108,4 @@ def test_audio_json():
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed")
     out = run_bench("benchmarks/audio.py", "--seeds", "0", "--ablation", "--json", "train.epochs=1", "data.voices=6")
-    assert out["model_vs_linear_accuracy_ratio"] > 0 and 0 <= out["no_specaugment_noisy_accuracy"] <= 1
+    assert out["model_vs_linear_accuracy_ratio"] > 0 and 0 <= out["specaugment_noisy_accuracy"] <= 1
