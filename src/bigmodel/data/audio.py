@@ -71,6 +71,28 @@ class FeaturesConfig(Strict):
     normalize: bool = True
     """Standardise each mel channel with the training split's mean and std (saved with the model)."""
 
+    def check_band(self, sample_rate: int) -> None:
+        """The filterbank's band must fit below the Nyquist frequency of the data's sample rate."""
+        f_max = self.f_max or sample_rate / 2
+        if f_max > sample_rate / 2 or self.f_min >= f_max:
+            raise ValueError(
+                f"data.features: f_min {self.f_min:g} and f_max {f_max:g} Hz must satisfy "
+                f"f_min < f_max <= sample_rate / 2 = {sample_rate / 2:g}"
+            )
+
+    def spec(self) -> dict[str, Any]:
+        """The front-end's settings as the model's `input_shape["features"]` holds them (statistics added later)."""
+        return {
+            "n_fft": self.n_fft,
+            "win_length": self.win_length or self.n_fft,
+            "hop_length": self.hop_length,
+            "n_mels": self.n_mels,
+            "f_min": self.f_min,
+            "f_max": self.f_max,
+            "mel_scale": self.mel_scale,
+            "norm": None if self.norm == "none" else self.norm,
+        }
+
     @model_validator(mode="after")
     def _cross(self) -> FeaturesConfig:
         if self.win_length is not None and self.win_length > self.n_fft:
@@ -170,12 +192,7 @@ class AudioDataConfig(_Split, _Labels):
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
         if self.source == "spoken_digits" and self.path is not None:
             raise ValueError("data.source 'spoken_digits' is generated; data.path does not apply")
-        f_max = self.features.f_max or self.sample_rate / 2
-        if f_max > self.sample_rate / 2 or self.features.f_min >= f_max:
-            raise ValueError(
-                f"data.features: f_min {self.features.f_min:g} and f_max {f_max:g} Hz must satisfy "
-                f"f_min < f_max <= sample_rate / 2 = {self.sample_rate / 2:g}"
-            )
+        self.features.check_band(self.sample_rate)
         if self.samples < self.features.n_fft // 2 + 1:
             raise ValueError(f"data.clip_seconds {self.clip_seconds:g} is shorter than one FFT window")
         return self
@@ -183,20 +200,6 @@ class AudioDataConfig(_Split, _Labels):
     @property
     def samples(self) -> int:
         return round(self.clip_seconds * self.sample_rate)
-
-    def feature_spec(self) -> dict[str, Any]:
-        """The front-end's settings as the model's `input_shape["features"]` holds them (statistics added later)."""
-        f = self.features
-        return {
-            "n_fft": f.n_fft,
-            "win_length": f.win_length or f.n_fft,
-            "hop_length": f.hop_length,
-            "n_mels": f.n_mels,
-            "f_min": f.f_min,
-            "f_max": f.f_max,
-            "mel_scale": f.mel_scale,
-            "norm": None if f.norm == "none" else f.norm,
-        }
 
 
 # ---------------------------------------------------------------------------------------------------- decoding

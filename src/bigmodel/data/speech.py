@@ -91,26 +91,8 @@ class SpeechDataConfig(_Split):
             raise ValueError("data.path is required when data.source is 'audio_csv'")
         if self.source == "spoken_sentences" and self.path is not None:
             raise ValueError("data.source 'spoken_sentences' is generated; data.path does not apply")
-        f_max = self.features.f_max or self.sample_rate / 2
-        if f_max > self.sample_rate / 2 or self.features.f_min >= f_max:
-            raise ValueError(
-                f"data.features: f_min {self.features.f_min:g} and f_max {f_max:g} Hz must satisfy "
-                f"f_min < f_max <= sample_rate / 2 = {self.sample_rate / 2:g}"
-            )
+        self.features.check_band(self.sample_rate)
         return self
-
-    def feature_spec(self) -> dict[str, Any]:
-        f = self.features
-        return {
-            "n_fft": f.n_fft,
-            "win_length": f.win_length or f.n_fft,
-            "hop_length": f.hop_length,
-            "n_mels": f.n_mels,
-            "f_min": f.f_min,
-            "f_max": f.f_max,
-            "mel_scale": f.mel_scale,
-            "norm": None if f.norm == "none" else f.norm,
-        }
 
 
 # --------------------------------------------------------------------------------------------------------- text

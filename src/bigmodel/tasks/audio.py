@@ -72,7 +72,7 @@ class AudioClassification(ClassificationSpec):
         data = load_audio(cfg, recipe.seed)
         if pre is None:
             shape = {"kind": "audio", "sample_rate": cfg.sample_rate, "samples": cfg.samples}
-            features = cfg.feature_spec()
+            features = cfg.features.spec()
             features["mean"] = features["std"] = None
             if cfg.features.normalize:
                 # Per mel channel over every frame of the training clips' evaluation windows (float64 sums).

@@ -159,7 +159,7 @@ class SpeechRecognition(TaskSpec):
             )
         data = load_speech(cfg, recipe.seed, alphabet=pre.labels if pre is not None else None)
         if pre is None:
-            features = cfg.feature_spec()
+            features = cfg.features.spec()
             features["mean"] = features["std"] = None
             shape = {"kind": "speech", "sample_rate": cfg.sample_rate, "features": features}
             if cfg.features.normalize:
