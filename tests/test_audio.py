@@ -363,6 +363,8 @@ def test_serve_takes_base64_audio_and_sample_arrays(tones_run):
         assert bad.status_code == 422 and "inputs[0].audio_base64" in bad.text
         wrong = c.post("/v1/predict", json={"inputs": [{"array": [[0.1, 0.2]]}]})
         assert wrong.status_code == 422 and "mono samples" in wrong.text
+        asr = c.post("/v1/transcribe", json={"inputs": body["inputs"][:1]})
+        assert asr.status_code == 422 and "speech recognition model" in asr.text
     for g, e in zip(r.json()["predictions"], expected, strict=True):
         assert g["label"] == e["label"] and g["score"] == pytest.approx(e["score"], abs=1e-5)
     assert arr.json()["predictions"][0]["label"] == expected[0]["label"]

@@ -109,3 +109,10 @@ def test_audio_json():
         pytest.skip("espeak-ng is not installed")
     out = run_bench("benchmarks/audio.py", "--seeds", "0", "--ablation", "--json", "train.epochs=1", "data.voices=6")
     assert out["model_vs_linear_accuracy_ratio"] > 0 and 0 <= out["specaugment_noisy_accuracy"] <= 1
+
+
+def test_ctc_json():
+    out = run_bench(
+        "benchmarks/ctc.py", "--batch", "2", "--steps", "8", "--hidden", "8", "--layers", "1", "--rounds", "1", "--json"
+    )
+    assert out["packed_step_s"] > 0 and out["unpacked_speedup_ratio"] > 0

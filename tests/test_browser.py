@@ -132,3 +132,34 @@ def test_audio_page_uploads_and_records(browser, tmp_path):
         assert page.locator(".prediction .label").all_text_contents()[0] in ("low", "high")
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("soundfile") is None or importlib.util.find_spec("jiwer") is None,
+    reason="the audio extra is not installed",
+)
+def test_speech_page_uploads_records_and_transcribes(browser, tmp_path):
+    from test_speech import tones_asr
+
+    d = tones_asr(tmp_path, epochs=1)
+    expected = api.predict(d / "run", [d / "0.flac"])[0]["text"]
+    server = ServerProcess(d / "run")
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        assert "speech recognition model" in page.text_content("#about") and page.is_hidden("#explain-row")
+        assert page.text_content("#go") == "Transcribe" and page.is_hidden("#topk-row")
+        page.set_input_files("#audio-file", str(d / "0.flac"))
+        page.click("#go")
+        page.wait_for_selector("td.prediction")
+        assert page.text_content("td.prediction") == expected
+        page.click("#record")  # chromium's fake microphone, encoded as a WAV in the page
+        page.wait_for_timeout(800)
+        page.click("#record")
+        page.wait_for_selector("#audio-player:not(.hidden)")
+        page.evaluate("() => { document.getElementById('results').innerHTML = ''; }")
+        page.click("#go")
+        page.wait_for_selector("td.prediction")
+        assert page.text_content("#error") == ""
+    finally:
+        server.stop()

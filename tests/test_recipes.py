@@ -79,7 +79,9 @@ def test_recipe_debug_size_trains(path, tmp_path):
         if shutil.which("espeak-ng") is None or not Path("/usr/share/games/fillets-ng/script").is_dir():
             pytest.skip("espeak-ng or fillets-ng-data is not installed")
         extra = ["data.voices=5", "data.sentences_per_voice=4"]
-    elif source == "fillets_speakers" and not Path("/usr/share/games/fillets-ng/sound").is_dir():
+    elif (
+        source in ("fillets_speakers", "fillets_transcripts") and not Path("/usr/share/games/fillets-ng/sound").is_dir()
+    ):
         pytest.skip("the Fish Fillets voices are not installed (apt-get install fillets-ng-data-cs)")
     if recipe.task in ("language_modeling", "translation"):  # small held-out splits: evaluation dominates here
         extra += ["data.val_fraction=0.01", "data.test_fraction=0.01"]

@@ -134,6 +134,29 @@ def test_output_lengths_and_padding_invariance():
     assert lp.shape == (3, int(out_len.max()), 6) and torch.allclose(lp.exp().sum(-1), torch.ones(()), atol=1e-5)
 
 
+def test_the_unpacked_bidirectional_lstm_equals_packed_sequences():
+    """`bidirectional_lstm` (each clip reversed within its length, no packing: it exports) gives what the LSTM gives
+    over packed sequences at every valid step, forward and backward (gradients too)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from bigmodel.models.ctc import bidirectional_lstm
+
+    torch.manual_seed(0)
+    rnn = torch.nn.LSTM(6, 5, num_layers=2, batch_first=True, bidirectional=True).double()
+    lengths = torch.tensor([9, 4, 1, 7])
+    x = torch.randn(4, 9, 6, dtype=torch.float64, requires_grad=True)
+    valid = (torch.arange(9)[None] < lengths[:, None]).unsqueeze(2)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    ref = pad_packed_sequence(rnn(packed)[0], batch_first=True, total_length=9)[0]
+    got = bidirectional_lstm(rnn, x, lengths)
+    torch.testing.assert_close(got * valid, ref * valid, rtol=1e-10, atol=1e-12)
+    w = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * valid * w).sum(), [x, *rnn.parameters()])
+    g_got = torch.autograd.grad((got * valid * w).sum(), [x, *rnn.parameters()])
+    for a, b in zip(g_ref, g_got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 # --------------------------------------------------------------------------------------------------- a real run
 TONES = {"a": 400.0, "b": 1300.0, "c": 2600.0}
 
@@ -257,3 +280,68 @@ def test_spoken_sentences_split_voices_and_sentences(tmp_path):
     assert data.labels[0] == "<blank>" and " " in data.labels
     assert all(len(data.test.clip(i)) > 0.3 * 16000 for i in range(len(data.test)))
     assert math.isclose(float(data.train.lengths.sum()), float(sum(len(data.train.clip(i)) for i in range(12))))
+
+
+def test_onnx_export_of_a_ctc_model_takes_raw_waveforms(tones_asr_run, tmp_path):
+    """The exported graph takes (waveform, lengths) and gives (log_probs, out_lengths) within 1e-4 of eager; greedy
+    decoding of ONNX Runtime's output is the transcript `transcribe` gives for every test clip."""
+    pytest.importorskip("onnxruntime")
+    import json
+
+    import onnxruntime as ort
+
+    from bigmodel.data.audio import read_audio
+    from bigmodel.data.speech import decode_ids
+    from bigmodel.models.ctc import greedy_decode
+    from bigmodel.runs import load_artifact
+
+    d = tones_asr_run
+    p = run_cli("export", str(d / "run"), "--format", "onnx", "--out", str(tmp_path / "exp"), check=True)
+    assert "parity ok" in p.stdout + p.stderr
+    report = json.loads((tmp_path / "exp" / "export.json").read_text())
+    assert [i["name"] for i in report["inputs"]] == ["waveform", "lengths"]
+    assert [o["name"] for o in report["outputs"]] == ["log_probs", "out_lengths"]
+    assert report["parity"]["passed"] and report["parity"]["checked_inputs"] == 12
+    art = load_artifact(d / "run")
+    sess = ort.InferenceSession(str(tmp_path / "exp" / "model.onnx"))
+    clips = [read_audio(d / f"{i}.flac", 8000) for i in range(12)]  # the test split
+    lengths = np.array([len(c) for c in clips], dtype=np.int64)
+    wave = np.zeros((len(clips), int(lengths.max())), dtype=np.float32)
+    for i, c in enumerate(clips):
+        wave[i, : len(c)] = c
+    log_probs, out_lengths = sess.run(None, {"waveform": wave, "lengths": lengths})
+    onnx_text = [decode_ids(ids, art.labels) for ids in greedy_decode(torch.from_numpy(log_probs), out_lengths)]
+    assert onnx_text == art.transcribe(clips, beam_size=1)
+
+
+def test_serve_transcribes_uploads_and_refuses_what_it_cannot(tones_asr_run):
+    pytest.importorskip("fastapi")
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from bigmodel import api
+    from bigmodel.data.audio import read_audio
+    from bigmodel.runs import load_artifact
+    from bigmodel.serving.server import create_app
+
+    d = tones_asr_run
+    files = [d / f"{i}.flac" for i in range(3)]
+    expected = [r["text"] for r in api.predict(d / "run", files)]
+    art = load_artifact(d / "run")
+    assert art.transcribe(files) == expected == art.transcribe([str(f) for f in files])
+    with TestClient(create_app(art, max_delay_ms=2), raise_server_exceptions=False) as c:
+        body = {"inputs": [{"audio_base64": base64.b64encode(f.read_bytes()).decode()} for f in files]}
+        r = c.post("/v1/transcribe", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["transcripts"] == expected
+        arr = c.post(
+            "/v1/transcribe", json={"inputs": [{"array": read_audio(files[0], 8000).tolist()}], "beam_size": 4}
+        )
+        assert arr.status_code == 200 and arr.json()["transcripts"] == art.transcribe(files[:1], beam_size=4)
+        bad = c.post("/v1/transcribe", json={"inputs": [{"audio_base64": base64.b64encode(b"junk" * 50).decode()}]})
+        assert bad.status_code == 422 and "inputs[0].audio_base64" in bad.text
+        predict = c.post("/v1/predict", json={"inputs": body["inputs"][:1]})
+        assert predict.status_code == 422 and "/v1/predict" in predict.text
+        page = c.get("/")
+        assert page.status_code == 200 and '"kind": "speech"' in page.text

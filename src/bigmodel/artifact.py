@@ -443,6 +443,23 @@ class Artifact:
         tgt = self.preprocess.target_tokenizer or self.preprocess.tokenizer
         return [t.strip() for t in tgt.decode_batch(ids, skip_special_tokens=True)]
 
+    def transcribe(self, audio: list[Any], *, beam_size: int | None = None) -> list[str]:
+        """Transcripts of a speech recognition model for `audio`: file paths (WAV/FLAC/Ogg/MP3, any rate, any
+        channels) or mono float arrays at the model's rate. `beam_size` 1 = greedy; default: the model's."""
+        import numpy as np
+
+        from bigmodel.data.audio import read_audio
+        from bigmodel.models.base import Capability
+        from bigmodel.tasks import get_task
+
+        if not self.can(Capability.TRANSCRIBES):
+            raise UserError(f"{self.folder}: this is a {self.kind} model; `transcribe` needs a speech recognition run")
+        rate = int(self.preprocess.input_shape["sample_rate"])
+        clips = [
+            np.asarray(a, dtype=np.float32) if not isinstance(a, str | Path) else read_audio(a, rate) for a in audio
+        ]
+        return get_task(self.config["task"]).transcribe(self, clips, beam_size)
+
 
 def load_artifact(path: str | Path, key: bytes | str | None = None) -> Artifact:
     """Rebuild a trained model from a run directory or its `model/` folder. A recipe file of a pretrained language

@@ -60,21 +60,36 @@ def refuse_unexportable(src: Path, art: Artifact, verb: str) -> None:
         raise UserError(f"{src}: model.name {name!r} ({get_model(name).description}); {verb} does not take these yet")
 
 
-def _run_exported(fmt: str, path: Path, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _outputs(out: Any) -> tuple[torch.Tensor, ...]:
+    """A graph's output(s) as a tuple of tensors (floats as float32, to compare)."""
+    outs = tuple(out) if isinstance(out, tuple | list) else (out,)
+    return tuple(o.float() if o.is_floating_point() else o for o in outs)
+
+
+def _run_exported(fmt: str, path: Path, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     if fmt == "onnx":
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [i.name for i in sess.get_inputs()]
         feed = {name: t.numpy() for name, t in zip(names, inputs, strict=True)}
-        return torch.from_numpy(sess.run(None, feed)[0])
+        return _outputs([torch.from_numpy(o) for o in sess.run(None, feed)])
     if fmt == "torchscript":
         m = torch.jit.load(str(path), map_location="cpu")
         with torch.inference_mode():
-            return m(*inputs)
+            return _outputs(m(*inputs))
     ep = torch.export.load(str(path))
     with torch.inference_mode():
-        return ep.module()(*inputs)
+        return _outputs(ep.module()(*inputs))
+
+
+def max_difference(ref: tuple[torch.Tensor, ...], got: tuple[torch.Tensor, ...]) -> float:
+    """The largest absolute difference over every output (inf when the outputs' number or shapes differ)."""
+    if len(ref) != len(got) or any(r.shape != g.shape for r, g in zip(ref, got, strict=True)):
+        return float("inf")
+    return max(
+        (float((r.double() - g.double()).abs().max()) if r.numel() else 0.0) for r, g in zip(ref, got, strict=True)
+    )
 
 
 def export(
@@ -119,7 +134,7 @@ def export(
                     inputs,
                     dynamo=True,
                     input_names=names,
-                    output_names=["logits"],
+                    output_names=list(sig.outputs or {"logits": None}),
                     dynamic_shapes=sig.dynamic_shapes,
                     opset_version=opset,
                     verbose=False,
@@ -142,14 +157,18 @@ def export(
     export_s = time.perf_counter() - t0
 
     with torch.inference_mode():
-        ref = wrapper(*inputs).float()
-    got = _run_exported(fmt, path, inputs).float()
+        ref = _outputs(wrapper(*inputs))
+    got = _run_exported(fmt, path, inputs)
     one = sig.batch_one()  # the batch axis really is dynamic
     with torch.inference_mode():
-        ref1 = wrapper(*one).float()
-    got1 = _run_exported(fmt, path, one).float()
-    diff = max(float((ref - got).abs().max()), float((ref1 - got1).abs().max()))
-    ok = diff <= tolerance and got.shape == ref.shape
+        ref1 = _outputs(wrapper(*one))
+    got1 = _run_exported(fmt, path, one)
+    diff = max(max_difference(ref, got), max_difference(ref1, got1))
+    ok = diff <= tolerance
+    outputs = [
+        {"name": name, "shape": shape}
+        for name, shape in (sig.outputs or {"logits": ["batch", len(art.labels)]}).items()
+    ]
     report = {
         "format": fmt,
         "file": FILENAMES[fmt],
@@ -159,7 +178,8 @@ def export(
             {"name": n, "shape": shape, "dtype": str(t.dtype).removeprefix("torch.")}
             for n, t, shape in zip(names, inputs, sig.shapes, strict=True)
         ],
-        "output": {"name": "logits", "shape": ["batch", len(art.labels)]},
+        "output": outputs[0],  # the first (classifiers: the only) output
+        "outputs": outputs,
         "parity": {
             "checked_inputs": int(inputs[0].shape[0]),
             "also_batch_1": True,

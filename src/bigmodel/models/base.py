@@ -35,6 +35,7 @@ class Capability(str, Enum):
     EXPLAINABLE = "explainable"  # attributions through the contract above
     GENERATES = "generates"  # a language model: decoder(), stream / generate
     TRANSLATES = "translates"  # an encoder-decoder: beam search
+    TRANSCRIBES = "transcribes"  # speech → text (CTC decoding): transcribe, /v1/transcribe
     SOLVED = "solved"  # fitted by a solver in one pass over the data (fit_solver), not by gradient steps
 
 

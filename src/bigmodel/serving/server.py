@@ -5,6 +5,8 @@
                        "top_p", "repetition_penalty", "stop": [...], "seed", "stream": false} → {"text": "..."}, or
                        with "stream": true, Server-Sent Events `data: {"text": "<piece>"}` ... `data: [DONE]`
     POST /v1/translate translation models: {"inputs": ["..."], "beam_size": 4} → {"translations": ["..."]}
+    POST /v1/transcribe speech recognition models: {"inputs": [{"audio_base64": "..."}], "beam_size": 8} →
+                       {"transcripts": ["..."]}
     POST /v1/explain   the inputs of /v1/predict plus "method" (saliency, integrated_gradients, gradcam, occlusion,
                        lime, kernel_shap, activations) and "target" → {"explanations": [{"prediction", "target",
                        "heatmap_png" (images: a data: URI), "tokens" (text), "scores" / "columns", ...}]}
@@ -111,6 +113,16 @@ class TranslateRequest(BaseModel):
 
 class TranslateResponse(BaseModel):
     translations: list[str]
+
+
+class TranscribeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: Annotated[list[AudioInput | ArrayInput], Field(min_length=1)]
+    beam_size: Annotated[int, Field(ge=1, le=64)] | None = None
+
+
+class TranscribeResponse(BaseModel):
+    transcripts: list[str]
 
 
 class Scored(BaseModel):
@@ -441,6 +453,31 @@ def create_app(
                 raise HTTPException(413, f"{len(req.inputs)} inputs in one request; at most {max_inputs}")
             out = await run_in_threadpool(lambda: art.translate(req.inputs, beam_size=req.beam_size))
         return TranslateResponse(translations=out)
+
+    @app.post(
+        "/v1/transcribe",
+        response_model=TranscribeResponse,
+        responses={
+            401: {"description": "API key"},
+            413: {"description": "Too large"},
+            422: {"description": "Malformed, or not a speech recognition model"},
+        },
+    )
+    async def transcribe(req: TranscribeRequest, request: Request) -> TranscribeResponse:
+        from starlette.concurrency import run_in_threadpool
+
+        with metrics.counting(len(req.inputs)):
+            check_key(request)
+            if not art.can(Capability.TRANSCRIBES):
+                raise HTTPException(422, f"this is a {art.kind} model; /v1/transcribe needs a speech recognition model")
+            if len(req.inputs) > max_inputs:
+                raise HTTPException(413, f"{len(req.inputs)} inputs in one request; at most {max_inputs}")
+            try:
+                clips = [predictor.spec.transcribe_item(art, i, x.model_dump()) for i, x in enumerate(req.inputs)]
+            except InputError as e:
+                raise HTTPException(422, str(e)) from None
+            out = await run_in_threadpool(lambda: art.transcribe(clips, beam_size=req.beam_size))
+        return TranscribeResponse(transcripts=out)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

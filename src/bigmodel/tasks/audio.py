@@ -49,6 +49,41 @@ def log_mels(shape: dict[str, Any], waves: torch.Tensor, stats: bool = False, ch
         return torch.cat([fe(waves[i : i + chunk]) for i in range(0, len(waves), chunk)]) if len(waves) else waves
 
 
+def served_waveform(art: Any, i: int, x: Any) -> np.ndarray:
+    """`inputs[i]` of a request: `{"audio_base64": WAV/FLAC/Ogg/MP3 bytes}` (any rate, any channels) or `{"array":
+    mono samples at the model's rate, -1..1}` → mono float32 samples at the model's rate (`InputError` if bad)."""
+    import base64
+    import binascii
+
+    from bigmodel.data.audio import decode_audio
+
+    where = f"inputs[{i}]"
+    rate = int(art.preprocess.input_shape["sample_rate"])
+    if isinstance(x, str):
+        raise InputError(f"{where}: this is an audio model; expected an object, not a string")
+    if isinstance(x, dict) and "audio_base64" in x:
+        if set(x) != {"audio_base64"} or not isinstance(x["audio_base64"], str):
+            raise InputError(f'{where}: expected {{"audio_base64": "<base64 of a WAV/FLAC/Ogg/MP3 file>"}}')
+        try:
+            data = base64.b64decode(x["audio_base64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError(f"{where}.audio_base64: not valid base64") from None
+        try:
+            wave = decode_audio(data, rate, f"{where}.audio_base64")
+        except UserError as e:
+            raise InputError(str(e)) from None
+    elif isinstance(x, dict) and "image_base64" in x:
+        raise InputError(f"{where}: this is an audio model; image_base64 is for image models")
+    else:
+        wave = as_array(where, x)
+        if wave.ndim != 1 or len(wave) == 0:
+            raise InputError(f"{where}.array: expected mono samples [n] at {rate} Hz, got shape {list(wave.shape)}")
+        wave = wave.astype(np.float32)
+    if len(wave) > MAX_UPLOAD_SECONDS * rate:
+        raise InputError(f"{where}: the clip is longer than {MAX_UPLOAD_SECONDS} s")
+    return wave
+
+
 class AudioClassification(ClassificationSpec):
     name = "audio_classification"
     kind = "audio"
@@ -150,37 +185,8 @@ class AudioClassification(ClassificationSpec):
         return torch.cat(outs) if outs else torch.zeros((0, len(art.labels)))
 
     def serve_item(self, art: Any, i: int, x: Any) -> Any:
-        """`{"audio_base64": WAV/FLAC/Ogg/MP3 bytes}` (any rate, any channels) or `{"array": mono samples at the
-        model's rate, -1..1}` → the model's window (samples,)."""
-        import base64
-        import binascii
-
-        from bigmodel.data.audio import decode_audio
-
-        where = f"inputs[{i}]"
-        rate = int(art.preprocess.input_shape["sample_rate"])
-        if isinstance(x, str):
-            raise InputError(f"{where}: this is an audio model; expected an object, not a string")
-        if isinstance(x, dict) and "audio_base64" in x:
-            if set(x) != {"audio_base64"} or not isinstance(x["audio_base64"], str):
-                raise InputError(f'{where}: expected {{"audio_base64": "<base64 of a WAV/FLAC/Ogg/MP3 file>"}}')
-            try:
-                data = base64.b64decode(x["audio_base64"], validate=True)
-            except (binascii.Error, ValueError):
-                raise InputError(f"{where}.audio_base64: not valid base64") from None
-            try:
-                wave = decode_audio(data, rate, f"{where}.audio_base64")
-            except UserError as e:
-                raise InputError(str(e)) from None
-        elif isinstance(x, dict) and "image_base64" in x:
-            raise InputError(f"{where}: this is an audio model; image_base64 is for image models")
-        else:
-            wave = as_array(where, x)
-            if wave.ndim != 1 or len(wave) == 0:
-                raise InputError(f"{where}.array: expected mono samples [n] at {rate} Hz, got shape {list(wave.shape)}")
-        if len(wave) > MAX_UPLOAD_SECONDS * rate:
-            raise InputError(f"{where}: the clip is longer than {MAX_UPLOAD_SECONDS} s")
-        return self._window(art, wave)
+        """A served clip (`served_waveform`) → the model's window (samples,)."""
+        return self._window(art, served_waveform(art, i, x))
 
     # ------------------------------------------------------------------------------------------------ export
     def export_signature(self, art: Any, data: Any, n: int) -> ExportSignature:

@@ -35,6 +35,7 @@ class ExportSignature:
     dynamic_shapes: Any
     shapes: list[list[Any]]
     padded: bool = False  # inputs are (values (B, T, ...), lengths (B,)): a selection is cut to its longest
+    outputs: dict[str, list[Any]] | None = None  # output name → shape; None: one output, "logits" (batch, labels)
 
     def select(self, idx: Any) -> tuple[Any, ...]:
         """The inputs of examples `idx` (a batch for a latency measurement, or of one for the dynamic-batch check)."""

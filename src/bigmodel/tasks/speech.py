@@ -17,7 +17,7 @@ from torch import nn
 
 from bigmodel.data.speech import SpeechDataConfig, decode_ids
 from bigmodel.errors import UserError
-from bigmodel.tasks.base import LoaderOptions, TaskSpec, refuse_inputs, register_task
+from bigmodel.tasks.base import ExportSignature, LoaderOptions, TaskSpec, refuse_inputs, register_task
 
 EVAL_BATCH = 16  # clips per evaluation batch unless asked otherwise (long clips: activations grow with length)
 
@@ -115,6 +115,19 @@ class CTCTask:
         beam = self.beam_size or _beam(model)
         hyps = [decode_ids(ids, self.alphabet) for ids in decode(log_probs, out_lengths, beam)]
         metrics.update(loss.detach(), self.references(targets), hyps)
+
+
+class SpeechExport(nn.Module):
+    """(waveform (B, samples) at the model's rate, lengths (B,)) → (log-probabilities (B, steps, V), valid steps
+    (B,)): what `bigmodel export` traces for a CTC model; greedy decoding of the output is `decode` in
+    `models/ctc.py` (argmax per step, repeats merged, blanks dropped)."""
+
+    def __init__(self, art: Any) -> None:
+        super().__init__()
+        self.model = art.model
+
+    def forward(self, waveform: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(waveform, lengths)
 
 
 def frontend_stats(shape: dict[str, Any], split: Any) -> tuple[list[float], list[float]]:
@@ -240,6 +253,41 @@ class SpeechRecognition(TaskSpec):
 
     def format_prediction(self, result: dict[str, Any]) -> str:
         return f"{result['file']}\t{result['text']}"
+
+    # ---------------------------------------------------------------------------------------------- serving
+    def serve_item(self, art: Any, i: int, x: Any) -> Any:
+        from bigmodel.tasks.base import InputError
+
+        raise InputError("this is a speech recognition model; /v1/predict does not take it: POST /v1/transcribe")
+
+    def transcribe_item(self, art: Any, i: int, x: Any) -> np.ndarray:
+        """`inputs[i]` of /v1/transcribe (`{"audio_base64": ...}` or `{"array": mono samples}`) → the clip."""
+        from bigmodel.tasks.audio import served_waveform
+
+        return served_waveform(art, i, x)
+
+    # ----------------------------------------------------------------------------------------------- export
+    def export_signature(self, art: Any, data: Any, n: int) -> ExportSignature:
+        """Raw waveforms (B, samples) padded with zeros and their lengths (B,) → log-probabilities (B, steps, V)
+        and valid steps (B,): the front-end and the padding masks are inside the graph."""
+        test = data.split("test")
+        k = min(n, len(test))
+        lengths = test.lengths[:k].clone()
+        S = int(lengths.max())
+        wave = torch.zeros((k, S), dtype=torch.float32)
+        for i in range(k):
+            wave[i, : int(lengths[i])] = torch.from_numpy(test.clip(i))
+        batch = torch.export.Dim("batch", min=1, max=65_536)
+        samples = torch.export.Dim("samples", min=2048, max=10_000_000)
+        return ExportSignature(
+            module=SpeechExport(art),
+            inputs=(wave, lengths),
+            names=["waveform", "lengths"],
+            dynamic_shapes=({0: batch, 1: samples}, {0: batch}),
+            shapes=[["batch", "samples"], ["batch"]],
+            padded=True,
+            outputs={"log_probs": ["batch", "steps", len(art.labels)], "out_lengths": ["batch"]},
+        )
 
     def summary(self, metrics: dict[str, Any], split: str) -> str:
         m = metrics
