@@ -478,42 +478,56 @@ def voice_name(v: dict[str, Any]) -> str:
     return f"{v['lang']}+{v['variant']}-s{v['speed']}-p{v['pitch']}"
 
 
-def spoken_digits(cache_dir: Path | None, voices: int) -> list[tuple[Path, str, str]]:
-    """(wav path, digit, voice) of every clip: generated with espeak-ng into the cache on first use (written into a
-    temporary folder and renamed into place, so the cache never holds a half-written set)."""
+def espeak_cache(
+    kind: str,
+    cache_dir: Path | None,
+    key_parts: tuple[Any, ...],
+    jobs: list[tuple[dict[str, Any], str, str]],
+    columns: list[str],
+    rows: list[list[str]],
+) -> Path:
+    """`<cache>/<kind>/<key>`: espeak-ng's reading of each job (voice, text, wav file name) and `clips.csv`
+    (`columns`, one of `rows` per clip), generated on first use, in parallel, into a temporary folder renamed into
+    place (the cache never holds a half-written set). The key hashes espeak-ng's version and `key_parts`."""
     from bigmodel.data.download import default_cache_dir
 
     exe = _espeak()
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    key = hashlib.sha256(repr((version, *key_parts)).encode()).hexdigest()[:12]
+    root = (cache_dir or default_cache_dir()) / kind / key
+    if (root / "clips.csv").is_file():
+        return root
+    tmp = root.with_name(f".{key}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    def say(job: tuple[dict[str, Any], str, str]) -> None:
+        v, text, name = job
+        out = tmp / name
+        cmd = [exe, "-v", f"{v['lang']}+{v['variant']}", "-s", str(v["speed"]), "-p", str(v["pitch"])]
+        r = subprocess.run([*cmd, "-w", str(out), text], capture_output=True, text=True)
+        if r.returncode != 0 or not out.is_file():
+            raise UserError(f"espeak-ng failed for voice {voice_name(v)} ({r.stderr.strip() or r.returncode})")
+
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        list(pool.map(say, jobs))
+    with (tmp / "clips.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        w.writerows(rows)
+    if root.exists():
+        shutil.rmtree(root)
+    os.rename(tmp, root)
+    return root
+
+
+def spoken_digits(cache_dir: Path | None, voices: int) -> list[tuple[Path, str, str]]:
+    """(wav path, digit, voice) of every clip: generated with espeak-ng into the cache on first use."""
     vs = espeak_voices(voices)
-    key = hashlib.sha256(repr((version, vs, DIGITS)).encode()).hexdigest()[:12]
-    root = (cache_dir or default_cache_dir()) / "spoken_digits" / key
-    manifest = root / "clips.csv"
-    if not manifest.is_file():
-        tmp = root.with_name(f".{key}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        jobs = [(v, d) for v in vs for d in DIGITS]
-
-        def say(job: tuple[dict[str, Any], str]) -> None:
-            v, d = job
-            out = tmp / f"{voice_name(v)}-{d}.wav"
-            cmd = [exe, "-v", f"{v['lang']}+{v['variant']}", "-s", str(v["speed"]), "-p", str(v["pitch"])]
-            r = subprocess.run([*cmd, "-w", str(out), d], capture_output=True, text=True)
-            if r.returncode != 0 or not out.is_file():
-                raise UserError(f"espeak-ng failed for voice {voice_name(v)} ({r.stderr.strip() or r.returncode})")
-
-        with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-            list(pool.map(say, jobs))
-        with (tmp / "clips.csv").open("w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "label", "voice"])
-            for v, d in jobs:
-                w.writerow([f"{voice_name(v)}-{d}.wav", d, voice_name(v)])
-        if root.exists():
-            shutil.rmtree(root)
-        os.rename(tmp, root)
-    with manifest.open(newline="", encoding="utf-8") as f:
+    jobs = [(v, d, f"{voice_name(v)}-{d}.wav") for v in vs for d in DIGITS]
+    rows = [[name, d, voice_name(v)] for v, d, name in jobs]
+    root = espeak_cache("spoken_digits", cache_dir, (vs, DIGITS), jobs, ["path", "label", "voice"], rows)
+    with (root / "clips.csv").open(newline="", encoding="utf-8") as f:
         return [(root / r["path"], r["label"], r["voice"]) for r in csv.DictReader(f)]
 
 

@@ -14,14 +14,9 @@ with lengths); training clips longer than `max_seconds` are left out.
 from __future__ import annotations
 
 import csv
-import hashlib
-import os
 import re
-import shutil
-import subprocess
 import unicodedata
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -39,6 +34,7 @@ from bigmodel.data.audio import (
     SpecAugmentConfig,
     _espeak,
     clip_power,
+    espeak_cache,
     espeak_voices,
     group_splits,
     noise_batch,
@@ -182,9 +178,7 @@ class SpeechDataset(Splits):
 def spoken_sentences(cfg: SpeechDataConfig) -> dict[str, list[tuple[Path, str, str]]]:
     """{split: [(wav, text, voice)]}: espeak-ng voices reading English dialogue lines, voices and sentences split
     alike (generated into the cache on first use; written to a temporary folder, then renamed into place)."""
-    from bigmodel.data.download import default_cache_dir
-
-    exe = _espeak()
+    _espeak()  # a clear error first when espeak-ng is missing
     if not FILLETS_SCRIPT.is_dir():
         raise UserError(
             f"{FILLETS_SCRIPT}: the English sentences come from Fish Fillets NG's dialogues "
@@ -206,32 +200,15 @@ def spoken_sentences(cfg: SpeechDataConfig) -> dict[str, list[tuple[Path, str, s
             continue
         pick = rng.choice(len(pool), size=min(cfg.sentences_per_voice, len(pool)), replace=False)
         jobs += [(v, pool[i], split) for i in sorted(pick.tolist())]
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout.strip()
-    key = hashlib.sha256(repr((version, [(voice_name(v), t) for v, t, _ in jobs])).encode()).hexdigest()[:12]
-    root = (cfg.cache_dir or default_cache_dir()) / "spoken_sentences" / key
-    if not (root / "clips.csv").is_file():
-        tmp = root.with_name(f".{key}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-
-        def say(k: int) -> None:
-            v, text, _ = jobs[k]
-            out = tmp / f"{k:05d}.wav"
-            cmd = [exe, "-v", f"{v['lang']}+{v['variant']}", "-s", str(v["speed"]), "-p", str(v["pitch"])]
-            r = subprocess.run([*cmd, "-w", str(out), text], capture_output=True, text=True)
-            if r.returncode != 0 or not out.is_file():
-                raise UserError(f"espeak-ng failed for voice {voice_name(v)} ({r.stderr.strip() or r.returncode})")
-
-        with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool_:
-            list(pool_.map(say, range(len(jobs))))
-        with (tmp / "clips.csv").open("w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "text", "voice", "split"])
-            for k, (v, text, split) in enumerate(jobs):
-                w.writerow([f"{k:05d}.wav", text, voice_name(v), split])
-        if root.exists():
-            shutil.rmtree(root)
-        os.rename(tmp, root)
+    rows = [[f"{k:05d}.wav", text, voice_name(v), split] for k, (v, text, split) in enumerate(jobs)]
+    root = espeak_cache(
+        "spoken_sentences",
+        cfg.cache_dir,
+        ([(voice_name(v), t) for v, t, _ in jobs],),
+        [(v, text, f"{k:05d}.wav") for k, (v, text, _) in enumerate(jobs)],
+        ["path", "text", "voice", "split"],
+        rows,
+    )
     out: dict[str, list[tuple[Path, str, str]]] = {"train": [], "val": [], "test": []}
     with (root / "clips.csv").open(newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):
