@@ -42,6 +42,7 @@ SLOW = {
     "tweets_minilm",
     "shakespeare_char_gpt_large",
     "fashion_mnist_resnet",
+    "fillets_czech_ctc",
 }
 DATALESS = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml") if load_recipe(p).data is None)
 
