@@ -222,6 +222,8 @@ def test_evaluate_and_predict_through_the_cli(tones_asr_run):
     assert [line.split("\t")[0] for line in out] == [str(d / "0.flac"), str(d / "1.flac")]
     p = run_cli("evaluate", str(d / "run"), check=True).stdout
     assert "CER" in p and "trivial baseline" in p and "ref:" in p
+    p = run_cli("compress", str(d / "run"), "--method", "quantize", "--out", str(d / "q"))
+    assert p.returncode != 0 and "speech recognition model" in p.stderr and "Traceback" not in p.stderr
     bad = d / "bad.flac"
     bad.write_bytes(b"fLaC" + b"\0" * 40)
     p = run_cli("predict", str(d / "run"), str(bad))

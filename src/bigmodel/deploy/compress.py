@@ -276,6 +276,8 @@ def compress(
     recipe = validate_recipe(read_yaml(src / "recipe.yaml"), source=str(src / "recipe.yaml"))
     art = load_artifact(src)
     refuse_unexportable(src, art, "compress")
+    if art.can(Capability.TRANSCRIBES):
+        raise UserError(f"{src}: a speech recognition model; compress supports classifiers so far")
     if art.config.get("quantization"):
         raise UserError(f"{src}: already quantized; compress the fp32 run it came from")
     if method not in ("prune", "quantize", "distill"):
