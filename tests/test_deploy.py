@@ -97,7 +97,7 @@ def test_export_text_and_sequence_models_to_onnx(request, tmp_path, which):
 
 def test_parity_failure_is_reported_not_hidden(image_run, tmp_path, monkeypatch):
     real = export_mod._run_exported
-    monkeypatch.setattr(export_mod, "_run_exported", lambda *a: real(*a) + 1e-3)
+    monkeypatch.setattr(export_mod, "_run_exported", lambda *a: tuple(t + 1e-3 for t in real(*a)))
     with pytest.raises(UserError, match=r"parity check FAILED: exported onnx differs from eager by 0.001"):
         export_mod.export(image_run, "onnx", tmp_path / "bundle")
     report = json.loads((tmp_path / "bundle" / "export.json").read_text())
