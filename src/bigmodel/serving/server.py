@@ -433,6 +433,14 @@ def create_app(
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    def admit(request: Request, n_inputs: int, needs: Capability, refusal: str) -> None:
+        """The API key, the model's capability (422 naming what the endpoint needs) and the input count (413)."""
+        check_key(request)
+        if not art.can(needs):
+            raise HTTPException(422, f"this is a {art.kind} model; {refusal}")
+        if n_inputs > max_inputs:
+            raise HTTPException(413, f"{n_inputs} inputs in one request; at most {max_inputs}")
+
     @app.post(
         "/v1/translate",
         response_model=TranslateResponse,
@@ -446,11 +454,7 @@ def create_app(
         from starlette.concurrency import run_in_threadpool
 
         with metrics.counting(len(req.inputs)):
-            check_key(request)
-            if not art.can(Capability.TRANSLATES):
-                raise HTTPException(422, f"this is a {art.kind} model; /v1/translate needs a translation model")
-            if len(req.inputs) > max_inputs:
-                raise HTTPException(413, f"{len(req.inputs)} inputs in one request; at most {max_inputs}")
+            admit(request, len(req.inputs), Capability.TRANSLATES, "/v1/translate needs a translation model")
             out = await run_in_threadpool(lambda: art.translate(req.inputs, beam_size=req.beam_size))
         return TranslateResponse(translations=out)
 
@@ -467,11 +471,7 @@ def create_app(
         from starlette.concurrency import run_in_threadpool
 
         with metrics.counting(len(req.inputs)):
-            check_key(request)
-            if not art.can(Capability.TRANSCRIBES):
-                raise HTTPException(422, f"this is a {art.kind} model; /v1/transcribe needs a speech recognition model")
-            if len(req.inputs) > max_inputs:
-                raise HTTPException(413, f"{len(req.inputs)} inputs in one request; at most {max_inputs}")
+            admit(request, len(req.inputs), Capability.TRANSCRIBES, "/v1/transcribe needs a speech recognition model")
             try:
                 clips = [predictor.spec.transcribe_item(art, i, x.model_dump()) for i, x in enumerate(req.inputs)]
             except InputError as e:
