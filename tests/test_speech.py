@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import math
 import shutil
 from pathlib import Path
@@ -80,6 +81,38 @@ def test_prefix_beam_search_finds_the_most_probable_transcript():
         probs = g.dirichlet(np.ones(3) * 0.7, size=4)
         lp = torch.from_numpy(np.log(probs))[None].float()
         assert tuple(prefix_beam_decode(lp, torch.tensor([4]), 16)[0]) == brute_force(probs)
+
+
+def test_the_character_lm_is_a_distribution_and_learns_context():
+    from bigmodel.models.charlm import CharLMConfig, CharNgramLM
+
+    texts = ["the queen quits", "quite a quiz", "that is the thing", "then there"]
+    lm = CharNgramLM.fit(texts, CharLMConfig(order=4))
+    for history in ["", "q", "the ", "xyz", "quite a quiz the thing"]:  # seen, unseen and long histories
+        assert sum(lm.prob(history, c) for c in lm.vocab) == pytest.approx(1.0, abs=1e-9)
+    assert lm.prob("the q", "u") > 0.5 > lm.prob("the q", "x") > 0  # context counts; unseen is smoothed, not 0
+    assert lm.score("the thing") > lm.score("tge thinh")
+    again = CharNgramLM.from_dict(json.loads(json.dumps(lm.to_dict())))
+    assert again.score("quite the queen") == lm.score("quite the queen")
+
+
+def test_beam_search_with_the_lm_prefers_what_the_text_spells():
+    from bigmodel.models.charlm import CharLMConfig, CharNgramLM
+    from bigmodel.models.ctc import prefix_beam_decode
+
+    alphabet = ["<blank>", " ", "a", "e", "h", "t"]
+    # t, h, then a sound between "a" (0.55) and "e" (0.45): acoustically "tha", in English "the".
+    probs = np.full((5, 6), 1e-4)
+    for step, spread in enumerate([{5: 0.97}, {0: 0.97}, {4: 0.97}, {2: 0.55, 3: 0.43}, {0: 0.97}]):
+        for c, p in spread.items():
+            probs[step, c] = p
+    lp = torch.from_numpy(np.log(probs / probs.sum(1, keepdims=True)))[None].float()
+    n = torch.tensor([5])
+    lm = CharNgramLM.fit(["the hat", "at the heath", "the the"], CharLMConfig(order=3, weight=1.0, bonus=0.0))
+    assert prefix_beam_decode(lp, n, 8) == [[5, 4, 2]]  # tha
+    assert prefix_beam_decode(lp, n, 8, lm, alphabet) == [[5, 4, 3]]  # the
+    lm.weight = 0.0  # off: exactly the search without an LM
+    assert prefix_beam_decode(lp, n, 8, lm, alphabet) == [[5, 4, 2]]
 
 
 def test_greedy_decode_merges_repeats_and_drops_blanks():
@@ -193,7 +226,14 @@ def tones_asr(d: Path, epochs: int) -> Path:
             "features": {"n_mels": 16, "n_fft": 256, "win_length": 200, "hop_length": 80},
             "spec_augment": {"time_masks": 1, "time_width": 3},
         },
-        "model": {"name": "ctc-bilstm", "hidden_size": 48, "num_layers": 1, "conv_channels": 8, "dropout": 0.0},
+        "model": {
+            "name": "ctc-bilstm",
+            "hidden_size": 48,
+            "num_layers": 1,
+            "conv_channels": 8,
+            "dropout": 0.0,
+            "lm": {"order": 3},
+        },
         "train": {"epochs": epochs, "batch_size": 8, "optimizer": {"name": "adamw", "lr": 0.01}, "checkpoint_every": 6},
         "seed": 0,
     }
@@ -218,16 +258,46 @@ def test_evaluate_and_predict_through_the_cli(tones_asr_run):
     assert m["baseline_cer"] > 0.5 and len(m["examples"]) == 5
     pre = json.loads((d / "run" / "model" / "preprocess.json").read_text())
     assert pre["kind"] == "speech" and pre["labels"] == ["<blank>", "a", "b", "c"]
+    # the recipe's character LM is saved with the model, from the training transcripts, and fused into beam search
+    lm = json.loads((d / "run" / "model" / "lm.json").read_text())
+    assert lm["order"] == 3 and sorted(lm["vocab"][:-1]) == ["a", "b", "c"]
+    assert m["lm"] == {"order": 3, "weight": 0.5, "bonus": 1.0} and m["beam_cer_without_lm"] >= 0
+    off = api.evaluate(d / "run", beam_size=4, lm_weight=0.0)
+    assert "lm" not in off and off["beam_cer"] == m["beam_cer_without_lm"]
+    p = run_cli("evaluate", str(d / "run"), "--beam-size", "4", "--lm-weight", "0.3", check=True).stdout
+    assert "+ LM (order 3, weight 0.3, bonus 1)" in p and "without the LM" in p
     out = run_cli("predict", str(d / "run"), str(d / "0.flac"), str(d / "1.flac"), check=True).stdout.splitlines()
     assert [line.split("\t")[0] for line in out] == [str(d / "0.flac"), str(d / "1.flac")]
     p = run_cli("evaluate", str(d / "run"), check=True).stdout
     assert "CER" in p and "trivial baseline" in p and "ref:" in p
     p = run_cli("compress", str(d / "run"), "--method", "quantize", "--out", str(d / "q"))
     assert p.returncode != 0 and "speech recognition model" in p.stderr and "Traceback" not in p.stderr
+    plain = d / "plain"  # a model without an LM: the LM options are refused in one line
+    shutil.copytree(d / "run", plain)
+    (plain / "model" / "lm.json").unlink()
+    p = run_cli("evaluate", str(plain), "--beam-size", "2", "--lm-weight", "1")
+    assert p.returncode != 0 and "no language model" in p.stderr and "Traceback" not in p.stderr
     bad = d / "bad.flac"
     bad.write_bytes(b"fLaC" + b"\0" * 40)
     p = run_cli("predict", str(d / "run"), str(bad))
     assert p.returncode != 0 and str(bad) in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_kept_model_is_the_one_with_the_lowest_validation_cer(tones_asr_run):
+    import yaml
+
+    from bigmodel.config import validate_recipe
+    from bigmodel.errors import UserError
+
+    d = tones_asr_run
+    best = json.loads((d / "run" / "summary.json").read_text())["best"]
+    evals = [json.loads(line) for line in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+    cers = {e["epoch"]: e["cer"] for e in evals if e.get("split") == "val"}
+    assert best["monitor"] == "val_cer" and best["value"] == min(cers.values()) == cers[best["epoch"]]
+    recipe = yaml.safe_load((d / "recipe.yaml").read_text())
+    recipe["train"]["monitor"] = "val_accuracy"
+    with pytest.raises(UserError, match="speech recognition monitors val_cer, val_wer or val_loss"):
+        validate_recipe(recipe)
 
 
 @pytest.mark.slow
@@ -314,6 +384,8 @@ def test_onnx_export_of_a_ctc_model_takes_raw_waveforms(tones_asr_run, tmp_path)
     log_probs, out_lengths = sess.run(None, {"waveform": wave, "lengths": lengths})
     onnx_text = [decode_ids(ids, art.labels) for ids in greedy_decode(torch.from_numpy(log_probs), out_lengths)]
     assert onnx_text == art.transcribe(clips, beam_size=1)
+    # the bundle carries the character LM, so beam search over ONNX Runtime's output can use it as well
+    assert (tmp_path / "exp" / "lm.json").read_bytes() == (d / "run" / "model" / "lm.json").read_bytes()
 
 
 def test_serve_transcribes_uploads_and_refuses_what_it_cannot(tones_asr_run):

@@ -605,6 +605,8 @@ def evaluation(
     beam_size: int | None = None,
     limit: int | None = None,
     keep_outputs: bool = False,
+    lm_weight: float | None = None,
+    lm_bonus: float | None = None,
 ) -> Evaluation:
     """`evaluate`, returning the artifact and data it used and (`keep_outputs`, classifiers) the logits."""
     import torch
@@ -622,6 +624,8 @@ def evaluation(
                 beam_size=beam_size,
                 limit=limit,
                 keep_outputs=keep_outputs,
+                lm_weight=lm_weight,
+                lm_bonus=lm_bonus,
             )
         result.metrics["run_dir"] = str(run_dir)
         result.artifact.folder = Path(run_dir)
@@ -648,7 +652,8 @@ def evaluation(
         for batch in loader.epoch(0):
             task.eval_batch(art.inference_model, batch, sink)
     out = metrics.compute()
-    out.update(spec.evaluate_extra(art, data, split, decode=decode, beam_size=beam_size, limit=limit))
+    extra = {"lm_weight": lm_weight, "lm_bonus": lm_bonus} if (lm_weight, lm_bonus) != (None, None) else {}
+    out.update(spec.evaluate_extra(art, data, split, decode=decode, beam_size=beam_size, limit=limit, **extra))
     result = Evaluation({"run_dir": str(run_dir), "split": split, **out}, recipe, art, data)
     if keep:
         assert isinstance(sink, _Recorder)
@@ -666,12 +671,17 @@ def evaluate(
     beam_size: int | None = None,
     limit: int | None = None,
     baseline: bool = True,
+    lm_weight: float | None = None,
+    lm_bonus: float | None = None,
 ) -> dict[str, Any]:
     """Metrics of the run's saved model on `split` of the run's own data (rebuilt from its recipe and seed).
     Language models: loss and perplexity. Translation: also BLEU and chrF of decoded translations (`decode`; beam
     search with `beam_size`, default the model's; `limit` = only the first N pairs). Classifiers trained with
-    `train.baseline`: `baseline` holds the classic baseline's metrics on the same split (fitted by `train`)."""
-    metrics = evaluation(run_dir, split, batch_size, decode=decode, beam_size=beam_size, limit=limit).metrics
+    `train.baseline`: `baseline` holds the classic baseline's metrics on the same split (fitted by `train`).
+    Speech recognition: CER / WER (greedy), with `beam_size` > 1 also beam search, fused with the model's character
+    LM when it has one (`lm_weight` / `lm_bonus` override its settings; weight 0 turns it off)."""
+    options = {"beam_size": beam_size, "limit": limit, "lm_weight": lm_weight, "lm_bonus": lm_bonus}
+    metrics = evaluation(run_dir, split, batch_size, decode=decode, **options).metrics
     if baseline:
         stored = stored_baseline(run_dir, split)
         if stored is not None:

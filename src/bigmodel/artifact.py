@@ -2,7 +2,8 @@
 
 `model/` holds `model.safetensors` (or a runtime's own file, e.g. `model.onnx`), `config.json` (task, model name and
 options, input shape, format version; it rebuilds the model), `preprocess.json` (label names, normalisation, input
-description, kind) and, for token models, `tokenizer.json` (+ `target_tokenizer.json`). No pickle anywhere.
+description, kind), for token models `tokenizer.json` (+ `target_tokenizer.json`) and, for speech recognition with
+a language model, `lm.json` (n-gram counts). No pickle anywhere.
 
 Loading rebuilds the model from the registry and its weights; artifacts written by other runtimes (ONNX Runtime
 graphs, int8 kernels) are loaded by the runtime named in `config.json`, which registers itself
@@ -79,6 +80,7 @@ class Preprocess:
     kind: str = "image"  # image | sequence | text | lm | translation
     tokenizer: Any = field(default=None, repr=False, compare=False)  # a `tokenizers.Tokenizer` (text)
     target_tokenizer: Any = field(default=None, repr=False, compare=False)  # translation with separate vocabularies
+    lm: Any = field(default=None, repr=False, compare=False)  # speech: a `CharNgramLM` for beam search (`lm.json`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,6 +138,8 @@ def save_artifact(
         (tmp / "tokenizer.json").write_text(preprocess.tokenizer.to_str(), encoding="utf-8")
     if preprocess.target_tokenizer is not None:
         (tmp / "target_tokenizer.json").write_text(preprocess.target_tokenizer.to_str(), encoding="utf-8")
+    if preprocess.lm is not None:
+        preprocess.lm.save(tmp)
     if folder.exists():
         shutil.rmtree(folder)
     os.rename(tmp, folder)
@@ -178,6 +182,10 @@ class Artifact:
             self.preprocess.tokenizer = load_tokenizer(folder / "tokenizer.json")
             if (folder / "target_tokenizer.json").is_file():
                 self.preprocess.target_tokenizer = load_tokenizer(folder / "target_tokenizer.json")
+        if (folder / "lm.json").is_file():  # speech recognition with a character LM
+            from bigmodel.models.charlm import CharNgramLM
+
+            self.preprocess.lm = CharNgramLM.load(folder / "lm.json")
         model_cfg = dict(self.config["model"])
         name = model_cfg.pop("name")
         entry = get_model(name)
@@ -445,7 +453,8 @@ class Artifact:
 
     def transcribe(self, audio: list[Any], *, beam_size: int | None = None) -> list[str]:
         """Transcripts of a speech recognition model for `audio`: file paths (WAV/FLAC/Ogg/MP3, any rate, any
-        channels) or mono float arrays at the model's rate. `beam_size` 1 = greedy; default: the model's."""
+        channels) or mono float arrays at the model's rate. `beam_size` 1 = greedy; default: the model's. Beam search
+        uses the model's character LM when it has one (`lm.json`)."""
         import numpy as np
 
         from bigmodel.data.audio import read_audio

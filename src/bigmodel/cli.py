@@ -177,21 +177,36 @@ def evaluate(
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Translation: decode only the first N pairs.")
     ] = None,
+    lm_weight: Annotated[
+        float | None,
+        typer.Option("--lm-weight", min=0.0, help="Speech: the character LM's weight in beam search (0 = off)."),
+    ] = None,
+    lm_bonus: Annotated[
+        float | None, typer.Option("--lm-bonus", help="Speech: the per-character bonus in beam search with the LM.")
+    ] = None,
     key_file: KeyFile = None,
 ) -> None:
     """Classifiers: accuracy, precision/recall/F1 and the confusion matrix. Language models: loss and perplexity.
-    Translation: loss, perplexity, BLEU and chrF (sacrebleu)."""
+    Translation: loss, perplexity, BLEU and chrF (sacrebleu). Speech recognition: CER and WER (greedy; with
+    --beam-size, beam search, with the model's character LM when it has one)."""
     _use_key(key_file)
     from bigmodel import api
 
-    m = api.evaluate(run_dir, split=split, beam_size=beam_size, limit=limit)
+    m = api.evaluate(run_dir, split=split, beam_size=beam_size, limit=limit, lm_weight=lm_weight, lm_bonus=lm_bonus)
     if as_json:
         _echo_json(m)
         return
     if "cer" in m:  # speech recognition
         line = f"{split}: CER {m['cer']:.4f}  WER {m['wer']:.4f}  loss {m['loss']:.4f}  ({m['num_examples']} clips)"
         if "beam_cer" in m:
-            line += f"\nbeam {m['beam_size']}: CER {m['beam_cer']:.4f}  WER {m['beam_wer']:.4f}"
+            lm = m.get("lm")
+            with_lm = f" + LM (order {lm['order']}, weight {lm['weight']:g}, bonus {lm['bonus']:g})" if lm else ""
+            line += f"\nbeam {m['beam_size']}{with_lm}: CER {m['beam_cer']:.4f}  WER {m['beam_wer']:.4f}"
+            if lm:
+                line += (
+                    f"\nbeam {m['beam_size']} without the LM: CER {m['beam_cer_without_lm']:.4f}"
+                    f"  WER {m['beam_wer_without_lm']:.4f}"
+                )
         line += f"\ntrivial baseline: CER {m['baseline_cer']:.4f}  WER {m['baseline_wer']:.4f}"
         for e in m.get("examples", []):
             line += f"\n  {e['file']}\n    ref: {e['reference']}\n    hyp: {e['hypothesis']}"

@@ -478,6 +478,9 @@ class DistributedConfig(Strict):
     bigmodel's all-reduce BatchNorm elsewhere (gloo on CPU). Off: each process normalises with its own share."""
 
 
+LOWER_IS_BETTER = ("val_loss", "val_cer", "val_wer")
+
+
 class TrainConfig(Strict):
     epochs: Annotated[int, Field(ge=1, le=100_000)] | Literal["auto"] = 10
     """Passes over the training split. `auto`: the fewest whole passes that reach `min_steps` optimizer steps (at
@@ -501,7 +504,9 @@ class TrainConfig(Strict):
     grad_clip: Annotated[float, Field(gt=0.0)] | None = None
     """Clip the global gradient norm to this value."""
     monitor: str = "val_accuracy"
-    """The validation metric for early stopping and best-model selection: val_loss, val_accuracy, val_macro_f1."""
+    """The validation metric for early stopping and best-model selection: val_loss, val_accuracy, val_macro_f1
+    (classifiers); speech recognition: val_cer (its default), val_wer, val_loss. Loss and error rates: lower is
+    better."""
     early_stopping: EarlyStoppingConfig | None = None
     select_best: bool = True
     """Keep the weights of the best evaluation of `monitor` (else the last)."""
@@ -551,7 +556,15 @@ class TrainConfig(Strict):
     @field_validator("monitor")
     @classmethod
     def _monitor(cls, v: str) -> str:
-        allowed = ("val_loss", "val_accuracy", "val_macro_f1", "val_macro_precision", "val_macro_recall")
+        allowed = (
+            "val_loss",
+            "val_accuracy",
+            "val_macro_f1",
+            "val_macro_precision",
+            "val_macro_recall",
+            "val_cer",
+            "val_wer",
+        )
         if v not in allowed:
             raise ValueError(f"unknown metric {v!r}; expected one of: {', '.join(allowed)}")
         return v

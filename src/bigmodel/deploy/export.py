@@ -6,8 +6,8 @@ The task spec says what the graph takes (`TaskSpec.export_signature`): an image 
 standardised features (B, T, F) or token ids (B, T), exactly what `Artifact.prepare_sequences` / `encode_texts`
 produce. Tables take raw numbers (B, Fn) and category indices (B, Fc), standardised inside; `preprocess.json` (the
 vocabularies) and `tokenizer.json` travel in the bundle. The bundle (the edge bundle) holds the model file,
-`preprocess.json`, `labels.json`, `config.json`, `tokenizer.json` (text) and `export.json` (format, inputs, the
-parity figures).
+`preprocess.json`, `labels.json`, `config.json`, `tokenizer.json` (text), `lm.json` (speech with a character LM) and
+`export.json` (format, inputs, the parity figures).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def export(
         "export_time_s": round(export_s, 3),
     }
     folder = artifact_dir(src)
-    for name in ("preprocess.json", "config.json", "tokenizer.json"):
+    for name in ("preprocess.json", "config.json", "tokenizer.json", "lm.json"):
         if (folder / name).is_file():
             shutil.copy2(folder / name, tmp / name)
     (tmp / "labels.json").write_text(json.dumps(art.labels, indent=2) + "\n", encoding="utf-8")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigmodel.config import TrainConfig
+from bigmodel.config import LOWER_IS_BETTER, TrainConfig
 from bigmodel.errors import TrainingDiverged, UserError
 from bigmodel.fileio import write_text_atomic
 from bigmodel.models.base import SolvedClassifier
@@ -172,7 +172,7 @@ class Trainer:
         self._t_start = time.perf_counter()
         self._elapsed_before = 0.0  # training time before a resume (from the checkpoint)
         self._elapsed_total = 0.0  # training time of all `fit` calls so far, resumed time included
-        self._higher_better = cfg.monitor != "val_loss"
+        self._higher_better = cfg.monitor not in LOWER_IS_BETTER
         self._stop = False
         self._limit = False
         self._multi = get_world_size() > 1
