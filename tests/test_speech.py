@@ -296,7 +296,7 @@ def test_the_kept_model_is_the_one_with_the_lowest_validation_cer(tones_asr_run)
     assert best["monitor"] == "val_cer" and best["value"] == min(cers.values()) == cers[best["epoch"]]
     recipe = yaml.safe_load((d / "recipe.yaml").read_text())
     recipe["train"]["monitor"] = "val_accuracy"
-    with pytest.raises(UserError, match="speech recognition monitors val_cer, val_wer or val_loss"):
+    with pytest.raises(UserError, match="speech_recognition monitors val_cer or val_wer or val_loss"):
         validate_recipe(recipe)
 
 

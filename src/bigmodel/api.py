@@ -652,8 +652,8 @@ def evaluation(
         for batch in loader.epoch(0):
             task.eval_batch(art.inference_model, batch, sink)
     out = metrics.compute()
-    extra = {"lm_weight": lm_weight, "lm_bonus": lm_bonus} if (lm_weight, lm_bonus) != (None, None) else {}
-    out.update(spec.evaluate_extra(art, data, split, decode=decode, beam_size=beam_size, limit=limit, **extra))
+    options = {"decode": decode, "beam_size": beam_size, "limit": limit, "lm_weight": lm_weight, "lm_bonus": lm_bonus}
+    out.update(spec.evaluate_extra(art, data, split, **options))
     result = Evaluation({"run_dir": str(run_dir), "split": split, **out}, recipe, art, data)
     if keep:
         assert isinstance(sink, _Recorder)

@@ -9,6 +9,7 @@ offsets the LM's pull towards short outputs. The sentence end is scored at the l
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -76,6 +77,15 @@ class CharNgramLM:
             counts[k] = {h: dict(nx) for h, nx in level.items()}
         vocab = sorted({c for t in texts for c in t}) + [EOS]
         return cls(n, vocab, counts, weight=cfg.weight, bonus=cfg.bonus, discount=cfg.discount)
+
+    def with_settings(self, weight: float | None = None, bonus: float | None = None) -> CharNgramLM:
+        """This LM (the same counts and cache) with another weight / bonus where given."""
+        if weight is None and bonus is None:
+            return self
+        other = copy.copy(self)
+        other.weight = self.weight if weight is None else float(weight)
+        other.bonus = self.bonus if bonus is None else float(bonus)
+        return other
 
     def prob(self, history: str, c: str) -> float:
         """P(c | history); `history` is the text so far (only its last order-1 characters count, BOS-padded)."""

@@ -118,11 +118,12 @@ class TaskSpec(ABC):
         if recipe.train.early_stopping is not None and not data.may_have_val_split():
             raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
 
-    def monitor_val_loss(self, recipe: Any) -> None:
+    def monitor_val_loss(self, recipe: Any, allowed: tuple[str, ...] = ("val_loss",)) -> None:
+        """Set `train.monitor` to `allowed[0]` unless the recipe names one; refuse any other than `allowed`."""
         if "monitor" not in recipe.train.model_fields_set:
-            recipe.train.monitor = "val_loss"
-        elif recipe.train.monitor != "val_loss":
-            raise ValueError(f"train.monitor {recipe.train.monitor!r}: generative tasks monitor val_loss")
+            recipe.train.monitor = allowed[0]
+        elif recipe.train.monitor not in allowed:
+            raise ValueError(f"train.monitor {recipe.train.monitor!r}: {self.name} monitors {' or '.join(allowed)}")
 
     # ---------------------------------------------------------------------------------------------------- data
 

@@ -89,9 +89,8 @@ class CTCTask:
 
     name = "speech_recognition"
 
-    def __init__(self, alphabet: list[str], beam_size: int | None = None) -> None:
+    def __init__(self, alphabet: list[str]) -> None:
         self.alphabet = alphabet
-        self.beam_size = beam_size
 
     def loss(self, model: nn.Module, batch: tuple[Any, Any]) -> torch.Tensor:
         from bigmodel.models.ctc import ctc_loss
@@ -107,13 +106,13 @@ class CTCTask:
         return [decode_ids(row.tolist(), self.alphabet) for row in targets.cpu()]
 
     def eval_batch(self, model: nn.Module, batch: tuple[Any, Any], metrics: SpeechMetrics) -> None:
-        from bigmodel.models.ctc import ctc_loss, decode
+        from bigmodel.models.ctc import ctc_loss, greedy_decode
 
         x, targets = batch
         log_probs, out_lengths = model(*x)
         loss = ctc_loss(log_probs.float(), out_lengths, targets, (targets != 0).sum(dim=1), reduction="sum")
-        beam = self.beam_size or 1  # validation while training is greedy; `evaluate` adds beam search (and the LM)
-        hyps = [decode_ids(ids, self.alphabet) for ids in decode(log_probs, out_lengths, beam)]
+        # Greedy: validation while training stays cheap; `evaluate` adds beam search (and the LM).
+        hyps = [decode_ids(ids, self.alphabet) for ids in greedy_decode(log_probs, out_lengths)]
         metrics.update(loss.detach(), self.references(targets), hyps)
 
 
@@ -159,12 +158,7 @@ class SpeechRecognition(TaskSpec):
             raise ValueError("eval.tta_flip applies to image_classification only")
         # The best model is the one that transcribes best: CTC's validation loss turns up while the error rate
         # still falls (measured: the loss was lowest at epoch 7 of 16, at 12.8% CER against 11.0% at the end).
-        if "monitor" not in recipe.train.model_fields_set:
-            recipe.train.monitor = "val_cer"
-        elif recipe.train.monitor not in ("val_cer", "val_wer", "val_loss"):
-            raise ValueError(
-                f"train.monitor {recipe.train.monitor!r}: speech recognition monitors val_cer, val_wer or val_loss"
-            )
+        self.monitor_val_loss(recipe, ("val_cer", "val_wer", "val_loss"))
         if recipe.train.early_stopping is not None and not recipe.data.may_have_val_split():
             raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
 
@@ -232,14 +226,14 @@ class SpeechRecognition(TaskSpec):
         beam = options.get("beam_size") or _beam(art.model)
         n = len(s) if options.get("limit") is None else min(len(s), int(options["limit"]))
         lm = self.language_model(art, options.get("lm_weight"), options.get("lm_bonus"))
-        clips = [s.clip(i) for i in range(n)]
-        hyps = self.transcribe(art, clips, beam, lm=lm)
+        outputs = self.outputs(art, [s.clip(i) for i in range(n)])
+        hyps = self.decode(art, outputs, beam, lm)
         if beam > 1:
             ce, cn, we, wn = edit_counts(refs[:n], hyps)
             out.update({"beam_size": beam, "beam_cer": ce / max(cn, 1), "beam_wer": we / max(wn, 1)})
             if lm is not None:
                 out["lm"] = {"order": lm.order, "weight": lm.weight, "bonus": lm.bonus}
-                ce, cn, we, wn = edit_counts(refs[:n], self.transcribe(art, clips, beam, lm=None))
+                ce, cn, we, wn = edit_counts(refs[:n], self.decode(art, outputs, beam, None))
                 out.update({"beam_cer_without_lm": ce / max(cn, 1), "beam_wer_without_lm": we / max(wn, 1)})
         out["examples"] = [{"file": s.names[i], "reference": refs[i], "hypothesis": hyps[i]} for i in range(min(5, n))]
         return out
@@ -253,39 +247,29 @@ class SpeechRecognition(TaskSpec):
             if weight or bonus is not None:
                 raise UserError("--lm-weight / --lm-bonus: this model has no language model (recipe: model.lm)")
             return None
-        if weight is not None or bonus is not None:
-            from bigmodel.models.charlm import CharNgramLM
-
-            lm = CharNgramLM(
-                lm.order,
-                lm.vocab,
-                lm.counts,
-                weight=lm.weight if weight is None else weight,
-                bonus=lm.bonus if bonus is None else bonus,
-                discount=lm.discount,
-            )
+        lm = lm.with_settings(weight, bonus)
         return lm if lm.weight > 0 else None
 
     # ------------------------------------------------------------------------------------------- prediction
     inputs = "files"
 
-    def transcribe(
-        self, art: Any, clips: list[np.ndarray], beam_size: int | None = None, lm: Any = "model"
-    ) -> list[str]:
-        """Mono clips at the model's rate → text (one clip per forward: no padding, any length). Beam search uses
-        the model's LM (`lm="model"`), another `CharNgramLM`, or none (`lm=None`)."""
+    def transcribe(self, art: Any, clips: list[np.ndarray], beam_size: int | None = None) -> list[str]:
+        """Mono clips at the model's rate → text (one clip per forward: no padding, any length); beam search uses
+        the model's character LM when it has one."""
+        return self.decode(art, self.outputs(art, clips), beam_size or _beam(art.model), self.language_model(art))
+
+    @staticmethod
+    def outputs(art: Any, clips: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(log-probabilities, valid steps) of each clip."""
+        with torch.inference_mode():
+            waves = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))[None] for c in clips]
+            return [art.model(w, torch.tensor([w.shape[1]])) for w in waves]
+
+    @staticmethod
+    def decode(art: Any, outputs: list[tuple[torch.Tensor, torch.Tensor]], beam: int, lm: Any) -> list[str]:
         from bigmodel.models.ctc import decode
 
-        beam = beam_size or _beam(art.model)
-        if isinstance(lm, str):
-            lm = self.language_model(art)
-        out = []
-        with torch.inference_mode():
-            for c in clips:
-                wave = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))[None]
-                log_probs, lengths = art.model(wave, torch.tensor([wave.shape[1]]))
-                out.append(decode_ids(decode(log_probs, lengths, beam, lm, art.labels)[0], art.labels))
-        return out
+        return [decode_ids(decode(lp, n, beam, lm, art.labels)[0], art.labels) for lp, n in outputs]
 
     def predict(
         self, art: Any, files: list[str | Path] | None, texts: list[str] | None, top_k: int
