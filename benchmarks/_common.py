@@ -12,7 +12,7 @@ from typing import Any
 def environment() -> dict[str, Any]:
     import torch
 
-    from bigmodel.training.trainer import cpu_has_native_bf16
+    from bigmodel.training.trainer import cpu_has_native_bf16, isa_caps
 
     return {
         "python": platform.python_version(),
@@ -22,6 +22,7 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_isa_caps": isa_caps(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 

@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------- decoding
-def decode_speed(shape: dict[str, int], batch: int, new_tokens: int, repeats: int) -> dict[str, float]:
+def decode_speed(
+    shape: dict[str, int], batch: int, new_tokens: int, repeats: int, device: str = "cpu"
+) -> dict[str, float]:
     import torch
     import transformers
 
@@ -64,15 +66,20 @@ def decode_speed(shape: dict[str, int], batch: int, new_tokens: int, repeats: in
         )
     ).eval()
     copy_gpt_to_hf(ours, hf)
-    prompt = torch.randint(0, cfg.vocab_size, (batch, 16))
+    ours, hf = ours.to(device), hf.to(device)
+    prompt = torch.randint(0, cfg.vocab_size, (batch, 16)).to(device)
     mask = torch.ones_like(prompt)
 
     def timed(fn: Any) -> float:
         fn()  # warm-up
         times = []
         for _ in range(repeats):
+            if prompt.is_cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = fn()
+            if prompt.is_cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             assert out.shape[1] == 16 + new_tokens, out.shape
         return batch * new_tokens / statistics.median(times)

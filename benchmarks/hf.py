@@ -86,13 +86,14 @@ def throughput(records: list[dict[str, Any]], batch: int) -> float:
     return (last["step"] - first["step"]) * batch / (last["time"] - first["time"])
 
 
-def train_ours(steps: int) -> dict[str, Any]:
+def train_ours(steps: int, overrides: list[str] | None = None) -> dict[str, Any]:
     from bigmodel.api import train
     from bigmodel.config import load_recipe
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(
-            ROOT / "recipes" / "tweets_minilm.yaml", [f"train.max_steps={steps}", "train.log_every=10"]
+            ROOT / "recipes" / "tweets_minilm.yaml",
+            [f"train.max_steps={steps}", "train.log_every=10", "train.baseline=false", *(overrides or [])],
         )
         res = train(recipe, out=Path(tmp) / "run", progress=False)
         records = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -4,9 +4,10 @@ hand-written PyTorch loop, in the same process, alternating rounds; prints sampl
     python benchmarks/trainer_overhead.py [--steps 200] [--rounds 3] [--json]
 
 Both sides: cnn-small on Fashion-MNIST (random uint8 images of the same shape when it is not installed), batch 256,
-AdamW + one-cycle, bf16 autocast and channels_last where the CPU supports them, flip augmentation. The Trainer side
-includes everything a real run does (schedule, finiteness checks, logging to metrics.jsonl, the epoch-end
-checkpoint); evaluation is off on both sides.
+AdamW + one-cycle (fused on CUDA), bf16 autocast where the device has it natively, channels_last, flip augmentation,
+the data kept on the device (`train.device` picks it: CUDA when there is one). The Trainer side includes everything
+a real run does (schedule, finiteness checks, logging to metrics.jsonl, the epoch-end checkpoint); evaluation is off
+on both sides.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from bigmodel.config import load_recipe  # noqa: E402
 from bigmodel.data import standard  # noqa: E402
 from bigmodel.data.split import mix_seed  # noqa: E402
 from bigmodel.models import build_model  # noqa: E402
-from bigmodel.training.trainer import cpu_has_native_bf16  # noqa: E402
+from bigmodel.training.trainer import resolve_precision  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,8 +52,10 @@ def run_trainer(recipe, exp, run_dir: Path) -> float:
     torch.manual_seed(0)
     model = build_model(recipe.model.name, recipe.model.options, exp.data.input_shape, len(exp.data.labels))
     trainer = exp.trainer(run_dir=run_dir, model=model, validate=False)
+    sync(exp.device)
     t0 = time.perf_counter()
     state = trainer.fit()
+    sync(exp.device)
     return state.samples_seen / (time.perf_counter() - t0)
 
 
@@ -60,41 +63,49 @@ def run_hand_loop(recipe, exp) -> float:
     """What a careful user writes by hand: index, normalise, flip, autocast, step, schedule."""
     torch.manual_seed(0)
     model = build_model(recipe.model.name, recipe.model.options, exp.data.input_shape, len(exp.data.labels))
-    model = model.to(memory_format=torch.channels_last)
+    dev = exp.device
+    model = model.to(dev, memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     cfg = recipe.train
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.optimizer.lr,
-        foreach=True,
+        **({"fused": True} if dev.type == "cuda" else {"foreach": True}),
     )
-    x_all, y_all = exp.data.train.x, exp.data.train.y
+    x_all, y_all = exp.data.train.x.to(dev), exp.data.train.y.to(dev)  # data kept on the device, as the Trainer does
     B = cfg.batch_size
     steps = len(y_all) // B
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.optimizer.lr, total_steps=steps, pct_start=cfg.schedule.pct_start
     )
-    mean = torch.tensor(exp.preprocess.mean).view(1, -1, 1, 1)
-    std = torch.tensor(exp.preprocess.std).view(1, -1, 1, 1)
-    use_bf16 = exp.device.type == "cpu" and cpu_has_native_bf16()
+    mean = torch.tensor(exp.preprocess.mean, device=dev).view(1, -1, 1, 1)
+    std = torch.tensor(exp.preprocess.std, device=dev).view(1, -1, 1, 1)
+    amp = resolve_precision(cfg.precision, dev)  # what the Trainer picks: bf16 on native-bf16 CPUs and on GPUs
     model.train()
+    sync(dev)
     t0 = time.perf_counter()
-    perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(0)).to(dev)
     for i in range(steps):
         idx = perm[i * B : (i + 1) * B]
         x, y = x_all[idx], y_all[idx]
         g = torch.Generator().manual_seed(mix_seed(0, 0, i))
-        flip = torch.rand(B, generator=g) < 0.5
+        flip = (torch.rand(B, generator=g) < 0.5).to(dev)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         x = ((x.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
+    sync(dev)
     return steps * B / (time.perf_counter() - t0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -116,3 +116,36 @@ def test_ctc_json():
         "benchmarks/ctc.py", "--batch", "2", "--steps", "8", "--hidden", "8", "--layers", "1", "--rounds", "1", "--json"
     )
     assert out["packed_step_s"] > 0 and out["unpacked_speedup_ratio"] > 0
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_gpu_check_runs_its_code_on_cpu():
+    """benchmarks/gpu.py: every part's code path at toy sizes on the CPU (no GPU here; nothing is faked as one)."""
+    out = run_bench("benchmarks/gpu.py", "--device", "cpu", "--quick", "--json")
+    assert out["failed_parts"] == [] and out["device"] == "cpu"
+    for key in ("compile_vs_eager_ratio", "trainer_vs_hand_loop_ratio", "gpt_train_tokens_per_s"):
+        assert out[key] > 0, key
+    assert out["kv_vs_hf_generate_b1_ratio"] > 0 and out["kv_vs_hf_generate_b32_ratio"] > 0
+    assert out["decode"]["b32"]["same_tokens"]  # our KV-cached greedy decode = transformers' on the same weights
+    assert 0 <= out["quickstart"]["compiled"]["test_accuracy"] <= 1
+    assert "minilm_train_samples_per_s" in out or "skipped" in out["minilm"]
+
+
+def test_gpu_check_without_cuda_measures_nothing():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run for minutes")
+    out = run_bench("benchmarks/gpu.py", "--json")
+    assert "no CUDA device" in out["skipped"] and "quickstart" not in out
+
+
+@needs_fashion
+def test_quickstart_as_avx2_caps_the_kernels():
+    out = run_bench(
+        "benchmarks/quickstart.py", "train.epochs=1", "data.limit_train=256", "--as-avx2", "--seeds", "0", "--json"
+    )
+    env = out["environment"]
+    assert env["cpu_native_bf16"] is False and env["cpu_isa_caps"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert env["cpu_capability"] in ("AVX2", "DEFAULT", "NO AVX")  # never above AVX2

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -221,3 +224,37 @@ def test_step_and_time_limits_stop_evaluate_and_checkpoint(limit, tmp_path):
     val = [r for r in records if r["split"] == "val"]
     assert val and val[-1]["step"] == expected  # evaluated on the way out
     assert (res.run_dir / "checkpoints" / f"step-{expected:08d}").is_dir()
+
+
+def test_bf16_is_not_native_when_kernels_are_capped_below_avx512():
+    """An AVX-512-BF16 machine running with AVX2 kernels (as an AVX2-only CPU does) emulates bf16 at ~1/10 of fp32's
+    speed: `precision: auto` must then pick fp32, and the run's environment must say the caps were set."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, torch; from bigmodel.training.trainer import cpu_has_native_bf16, isa_caps, resolve_precision;"
+        "print(json.dumps([cpu_has_native_bf16(), str(resolve_precision('auto', torch.device('cpu'))), isa_caps()]))"
+    )
+    for env in ({"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, check=True
+        )
+        native, dtype, caps = json.loads(out.stdout)
+        assert native is False and dtype == "None" and caps == env
+
+
+@pytest.mark.slow
+def test_compile_trains_the_plain_module(tmp_path):
+    """`train.compile`: the loss goes through torch.compile; checkpoints and best weights hold the plain module."""
+    t = make_trainer(run_dir=tmp_path, **{"train.compile": True, "train.epochs": 2})
+    assert t.train_model is not t.model and type(t.model).__name__ == "ImageClassifier"
+    before = t.evaluate(t.val_loader)["loss"]
+    t.fit()
+    assert t.evaluate(t.val_loader)["loss"] < before * 0.7
+    assert not any("_orig_mod" in k for k in t.best_weights)
+    from safetensors.torch import load_file
+
+    assert t.last_checkpoint is not None
+    saved = load_file(t.last_checkpoint / "model.safetensors")
+    assert saved.keys() == t.model.state_dict().keys()

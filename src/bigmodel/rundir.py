@@ -31,7 +31,7 @@ def environment(device: str, seed: int) -> dict[str, Any]:
     import torch
 
     import bigmodel
-    from bigmodel.training.trainer import cpu_has_native_bf16
+    from bigmodel.training.trainer import cpu_has_native_bf16, isa_caps
 
     return {
         "bigmodel": bigmodel.__version__,
@@ -44,6 +44,7 @@ def environment(device: str, seed: int) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_isa_caps": isa_caps(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "device": device,
         "git_sha": git_sha(),

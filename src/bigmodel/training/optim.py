@@ -35,13 +35,24 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optim
             {"params": no_decay, "weight_decay": 0.0},
         ]
     groups = [g for g in groups if g["params"]]
-    # foreach=True: one fused kernel launch per group instead of one per tensor (the default picks it only on CUDA).
+    # foreach=True: one kernel launch per group instead of one per tensor (the default picks it only on CUDA).
+    # On CUDA, Adam(W) takes the fused kernel (one launch for the whole update) where every parameter allows it.
     if cfg.name == "sgd":
         momentum = 0.9 if cfg.momentum is None else cfg.momentum
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=cfg.nesterov, foreach=True)
+    fast: dict[str, bool] = {"fused": True} if _fusable(groups) else {"foreach": True}
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fast)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fast)
+
+
+def _fusable(groups: list[dict]) -> bool:
+    """Plain floating-point CUDA tensors only (sharded DTensors and CPU tensors keep the foreach path)."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(
+        p.is_cuda and type(p.data) is torch.Tensor and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        for p in params
+    )
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,13 +51,45 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# oneDNN ISA caps (`ONEDNN_MAX_CPU_ISA`) under which its bf16 kernels still run natively.
+_ONEDNN_BF16_ISAS = {
+    "ALL",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+}
+
+
+ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_caps() -> dict[str, str]:
+    """The environment variables set in this process that cap the CPU instruction sets kernels use (they make an
+    AVX-512 machine run as an AVX2-only one; every speed figure should say whether they were set)."""
+    return {k: os.environ[k] for k in ISA_CAP_VARIABLES if os.environ.get(k)}
+
+
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls/convs run natively (here ~2x fp32 for convnets); else bf16 is emulated."""
+    """AVX-512 BF16 or AMX: bf16 matmuls/convs run natively (here ~2x fp32 for convnets); else bf16 is emulated.
+
+    The hardware flag is not enough: a process whose kernels are capped below AVX-512 (`ATEN_CPU_CAPABILITY=avx2`,
+    `ONEDNN_MAX_CPU_ISA=AVX2`, as on an AVX2-only CPU or when emulating one) emulates bf16 too, at ~1/10 of fp32's
+    speed for a small convnet."""
     cpu = torch.cpu
-    return bool(
+    hardware = bool(
         getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
         or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
     )
+    if not hardware or torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).strip().upper()
+    return cap in _ONEDNN_BF16_ISAS
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -144,6 +177,9 @@ class Trainer:
             model, lambda m: build_optimizer(cfg.optimizer, m), train_loader
         )
         self.model = self.strategy.unwrap(self.train_model)
+        if cfg.compile:
+            # Shares the parameters; only the loss is computed through the compiled graph.
+            self.train_model = torch.compile(self.train_model)
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.run_dir = Path(run_dir) if run_dir is not None else None
