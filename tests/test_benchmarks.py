@@ -149,3 +149,10 @@ def test_quickstart_as_avx2_caps_the_kernels():
     env = out["environment"]
     assert env["cpu_native_bf16"] is False and env["cpu_isa_caps"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     assert env["cpu_capability"] in ("AVX2", "DEFAULT", "NO AVX")  # never above AVX2
+
+
+@needs_fashion
+def test_data_benchmark_json():
+    out = run_bench("benchmarks/data.py", "--enlarge", "2", "--epochs", "2", "--limit-train", "512", "--json")
+    assert out["on_disk"]["on_disk"] and not out["in_memory"]["on_disk"] and out["train_images"] == 1024
+    assert len(out["on_disk"]["rss_mb_per_epoch"]) == 2 and out["disk_vs_memory_speed_ratio"] > 0

@@ -906,6 +906,32 @@ def data_scan(
         typer.echo(f"  e.g. {e}")
 
 
+@data_app.command("prepare")
+def data_prepare(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="An image_classification recipe.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
+    out: Annotated[Path, typer.Option("--out", help="The folder to write (must not exist, or be empty).")] = Path(
+        "data/shards"
+    ),
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard file.")] = 10_000,
+) -> None:
+    """Write the recipe's data (its train / val / test splits, carved with its seed) as shards on disk; train on
+    them with `data.source=shards data.path=OUT`."""
+    from bigmodel.config import load_recipe
+    from bigmodel.data.shards import write_shards
+    from bigmodel.data.sources import load_data
+
+    recipe = load_recipe(recipe_path, overrides or [])
+    if recipe.task != "image_classification":
+        raise UserError(f"{recipe_path}: task {recipe.task!r}: data prepare writes image_classification data so far")
+    assert recipe.data is not None
+    data = load_data(recipe.data, recipe.seed)  # type: ignore[arg-type]
+    index = write_shards(data, out, shard_size)
+    sizes = ", ".join(f"{k} {v['count']:,} in {len(v['shards'])} shards" for k, v in index["splits"].items())
+    typer.echo(f"{out}: {sizes}; train with data.source=shards data.path={out}", err=True)
+    typer.echo(str(out))
+
+
 # --------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     try:

@@ -210,6 +210,8 @@ class _ImageSource(Strict):
     def _image_checks(self) -> None:
         source = getattr(self, "source", None)
         path = getattr(self, "path", None)
+        if source == "shards" and path is None:
+            raise ValueError("data.path is required when data.source is 'shards' (a folder from bigmodel data prepare)")
         if source == "image_folder" and path is None:
             raise ValueError("data.path is required when data.source is 'image_folder' (ROOT/<split>/<class>/*.png)")
         if source == "image_csv" and path is None:
@@ -230,14 +232,19 @@ class ImageDataConfig(_Split, _Labels, _ImageSource):
     """`data` of `task: image_classification`."""
 
     TASK: ClassVar[str] = "image_classification"
-    SOURCES: ClassVar[tuple[str, ...]] = IMAGE_SOURCES
+    SOURCES: ClassVar[tuple[str, ...]] = (*IMAGE_SOURCES, "shards")
 
     source: str
     """`fashion_mnist`, `mnist`, `kmnist`, `cifar10`, `cifar100` (IDX / CIFAR binary: the OS package copy, a cache
-    or a download), `digits` (scikit-learn), `image_folder`, `image_csv`."""
+    or a download), `digits` (scikit-learn), `image_folder`, `image_csv`, `shards` (a folder made by `bigmodel data
+    prepare`)."""
     path: Path | None = None
-    """`image_folder`: the ROOT of `ROOT/<split>/<class>/*.png`; `image_csv`: the CSV file; the standard sets: a folder
-    with their files (CIFAR: or the .tar.gz), instead of the OS package copy / cache / download."""
+    """`image_folder`: the ROOT of `ROOT/<split>/<class>/*.png`; `image_csv`: the CSV file; `shards`: the prepared
+    folder; the standard sets: a folder with their files (CIFAR: or the .tar.gz), instead of the OS package copy /
+    cache / download."""
+    in_memory_limit_mb: Annotated[float, Field(gt=0)] = 2048
+    """`shards`: read the prepared splits into memory when together they are at most this many MiB (the fast path);
+    larger ones stay on disk and each batch is read when it is needed (resident memory: about one batch)."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     def may_have_val_split(self) -> bool:

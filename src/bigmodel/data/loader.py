@@ -93,13 +93,38 @@ class BatchLoader:
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Any, torch.Tensor]]:
         """Yield (x, y) batches of `epoch`, beginning at batch index `start`."""
-        for i, idx in enumerate(self.plan.batches(epoch)[start:], start):
+        batches = self.plan.batches(epoch)[start:]
+        if not isinstance(self.x, torch.Tensor):  # on disk (`data/shards.py`): read ahead in a background thread
+            yield from self._read_ahead(batches, epoch, start)
+            return
+        for i, idx in enumerate(batches, start):
             if isinstance(idx, torch.Tensor):
                 idx = idx.to(self.device)
             yield self._batch(idx, epoch, i)
 
-    def _batch(self, idx: slice | torch.Tensor, epoch: int, i: int) -> tuple[Any, torch.Tensor]:
-        xb, yb = self.x[idx], self.y[idx]
+    def _read_ahead(self, batches: list[Any], epoch: int, start: int, depth: int = 2) -> Iterator[Any]:
+        """The next `depth` batches' images are read while the current one trains (the reads release the GIL).
+        Only the reading runs ahead; augmentation stays here, in batch order, so the numbers are the in-memory
+        path's."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigmodel-read")
+        pending: deque[Any] = deque()
+        try:
+            for k, idx in enumerate(batches):
+                while len(pending) <= depth and k + len(pending) < len(batches):
+                    pending.append(pool.submit(self.x.__getitem__, batches[k + len(pending)]))
+                yield self._batch(idx, epoch, start + k, pending.popleft().result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _batch(
+        self, idx: slice | torch.Tensor, epoch: int, i: int, xb: torch.Tensor | None = None
+    ) -> tuple[Any, torch.Tensor]:
+        xb, yb = (self.x[idx] if xb is None else xb), self.y[idx]
+        if xb.device != self.device:  # images read from disk come to the device a batch at a time
+            xb = xb.to(self.device, non_blocking=True)
         g = None
         if self.augment is not None:
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))

@@ -7,7 +7,7 @@ a source lacks are carved from train, seeded and stratified, so the same recipe 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,20 @@ class ImageDataset(Splits):
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
 
+    stats: tuple[list[float], list[float]] | None = field(default=None, repr=False)
+    """Known per-channel mean and std of the training split (prepared shards store them)."""
+    on_disk: bool = False
+    """The images stay on disk (`data.source: shards` larger than `data.in_memory_limit_mb`)."""
+
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training split, on the 0..1 scale (float64 accumulation)."""
+        if self.stats is not None:
+            return self.stats
         x = self.train.x
+        if not isinstance(x, torch.Tensor):  # on disk (or generated): read it once, a chunk at a time
+            from bigmodel.data.shards import channel_stats_streaming
+
+            return channel_stats_streaming(x[a : a + 8192] for a in range(0, len(x), 8192))
         n = x.shape[0] * x.shape[2] * x.shape[3]
         mean, std = [], []
         for c in range(x.shape[1]):
@@ -228,6 +239,10 @@ def load_data(cfg: ImageSourceConfig, seed: int) -> ImageDataset:
         train, val, test, labels = load_image_folder(cfg)
     elif cfg.source == "image_csv":
         train, val, test, labels = load_image_csv(cfg)
+    elif cfg.source == "shards":
+        from bigmodel.data.shards import load_shards
+
+        return load_shards(cfg, seed)
     else:
         raise UserError(f"data.source {cfg.source!r} is not an image source")
     train, val, test = finish_splits(train, val, test, labels, cfg, seed)

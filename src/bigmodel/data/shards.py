@@ -1,0 +1,287 @@
+"""Image data on disk in shards: built once by `bigmodel data prepare RECIPE`, read back without holding it in memory.
+
+A prepared folder holds, for each split (train / val / test, carved with the recipe's seed at prepare time):
+- `<split>-00000.npy`, `<split>-00001.npy`, ...: uint8 (n, C, H, W) arrays of at most `shard_size` images (plain
+  `.npy`: NumPy reads them with `np.load(..., mmap_mode="r")`, no pickle);
+- `<split>-labels.npy`: int64 (N,) class indices;
+and one `index.json`: the format, the label names, the image shape, each split's shards and counts, and the training
+split's per-channel mean and std (computed while writing, so training never reads the data just to normalise it).
+
+`data.source: shards` with `data.path: FOLDER` trains on it. Splits at most `data.in_memory_limit_mb` (all together)
+are read into memory, the fast path for data that fits; larger ones stay on disk as `DiskImages`, which reads the
+images of each batch with one `pread` per image (sorted by position), so resident memory holds one batch, not the
+data set, whatever its size. Either way the batches are the sampling plan's: the order is a pure function of (seed,
+epoch), so a resumed run continues exactly, and each process of a distributed run reads only its share of each batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bigmodel.errors import UserError
+
+FORMAT = "bigmodel-shards/1"
+SPLITS = ("train", "val", "test")
+
+
+# --------------------------------------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class _Shard:
+    path: Path
+    offset: int  # where the array's bytes begin (after the .npy header)
+    count: int
+
+
+def _open_npy(path: Path, shape: tuple[int, ...]) -> _Shard:
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            header = read(f)  # (shape, fortran_order, dtype); no pickle
+            offset = f.tell()
+    except FileNotFoundError:
+        raise UserError(f"{path}: shard file not found (prepare the folder again: bigmodel data prepare)") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not a .npy shard ({e})") from None
+    got_shape, fortran, dtype = header
+    if dtype != np.uint8 or fortran or tuple(got_shape[1:]) != shape:
+        raise UserError(f"{path}: expected uint8 images of shape (n, {', '.join(map(str, shape))}), got {header}")
+    return _Shard(path, offset, int(got_shape[0]))
+
+
+class DiskImages:
+    """(N, C, H, W) uint8 images spread over shard files, indexed like a tensor: `x[i]`, `x[a:b]`, `x[index_tensor]`
+    return tensors read from disk. `subset(idx)` is a view (nothing is read)."""
+
+    dtype = torch.uint8
+    device = torch.device("cpu")
+
+    def __init__(self, shards: list[_Shard], image_shape: tuple[int, int, int], rows: torch.Tensor | None = None):
+        self._shards = shards
+        self._image_shape = image_shape
+        self._item = int(np.prod(image_shape))
+        counts = torch.tensor([s.count for s in shards], dtype=torch.long)
+        self._starts_np = (torch.cumsum(counts, 0) - counts).numpy()  # global index of each shard's first image
+        self._offsets_np = np.array([s.offset for s in shards], dtype=np.int64)  # where each shard's pixels begin
+        self._total = int(counts.sum())
+        self._rows = rows  # a view's rows of the underlying data (None: all of them, in order)
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self._image_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self._item
+
+    def __len__(self) -> int:
+        return self._total if self._rows is None else len(self._rows)
+
+    def to(self, device: Any) -> DiskImages:
+        """Stays on disk: batches are read on the CPU and the loader moves each one to its device."""
+        return self
+
+    def subset(self, idx: torch.Tensor) -> DiskImages:
+        rows = torch.as_tensor(idx, dtype=torch.long)
+        base = rows if self._rows is None else self._rows[rows]
+        return DiskImages(self._shards, self._image_shape, base)
+
+    def _fd(self, shard: int) -> int:
+        if os.getpid() != self._pid:  # a forked worker must not share the parent's file offsets: reopen
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self._shards[shard].path, os.O_RDONLY)
+        return fd
+
+    def _read(self, rows: torch.Tensor) -> torch.Tensor:
+        """Images at global positions `rows` (any order, repeats allowed): one `preadv` straight into the batch's
+        buffer per image, in file order (the kernel's read-ahead helps runs of neighbours)."""
+        n = len(rows)
+        out = np.empty((n, self._item), dtype=np.uint8)
+        if n:
+            r = rows.numpy()
+            order = np.argsort(r, kind="stable")
+            shard_of = np.searchsorted(self._starts_np, r[order], side="right") - 1
+            offsets = self._offsets_np[shard_of] + (r[order] - self._starts_np[shard_of]) * self._item
+            view = memoryview(out.reshape(-1))  # flat bytes: row k is view[k * item : (k + 1) * item]
+            item = self._item
+            for k, sh, off in zip(order.tolist(), shard_of.tolist(), offsets.tolist(), strict=True):
+                if os.preadv(self._fd(sh), [view[k * item : (k + 1) * item]], off) != item:
+                    raise UserError(f"{self._shards[sh].path}: truncated shard (prepare the folder again)")
+        return torch.from_numpy(out.reshape(n, *self._image_shape))
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        n = len(self)
+        if isinstance(idx, int):
+            if not -n <= idx < n:
+                raise IndexError(f"index {idx} out of range for {n} images")
+            return self[torch.tensor([idx % n])][0]
+        if isinstance(idx, slice):
+            idx = torch.arange(n)[idx]
+        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
+        if idx.dtype == torch.bool:
+            idx = torch.nonzero(idx).flatten()
+        rows = idx if self._rows is None else self._rows[idx]
+        return self._read(rows)
+
+    def materialize(self) -> torch.Tensor:
+        """All the images in memory (the in-memory path)."""
+        return self[slice(None)]
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def channel_stats_streaming(chunks: Any) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the 0..1 scale over uint8 (n, C, H, W) chunks (float64 sums: the same values as
+    `ImageDataset.channel_stats` computes in memory, to rounding)."""
+    s = s2 = None
+    n = 0
+    for x in chunks:
+        xc = x.to(torch.float64).div_(255.0)
+        a, b = xc.sum(dim=(0, 2, 3)), xc.pow(2).sum(dim=(0, 2, 3))
+        s, s2 = (a, b) if s is None else (s + a, s2 + b)
+        n += x.shape[0] * x.shape[2] * x.shape[3]
+    if s is None or n == 0:
+        raise UserError("the training split is empty")
+    mean = s / n
+    var = (s2 / n - mean.pow(2)).clamp_min(0)
+    return mean.tolist(), [max(v**0.5, 1e-6) for v in var.tolist()]
+
+
+@dataclass
+class ShardIndex:
+    root: Path
+    labels: list[str]
+    input_shape: tuple[int, int, int]
+    splits: dict[str, dict[str, Any]]
+    mean: list[float]
+    std: list[float]
+
+    @classmethod
+    def read(cls, root: Path) -> ShardIndex:
+        path = root / "index.json"
+        if not path.is_file():
+            raise UserError(f"data.path {root}: no index.json (make it: bigmodel data prepare RECIPE --out {root})")
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        return cls(
+            root,
+            list(meta["labels"]),
+            tuple(meta["input_shape"]),  # type: ignore[arg-type]
+            meta["splits"],
+            list(meta["channel_mean"]),
+            list(meta["channel_std"]),
+        )
+
+    def images(self, split: str) -> DiskImages:
+        entry = self.splits[split]
+        shards = [_open_npy(self.root / s["file"], self.input_shape) for s in entry["shards"]]
+        for s, meta in zip(shards, entry["shards"], strict=True):
+            if s.count != meta["count"]:
+                raise UserError(f"{s.path}: holds {s.count} images, index.json says {meta['count']}")
+        return DiskImages(shards, self.input_shape)
+
+    def labels_of(self, split: str) -> torch.Tensor:
+        path = self.root / self.splits[split]["labels"]
+        try:
+            y = np.load(path, allow_pickle=False)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"{path}: cannot read the labels ({e})") from None
+        return torch.from_numpy(y.astype(np.int64))
+
+
+def load_shards(cfg: Any, seed: int) -> Any:
+    """`data.source: shards`: the prepared splits, in memory when they fit `data.in_memory_limit_mb`, else on disk."""
+    from bigmodel.data.sources import ImageDataset, ImageSplit, finish_splits
+
+    if cfg.path is None or not Path(cfg.path).is_dir():
+        raise UserError(f"data.path {cfg.path}: not a folder (data.source 'shards' reads bigmodel data prepare's)")
+    index = ShardIndex.read(Path(cfg.path))
+    if "train" not in index.splits:
+        raise UserError(f"{index.root / 'index.json'}: no train split")
+    images = {name: index.images(name) for name in SPLITS if name in index.splits}
+    total = sum(x.nbytes for x in images.values())
+    in_memory = total <= cfg.in_memory_limit_mb * 2**20
+    splits = {
+        name: ImageSplit(x.materialize() if in_memory else x, index.labels_of(name)) for name, x in images.items()
+    }
+    for name, sp in splits.items():
+        if len(sp.y) != len(sp.x):
+            raise UserError(f"{index.root}: split {name!r} has {len(sp.x)} images and {len(sp.y)} labels")
+    n_train = len(splits["train"])
+    train, val, test = finish_splits(splits["train"], splits.get("val"), splits.get("test"), index.labels, cfg, seed)
+    data = ImageDataset(train, val, test, index.labels)
+    data.on_disk = not in_memory
+    if len(train) == n_train:  # the prepared training split as it is: its statistics were computed while writing
+        data.stats = (index.mean, index.std)
+    return data
+
+
+# --------------------------------------------------------------------------------------------------------- writing
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def write_shards(data: Any, out: Path, shard_size: int = 10_000) -> dict[str, Any]:
+    """Write an `ImageDataset`'s splits as shards under `out` (into a temporary folder, renamed when complete: an
+    interrupted prepare leaves nothing half-written). Returns the index."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out}: the folder exists and is not empty (choose a new one)")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        splits: dict[str, Any] = {}
+        for name in SPLITS:
+            split = getattr(data, name, None)
+            if split is None or len(split) == 0:
+                continue
+            shards = []
+            for k, a in enumerate(range(0, len(split), shard_size)):
+                x = split.x[a : a + shard_size]
+                fname = f"{name}-{k:05d}.npy"
+                _write_npy(tmp / fname, x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+                shards.append({"file": fname, "count": int(x.shape[0])})
+            _write_npy(tmp / f"{name}-labels.npy", split.y.numpy().astype(np.int64))
+            splits[name] = {"count": len(split), "shards": shards, "labels": f"{name}-labels.npy"}
+        # The statistics training would compute from the same split (in memory: exactly those, so a run on the shards
+        # normalises bit for bit as the run on the source does).
+        mean, std = data.channel_stats()
+        index = {
+            "format": FORMAT,
+            "labels": list(data.labels),
+            "input_shape": list(data.input_shape),
+            "channel_mean": mean,
+            "channel_std": std,
+            "splits": splits,
+        }
+        (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
