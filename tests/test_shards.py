@@ -80,8 +80,13 @@ def test_disk_images_index_like_a_tensor(prepared):
     assert torch.equal(x[295:610], full[295:610]) and torch.equal(x[7], full[7]) and torch.equal(x[-1], full[-1])
     view = x.subset(torch.tensor([900, 3, 301, 3]))
     assert len(view) == 4 and torch.equal(view[torch.tensor([3, 0])], full[torch.tensor([3, 900])])
+    mask = torch.zeros(len(x), dtype=torch.bool)
+    mask[[5, 640, 1000]] = True
+    assert torch.equal(x[mask], full[mask]) and torch.equal(x[torch.tensor([-1, -2])], full[[-1, -2]])
     with pytest.raises(IndexError):
         x[len(x)]
+    with pytest.raises(IndexError):
+        x[torch.tensor([0, len(x)])]
 
 
 def test_training_on_disk_equals_training_in_memory(prepared, tmp_path):

@@ -131,9 +131,13 @@ class DiskImages:
             return self[torch.tensor([idx % n])][0]
         if isinstance(idx, slice):
             idx = torch.arange(n)[idx]
-        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
-        if idx.dtype == torch.bool:
+        idx = torch.as_tensor(idx).cpu()
+        if idx.dtype == torch.bool:  # a mask over the images
             idx = torch.nonzero(idx).flatten()
+        idx = idx.long()
+        if len(idx) and (int(idx.max()) >= n or int(idx.min()) < -n):
+            raise IndexError(f"index out of range for {n} images")
+        idx = idx % max(n, 1)  # negative indices count from the end, as a tensor's do
         rows = idx if self._rows is None else self._rows[idx]
         return self._read(rows)
 
