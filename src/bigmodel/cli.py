@@ -918,15 +918,10 @@ def data_prepare(
     """Write the recipe's data (its train / val / test splits, carved with its seed) as shards on disk; train on
     them with `data.source=shards data.path=OUT`."""
     from bigmodel.config import load_recipe
-    from bigmodel.data.shards import write_shards
-    from bigmodel.data.sources import load_data
+    from bigmodel.tasks import get_task
 
     recipe = load_recipe(recipe_path, overrides or [])
-    if recipe.task != "image_classification":
-        raise UserError(f"{recipe_path}: task {recipe.task!r}: data prepare writes image_classification data so far")
-    assert recipe.data is not None
-    data = load_data(recipe.data, recipe.seed)  # type: ignore[arg-type]
-    index = write_shards(data, out, shard_size)
+    index = get_task(recipe.task).write_shards(recipe, out, shard_size)
     sizes = ", ".join(f"{k} {v['count']:,} in {len(v['shards'])} shards" for k, v in index["splits"].items())
     typer.echo(f"{out}: {sizes}; train with data.source=shards data.path={out}", err=True)
     typer.echo(str(out))

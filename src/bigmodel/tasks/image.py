@@ -69,6 +69,12 @@ class ImageClassification(ClassificationSpec):
 
     file_noun = "image file"
 
+    def write_shards(self, recipe: Any, out: Any, shard_size: int) -> dict[str, Any]:
+        from bigmodel.data.shards import write_shards
+        from bigmodel.data.sources import load_data
+
+        return write_shards(load_data(recipe.data, recipe.seed), out, shard_size)
+
     def baseline_features(self, recipe: Any, data: Any, pre: Any, split: str) -> Any:
         """`linear`: logistic regression on the pixels in [0, 1] (average-pooled to at most 32 x 32)."""
         from bigmodel.evaluation.baseline import from_splits, pixels
