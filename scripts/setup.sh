@@ -35,3 +35,15 @@ if [ ${#pkgs[@]} -gt 0 ] && command -v apt-get >/dev/null; then
     echo "note: run 'sudo apt-get install --no-install-recommends ${pkgs[*]}' (offline data, browser test)" >&2
   fi
 fi
+# Federated learning (bigmodel federate) runs Flower 1.42 in its own environment, .venv-flower: flwr pins fastapi,
+# starlette, uvicorn, typer, rich and protobuf below what .venv's serving stack uses. A path file appends .venv's
+# packages behind Flower's own, so Flower's processes import bigmodel and torch (no second torch). Skip it with
+# BIGMODEL_NO_FLOWER=1; the federated tests then skip, naming why.
+if [ -z "${BIGMODEL_NO_FLOWER:-}" ]; then
+  python3 -m venv .venv-flower
+  .venv-flower/bin/python -m pip install -q --disable-pip-version-check "flwr==1.42.0" ||
+    echo "note: could not install flwr into .venv-flower; bigmodel federate will say so" >&2
+  main_site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  flower_site="$(.venv-flower/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  echo "import site; site.addsitedir('${main_site}')" > "${flower_site}/zz-bigmodel-env.pth"
+fi

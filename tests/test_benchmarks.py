@@ -156,3 +156,27 @@ def test_data_benchmark_json():
     out = run_bench("benchmarks/data.py", "--enlarge", "2", "--epochs", "2", "--limit-train", "512", "--json")
     assert out["on_disk"]["on_disk"] and not out["in_memory"]["on_disk"] and out["train_images"] == 1024
     assert len(out["on_disk"]["rss_mb_per_epoch"]) == 2 and out["disk_vs_memory_speed_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_federated_benchmark_json(tmp_path):
+    """benchmarks/federated.py on the digits: central training and one FedAvg federation of 2 real client processes."""
+    import yaml
+
+    from bigmodel.errors import UserError
+    from bigmodel.federated.runtime import flower_bin
+    from conftest import tiny_recipe
+
+    try:
+        flower_bin()
+    except UserError as e:
+        pytest.skip(str(e))
+    recipe = tmp_path / "fed.yaml"
+    fed = {"federated.clients": 2, "federated.rounds": 1, "data.val_fraction": 0.0, "train.epochs": 1}
+    recipe.write_text(yaml.safe_dump(tiny_recipe(**fed)))
+    out = run_bench(
+        "benchmarks/federated.py", "--recipe", str(recipe), "--strategies", "fedavg", "--partitions", "iid", "--json"
+    )
+    cell = out["federations"][0]
+    assert out["central"]["epochs"] == 1 and len(cell["accuracy_per_round"]) == 1
+    assert cell["bytes_per_round"] > 0 and cell["accuracy_vs_central_ratio"] > 0

@@ -74,16 +74,19 @@ class Experiment:
         callbacks: list[Any] | None = None,
         model: Any = None,
         validate: bool = True,
+        strategy: Any = None,
     ) -> Any:
-        """A Trainer over this experiment's loaders (validation when the data has a val split and `validate`)."""
+        """A Trainer over this experiment's loaders (validation when the data has a val split and `validate`).
+        `strategy`: a Trainer strategy of the caller's (a federated client's proximal term) instead of the one the
+        recipe implies (single device, DDP, FSDP2, DP-SGD)."""
         from bigmodel.models.base import SolvedClassifier
         from bigmodel.training.strategy import get_strategy
         from bigmodel.training.trainer import Trainer
 
         has_val = validate and self.data.val is not None and len(self.data.val) > 0
         model = self.model if model is None else model
-        strategy = None
         dist_cfg = self.recipe.train.distributed
+        own, strategy = strategy, None
         if self.world_size > 1 and dist_cfg.strategy == "fsdp2":
             import bigmodel.training.fsdp  # noqa: F401  (registers the `fsdp2` strategy)
             from bigmodel.training.trainer import resolve_precision
@@ -99,6 +102,10 @@ class Experiment:
             if self.world_size > 1:
                 raise UserError("privacy.dp runs in one process so far; train it without --nproc-per-node / torchrun")
             strategy = self._dp_strategy()
+        if own is not None:
+            if strategy is not None:
+                raise UserError(f"a {own.name} strategy cannot be combined with {strategy.name} in one run")
+            strategy = own
         return Trainer(
             self.recipe.train,
             model,

@@ -164,6 +164,69 @@ def _use_key(key_file: Path | None) -> None:
         set_key_file(key_file)
 
 
+@app.command(context_settings={"allow_interspersed_args": True})
+def federate(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[server|client] RECIPE [KEY=VALUE...]",
+            help="A recipe with a federated block (and dotted overrides); `server` / `client` for several machines.",
+            show_default=False,
+        ),
+    ] = None,
+    clients: Annotated[int | None, typer.Option("--clients", min=1, help="federated.clients")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", min=1, help="federated.rounds")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory to create (default runs/<name>-federated-<time>).")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue this federated run after its last completed round.")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="server: the address the SuperLink listens on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option("--port", help="server: the SuperLink's port.")] = 9092,
+    partition_id: Annotated[
+        int | None, typer.Option("--partition-id", help="client: which partition of the training split it holds.")
+    ] = None,
+    server: Annotated[str | None, typer.Option("--server", help="client: the server's HOST:PORT.")] = None,
+) -> None:
+    """Train a recipe federated with Flower: on this machine, a SuperLink and one SuperNode process per client on
+    loopback (a line per round: accuracy, loss, clients, time); `federate server RECIPE` and `federate client RECIPE
+    --partition-id I --server HOST:PORT` run the same federation across machines. The final global model is an
+    ordinary run (evaluate, predict, serve, export); the last line of stdout is the run directory."""
+    from bigmodel import federated
+    from bigmodel.config import load_recipe
+    from bigmodel.tasks import get_task
+
+    rest = list(args or [])
+    mode = rest.pop(0) if rest and rest[0] in ("server", "client") else "local"
+    recipe_path = rest.pop(0) if rest and "=" not in rest[0] else None
+    overrides = rest
+    if recipe_path is None and resume is None:
+        raise UserError("bigmodel federate: give a recipe file with a federated block, or --resume RUN_DIR")
+    if mode == "client":
+        if recipe_path is None or partition_id is None or server is None:
+            raise UserError("bigmodel federate client: give RECIPE, --partition-id I and --server HOST:PORT")
+        if overrides:
+            raise UserError("bigmodel federate client: no overrides (the client's recipe must be the server's)")
+        sys.exit(federated.federate_client(recipe_path, partition_id, server))
+    rec = load_recipe(recipe_path, overrides) if recipe_path is not None else None
+    if mode == "server":
+        summary = federated.federate_server(
+            rec, host=host, port=port, out=out, clients=clients, rounds=rounds, resume=resume, echo=typer.echo
+        )
+    else:
+        summary = federated.federate(rec, out=out, clients=clients, rounds=rounds, resume=resume, echo=typer.echo)
+    from bigmodel.federated.core import load_run_recipe
+
+    ran = load_run_recipe(Path(summary["run_dir"]) / "recipe.yaml")
+    f = summary["federated"]
+    typer.echo(
+        f"{get_task(ran.task).summary(summary['metrics'], summary['split'])}  rounds {f['rounds']}  "
+        f"time {f['round_time_s']:.1f}s  sent {f['bytes_sent'] / 1e6:.1f} MB"
+    )
+    typer.echo(summary["run_dir"])
+
+
 @app.command()
 def evaluate(
     run_dir: Annotated[
@@ -930,7 +993,12 @@ def data_prepare(
 # --------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        # typer turns a KeyboardInterrupt into Exit(130), which without standalone mode comes back as the return value
+        if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
+            if rc == 130:
+                print("interrupted", file=sys.stderr)
+            sys.exit(rc)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -640,6 +640,48 @@ class PrivacyConfig(Strict):
     """DP-SGD for classification recipes (needs the `privacy` extra: Opacus)."""
 
 
+class PartitionConfig(Strict):
+    """How the training split is divided among the clients (a pure function of the seed): `iid` (a shuffled, even
+    split), `dirichlet` (each class's examples divided by proportions drawn from Dirichlet(alpha): alpha 0.1 leaves
+    most clients a few classes, alpha 100 is nearly iid) or `shards` (McMahan et al.: sorted by label, cut into
+    clients x labels_per_client shards, each client taking labels_per_client of them)."""
+
+    kind: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: Annotated[float, Field(gt=0.0)] = 0.5
+    labels_per_client: Annotated[int, Field(ge=1)] = 2
+    min_size: Annotated[int, Field(ge=1)] = 10
+    """dirichlet: draw again until every client holds at least this many examples."""
+    seed: Annotated[int, Field(ge=0)] | None = None
+    """The partition's seed; default: the recipe's seed."""
+
+
+class FederatedConfig(Strict):
+    """Federated training (Flower): the training split is partitioned among `clients` client processes; each round
+    the server sends the global model to a `fraction_fit` sample of them, each trains `local_epochs` epochs on its
+    own partition with the recipe's Trainer, and the server aggregates the replies (`strategy`) and evaluates the
+    global model on the central `eval.split`. `bigmodel federate RECIPE` runs it on this machine as real processes.
+    With `privacy.dp` every client trains with DP-SGD and the run reports the largest ε a client spent."""
+
+    clients: Annotated[int, Field(ge=1, le=1000)] = 10
+    rounds: Annotated[int, Field(ge=1)] = 10
+    local_epochs: Annotated[int, Field(ge=1)] = 1
+    fraction_fit: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    min_clients: Annotated[int, Field(ge=1)] = 1
+    """The fewest replies a round counts with: fewer (clients died or timed out) and the federation stops."""
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: Annotated[float, Field(ge=0.0)] = 0.01
+    """fedprox: the weight of (mu / 2) ||w - w_global||^2 in every client's loss."""
+    server_lr: Annotated[float, Field(gt=0.0)] = 0.01
+    """fedadam: the server's Adam step size (eta) on the averaged client update."""
+    server_betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.99)
+    server_tau: Annotated[float, Field(gt=0.0)] = 1e-3
+    """fedadam: the adaptivity (epsilon) of the server's Adam."""
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    round_timeout_s: Annotated[float, Field(gt=0.0)] = 1800.0
+    """How long a round waits for replies. A client that dies is noticed sooner: Flower marks a node that misses two
+    heartbeats (~60 s) unavailable and the round goes on without it."""
+
+
 class Recipe(Strict):
     """The whole program: what to learn (task), from what (data), with what (model), how (train, eval), seed."""
 
@@ -654,6 +696,8 @@ class Recipe(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    federated: FederatedConfig | None = None
+    """Train across client processes with Flower (`bigmodel federate`); `bigmodel train` ignores it."""
     seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
 
     @model_validator(mode="after")
@@ -681,6 +725,24 @@ class Recipe(Strict):
         if not isinstance(self.data, spec.data_config):
             raise ValueError(f"data: task {self.task!r} takes a {spec.data_config.__name__} block")
         spec.check_recipe(self)  # the task's own cross-field checks and defaults
+        if self.federated is not None:
+            fed = self.federated
+            if fed.min_clients > fed.clients:
+                raise ValueError(
+                    f"federated.min_clients {fed.min_clients} is more than federated.clients {fed.clients}"
+                )
+            if spec.generative or self.task == "translation" or get_model(self.model.name).can("solved"):
+                raise ValueError(
+                    f"federated trains classifiers by gradient steps; task {self.task!r} with model "
+                    f"{self.model.name!r} is not one"
+                )
+            if self.train.early_stopping is not None:
+                raise ValueError("federated: remove train.early_stopping (the rounds are federated.rounds)")
+            if self.privacy.dp is not None and fed.strategy == "fedprox":
+                raise ValueError(
+                    "federated.strategy fedprox with privacy.dp: the proximal term is not clipped per example; use "
+                    "fedavg or fedadam"
+                )
         if self.privacy.dp is not None:
             lm = self.task == "language_modeling" and self.model.name == "gpt"  # records: disjoint context windows
             if (spec.generative and not lm) or self.task == "translation" or get_model(self.model.name).can("solved"):
