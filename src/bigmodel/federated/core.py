@@ -194,8 +194,9 @@ class Federation:
         data.train = data.train.subset(idx)
         data.val = None
         exp.data = data
+        # log_every 1: the callback sees every step's loss (nothing is written: a client's Trainer has no run dir)
         local = self.recipe.train.model_copy(
-            update={"epochs": cfg.rounds * cfg.local_epochs, "early_stopping": None, "max_steps": None}
+            update={"epochs": cfg.rounds * cfg.local_epochs, "early_stopping": None, "max_steps": None, "log_every": 1}
         )
         exp.recipe = self.recipe.model_copy(update={"train": local})
         exp.model.load_state_dict(_cast_like(weights, exp.model.state_dict()))
@@ -213,12 +214,10 @@ class Federation:
         t0 = time.perf_counter()
         trainer.fit(epochs=cfg.local_epochs)
         seconds = time.perf_counter() - t0
-        if not log.values:  # fewer steps than train.log_every: the mean loss of the last evaluation-free steps
-            log.values.append(float("nan"))
         metrics = {
             "num-examples": float(len(idx)),
             "partition-id": float(partition_id),
-            "train-loss": float(np.mean(log.values)),
+            "train-loss": float(np.mean(log.values)) if log.values else float("nan"),
             "train-time-s": round(seconds, 3),
             "steps": float(trainer.state.step),
         }

@@ -114,6 +114,13 @@ def make_strategy(fed: core.Federation, buffer_index: list[int]) -> Any:
     return FedAvg(**common)
 
 
+def _mean_loss(mets: list[Any]) -> float:
+    """The clients' training losses averaged by their examples (a client that took no step has none)."""
+    pairs = [(float(x["train-loss"]), float(x["num-examples"])) for x in mets]
+    pairs = [(v, n) for v, n in pairs if v == v]
+    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs) if pairs else float("nan")
+
+
 def _privacy(mets: list[Any]) -> dict[str, float]:
     """Client-side DP: the largest ε a client has spent so far, and the noise multiplier."""
     eps = [float(x["epsilon"]) for x in mets if "epsilon" in x]
@@ -158,7 +165,8 @@ def _serve(grid: Grid, run_dir: Path) -> None:
         if hasattr(strategy, "load_state"):
             strategy.load_state(server_state)
         core.append_round(run_dir, {"event": "resumed", "from_round": start})
-    arrays = ArrayRecord([np.asarray(weights[n]) for n in names])
+    dtypes = [fed.initial_weights()[n].dtype for n in names]
+    arrays = ArrayRecord([np.asarray(weights[n]).astype(dtypes[i], copy=False) for i, n in enumerate(names)])
     started = json.loads((run_dir / "env.json").read_text(encoding="utf-8")).get("started", "")
     run_key = hashlib.sha256(f"{run_dir.resolve()}|{started}".encode()).hexdigest()[:16]  # this federation's
     for rnd in range(start + 1, cfg.rounds + 1):
@@ -181,7 +189,10 @@ def _serve(grid: Grid, run_dir: Path) -> None:
             )
         ok.sort(key=lambda m: float(m.content["metrics"]["partition-id"]))  # a fixed summation order
         new_arrays, _ = strategy.aggregate_train(rnd, ok)
-        arrays = ArrayRecord([np.asarray(a.numpy()) for a in new_arrays.values()])
+        # back in the model's dtypes: averaging and FedAdam's update give float64, which would double what is sent
+        arrays = ArrayRecord(
+            [np.asarray(a.numpy()).astype(dtypes[i], copy=False) for i, a in enumerate(new_arrays.values())]
+        )
         weights = dict(zip(names, arrays.to_numpy_ndarrays(), strict=True))
         seconds = time.perf_counter() - t0
         metrics = fed.evaluate(weights)
@@ -194,7 +205,7 @@ def _serve(grid: Grid, run_dir: Path) -> None:
             {
                 "round": rnd,
                 **metrics,
-                "train_loss": sum(float(x["train-loss"]) * float(x["num-examples"]) for x in mets) / n,
+                "train_loss": _mean_loss(mets),
                 "clients": len(ok),
                 "sent_to": len(messages),
                 "failures": failed,

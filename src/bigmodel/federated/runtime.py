@@ -103,6 +103,15 @@ class Processes:
 
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.seen: dict[int, str] = {}  # every descendant met so far: pid -> start time (a pid may be reused)
+
+    def track(self) -> None:
+        """Remember the current descendants. A process whose parent dies is re-parented to init and leaves the tree
+        (the ServerApp when the SuperLink crashes), so `stop` also ends those it met before."""
+        for pid in descendants([p.pid for _, p in self.procs]):
+            start = _start_time(pid)
+            if start is not None:
+                self.seen[pid] = start
 
     def start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +135,7 @@ class Processes:
         """SIGTERM to every process started and every descendant (Flower detaches its SuperExec into a session of
         its own, so a process group does not reach it), then SIGKILL to what is left after `grace_s`."""
         pids = [p.pid for _, p in self.procs]
-        tree = set(pids) | descendants(pids)
+        tree = set(pids) | descendants(pids) | {pid for pid, t in self.seen.items() if _start_time(pid) == t}
         for pid in tree:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)
@@ -145,6 +154,7 @@ class Processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=5)
         self.procs.clear()
+        self.seen.clear()
 
 
 def _proc_table() -> dict[int, tuple[int, str]]:
@@ -174,6 +184,14 @@ def descendants(pids: list[int]) -> set[int]:
                 out.add(c)
                 todo.append(c)
     return {p for p in out if table.get(p, (0, "Z"))[1] != "Z"}
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[19]
 
 
 def _alive(pid: int) -> bool:
@@ -330,6 +348,7 @@ def watch(
             elif "round" in r:
                 echo(format_round(r, total_rounds))
         seen = len(records)
+        procs.track()
         gone = [n for n in procs.dead() if n in must_live]
         if gone:
             raise UserError(f"Flower's {gone[0]} exited during the run (its log: {run_dir / 'flower' / gone[0]}.log)")
@@ -418,6 +437,9 @@ def run_client(recipe_path: Path, partition_id: int, server: str, home: Path) ->
     with _signals_raise():
         try:
             p = procs.start(f"supernode-{partition_id}", argv, flower_env(home, bin_dir), home / "supernode.log")
-            return p.wait()
+            while p.poll() is None:
+                procs.track()
+                time.sleep(1.0)
+            return int(p.returncode)
         finally:
             procs.stop()
