@@ -1,16 +1,18 @@
 """Federated vs central training: test accuracy per round, wall time per round and bytes sent per round.
 
-    python benchmarks/federated.py [key=value ...] [--strategies fedavg fedprox] [--partitions iid 0.5 0.1]
-                                   [--rounds R] [--clients N] [--no-central] [--json]
+    python benchmarks/federated.py [key=value ...] [--strategies fedavg fedprox fedavg+secagg]
+                                   [--partitions iid 0.5 0.1] [--rounds R] [--clients N] [--no-central]
+                                   [--simulation] [--json]
 
 Each federation is `bigmodel federate` (a SuperLink and N SuperNode processes on loopback, Flower's Deployment
-Runtime): the recipe (default recipes/fashion_mnist_federated.yaml) with `federated.strategy` and
-`federated.partition` set per cell; a partition is `iid` or a Dirichlet alpha (0.5, 0.1). The central baseline is
-`bigmodel train` on the same recipe: the same model, data and total epochs (train.epochs = rounds x local_epochs).
-Round time is the server's: sending the global model, the clients' work (each in a fresh ClientApp process that
-loads the data and the model), aggregation; evaluation and checkpointing come after it. On one machine the clients
-take turns on its cores (at most cores / threads at once), so a round costs about what central training of the same
-epochs costs plus the processes' start-up.
+Runtime; with --simulation, Flower's Simulation Runtime: virtual SuperNodes whose ClientApps run in Ray workers):
+the recipe (default recipes/fashion_mnist_federated.yaml) with `federated.strategy` and `federated.partition` set
+per cell; a partition is `iid` or a Dirichlet alpha (0.5, 0.1); a strategy ending in `+secagg` runs with SecAgg+
+secure aggregation (`federated.secure_aggregation: {}`). The central baseline is `bigmodel train` on the same
+recipe: the same model, data and total epochs (train.epochs = rounds x local_epochs). Round time is the server's:
+sending the global model, the clients' work (under the Deployment Runtime each in a fresh ClientApp process that
+loads the data and the model; under the Simulation Runtime in long-lived Ray workers), aggregation; evaluation and
+checkpointing come after it. On one machine the clients take turns on its cores (at most cores / threads at once).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--clients", type=int, default=None)
     ap.add_argument("--no-central", action="store_true", help="skip the central baseline")
+    ap.add_argument("--simulation", action="store_true", help="Flower's Simulation Runtime (Ray) instead of SuperNodes")
     ap.add_argument("--out", default=None, help="keep the run directories here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     ap.add_argument("overrides", nargs="*")
@@ -71,12 +74,22 @@ def main() -> None:
         for part in args.partitions:
             for strategy in args.strategies:
                 name = f"{strategy}-{part}"
-                recipe = load_recipe(args.recipe, [*base, *partition_overrides(part), f"federated.strategy={strategy}"])
-                summary = federate(recipe, out=root / name, echo=lambda s: print(s, file=sys.stderr, flush=True))
+                plain, _, extra = strategy.partition("+")
+                over = [f"federated.strategy={plain}"] + (["federated.secure_aggregation={}"] if extra else [])
+                if extra not in ("", "secagg"):
+                    ap.error(f"--strategies {strategy}: expected a strategy, or one followed by +secagg")
+                recipe = load_recipe(args.recipe, [*base, *partition_overrides(part), *over])
+                summary = federate(
+                    recipe,
+                    out=root / name,
+                    simulation=args.simulation,
+                    echo=lambda s: print(s, file=sys.stderr, flush=True),
+                )
                 rounds = [r for r in read_rounds(Path(summary["run_dir"])) if r.get("round", 0) >= 1]
                 cells.append(
                     {
                         "strategy": strategy,
+                        "secure_aggregation": bool(extra),
                         "partition": part,
                         "final_accuracy": summary["metrics"]["accuracy"],
                         "best_round_accuracy": max(r["accuracy"] for r in rounds),
@@ -93,6 +106,7 @@ def main() -> None:
         "clients": fed0.clients,
         "rounds": fed0.rounds,
         "local_epochs": fed0.local_epochs,
+        "runtime": "simulation" if args.simulation else "deployment",
         "central": central,
         "federations": cells,
         "environment": env,

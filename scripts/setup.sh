@@ -38,10 +38,12 @@ fi
 # Federated learning (bigmodel federate) runs Flower 1.42 in its own environment, .venv-flower: flwr pins fastapi,
 # starlette, uvicorn, typer, rich and protobuf below what .venv's serving stack uses. A path file appends .venv's
 # packages behind Flower's own, so Flower's processes import bigmodel and torch (no second torch). Skip it with
-# BIGMODEL_NO_FLOWER=1; the federated tests then skip, naming why.
+# BIGMODEL_NO_FLOWER=1; the federated tests then skip, naming why. The `simulation` extra is Ray, for
+# `bigmodel federate --simulation` (Flower's Simulation Runtime).
 if [ -z "${BIGMODEL_NO_FLOWER:-}" ]; then
   python3 -m venv .venv-flower
-  .venv-flower/bin/python -m pip install -q --disable-pip-version-check "flwr==1.42.0" ||
+  .venv-flower/bin/python -m pip install -q --disable-pip-version-check "flwr[simulation]==1.42.0" ||
+    .venv-flower/bin/python -m pip install -q --disable-pip-version-check "flwr==1.42.0" ||
     echo "note: could not install flwr into .venv-flower; bigmodel federate will say so" >&2
   main_site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   flower_site="$(.venv-flower/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

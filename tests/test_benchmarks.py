@@ -160,23 +160,41 @@ def test_data_benchmark_json():
 
 @pytest.mark.slow
 def test_federated_benchmark_json(tmp_path):
-    """benchmarks/federated.py on the digits: central training and one FedAvg federation of 2 real client processes."""
+    """benchmarks/federated.py on the digits: central training, then FedAvg with and without SecAgg+ (2 clients, the
+    Simulation Runtime when Ray is there, else real SuperNode processes)."""
     import yaml
 
     from bigmodel.errors import UserError
-    from bigmodel.federated.runtime import flower_bin
+    from bigmodel.federated.runtime import flower_bin, simulation_ready
     from conftest import tiny_recipe
 
     try:
         flower_bin()
     except UserError as e:
         pytest.skip(str(e))
+    try:
+        simulation_ready(flower_bin())
+        runtime = ["--simulation"]
+    except UserError:
+        runtime = []
     recipe = tmp_path / "fed.yaml"
     fed = {"federated.clients": 2, "federated.rounds": 1, "data.val_fraction": 0.0, "train.epochs": 1}
     recipe.write_text(yaml.safe_dump(tiny_recipe(**fed)))
     out = run_bench(
-        "benchmarks/federated.py", "--recipe", str(recipe), "--strategies", "fedavg", "--partitions", "iid", "--json"
+        "benchmarks/federated.py",
+        "--recipe",
+        str(recipe),
+        "--strategies",
+        "fedavg",
+        "fedavg+secagg",
+        "--partitions",
+        "iid",
+        *runtime,
+        "--json",
     )
-    cell = out["federations"][0]
-    assert out["central"]["epochs"] == 1 and len(cell["accuracy_per_round"]) == 1
-    assert cell["bytes_per_round"] > 0 and cell["accuracy_vs_central_ratio"] > 0
+    assert out["runtime"] == ("simulation" if runtime else "deployment")
+    plain, secure = out["federations"]
+    assert out["central"]["epochs"] == 1 and len(plain["accuracy_per_round"]) == 1
+    assert plain["bytes_per_round"] > 0 and plain["accuracy_vs_central_ratio"] > 0
+    assert secure["secure_aggregation"] and not plain["secure_aggregation"]
+    assert secure["bytes_per_round"] > plain["bytes_per_round"]  # masked integers and the key exchange

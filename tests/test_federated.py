@@ -121,6 +121,28 @@ def test_recipe_checks(tmp_path):
     path.write_text(yaml.safe_dump(tiny_recipe(**{"federated.clients": 2, "federated.strategy": "fedsgd"})))
     with pytest.raises(UserError, match="federated.strategy"):
         load_recipe(path)
+    for over, match in (
+        ({"federated.clients": 1}, "needs at least 2 clients a round"),
+        ({"federated.clients": 4, "federated.fraction_fit": 0.25}, "needs at least 2 clients a round"),
+        ({"federated.clients": 4, "federated.secure_aggregation.num_shares": 5}, "num_shares 5 is more than"),
+        (
+            {
+                "federated.clients": 4,
+                "federated.secure_aggregation.num_shares": 3,
+                "federated.secure_aggregation.reconstruction_threshold": 3,
+            },
+            "reconstruction_threshold 3 must be less than num_shares 3",
+        ),
+        ({"federated.clients": 600, "federated.secure_aggregation.quantization_bits": 24}, "use at most 21 bits"),
+        ({"federated.clients": 3, "federated.secure_aggregation.reconstruction_threshold": 1.5}, "reconstruction_t"),
+    ):
+        rec = tiny_recipe(**over)
+        rec["federated"].setdefault("secure_aggregation", {})
+        path.write_text(yaml.safe_dump(rec))
+        with pytest.raises(UserError, match=match):
+            load_recipe(path)
+    path.write_text(yaml.safe_dump(tiny_recipe(**{"federated.clients": 3, "federated.secure_aggregation": True})))
+    assert load_recipe(path).federated.secure_aggregation.num_shares == 1.0
 
 
 def test_cli_errors_without_a_traceback(tmp_path):
@@ -229,6 +251,76 @@ def test_a_federation_of_real_processes_trains_and_leaves_an_ordinary_run(tmp_pa
 
 
 @needs_flower
+def test_secure_aggregation_gives_fedavgs_model_without_the_server_seeing_a_client_update(tmp_path):
+    """SecAgg+ (masked, quantised updates; the server unmasks only their sum) against plain FedAvg on the same
+    recipe: the clients train the same way, so after round 1 the global models agree to the quantisation's precision;
+    the masked uploads are bigger than plain weights (the masked vectors' integers and the key exchange)."""
+    from safetensors.numpy import load_file
+
+    runs = {}
+    for name, over in (("plain", {}), ("secure", {"federated.secure_aggregation": {"num_shares": 3}})):
+        (tmp_path / name).mkdir()
+        recipe = fed_recipe(tmp_path / name, **over)
+        run = tmp_path / name / "run"
+        r = run_cli("federate", str(recipe), "--out", str(run), check=True)
+        assert "round   2/2" in r.stdout and "clients 3/3" in r.stdout
+        runs[name] = run
+    assert "SecAgg+" in r.stdout
+    plain = [x for x in rounds_of(runs["plain"]) if x.get("round", 0) >= 1]
+    secure = [x for x in rounds_of(runs["secure"]) if x.get("round", 0) >= 1]
+    assert [x["partitions"] for x in secure] == [[0, 1, 2]] * 2
+    assert [x["train_loss"] for x in secure[:1]] == [x["train_loss"] for x in plain[:1]]  # round 1: same start
+    assert all(x["secagg_clipped"] == 0 for x in secure)
+    assert all(s["bytes_up"] > p["bytes_up"] for s, p in zip(secure, plain, strict=True))
+    # Round 1 starts both from the same model: the global models differ by the quantisation alone (2**22 levels over
+    # +-8). Later rounds drift further apart (Adam's steps amplify tiny differences), so they are compared by accuracy.
+    a = load_file(str(runs["plain"] / "rounds" / "round-0001" / "global.safetensors"))
+    b = load_file(str(runs["secure"] / "rounds" / "round-0001" / "global.safetensors"))
+    diffs = {k: float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a if a[k].dtype.kind == "f"}
+    assert max(diffs.values()) < 1e-4, diffs
+    assert max(diffs.values()) > 0  # quantised: not bit-identical, so the sum really went through SecAgg+
+    assert secure[-1]["accuracy"] == pytest.approx(plain[-1]["accuracy"], abs=0.02)
+    assert no_flower_left(runs["secure"])
+
+
+def _ray_ready() -> str | None:
+    if _flower_ready() is not None:
+        return _flower_ready()
+    from bigmodel.errors import UserError
+    from bigmodel.federated.runtime import flower_bin, simulation_ready
+
+    try:
+        simulation_ready(flower_bin())
+    except UserError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.skipif(_ray_ready() is not None, reason=f"Ray is not set up: {_ray_ready()}")
+@pytest.mark.timeout(900)
+def test_the_simulation_runtime_trains_the_same_federation(tmp_path):
+    """`--simulation`: Flower's Simulation Runtime (virtual SuperNodes, ClientApps in Ray workers) runs the same
+    server and clients as the Deployment Runtime, so the same recipe gives the same global model; nothing of Flower
+    or Ray is left running after it."""
+    from safetensors.numpy import load_file
+
+    runs = {}
+    for name, extra in (("deployment", []), ("simulation", ["--simulation"])):
+        (tmp_path / name).mkdir()
+        recipe = fed_recipe(tmp_path / name)
+        runs[name] = tmp_path / name / "run"
+        r = run_cli("federate", str(recipe), "--out", str(runs[name]), *extra, check=True)
+        assert "round   2/2" in r.stdout and "clients 3/3" in r.stdout
+    assert "Simulation Runtime" in r.stdout
+    assert no_flower_left(runs["simulation"], within_s=30)
+    a = load_file(str(runs["deployment"] / "rounds" / "round-0002" / "global.safetensors"))
+    b = load_file(str(runs["simulation"] / "rounds" / "round-0002" / "global.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    sim = [x for x in rounds_of(runs["simulation"]) if x.get("round", 0) >= 1]
+    assert [x["partitions"] for x in sim] == [[0, 1, 2]] * 2
+
+
+@needs_flower
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_resume_finishes_the_rounds(tmp_path, spawn):
     """SIGINT after the first round: exit 130, nothing of Flower left; `--resume` continues from round 1 (FedAdam:
@@ -260,30 +352,60 @@ def test_ctrl_c_stops_every_process_and_resume_finishes_the_rounds(tmp_path, spa
     assert no_flower_left(run)
 
 
+@pytest.mark.skipif(_ray_ready() is not None, reason=f"Ray is not set up: {_ray_ready()}")
+@pytest.mark.slow
+def test_ctrl_c_of_a_simulation_leaves_no_ray_or_flower_process_and_resumes(tmp_path, spawn):
+    recipe = fed_recipe(tmp_path, **{"federated.rounds": 30, "train.epochs": 60})
+    run = tmp_path / "run"
+    proc = spawn(str(recipe), "--out", str(run), "--simulation")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (run / "rounds" / "round-0001" / "state.json").is_file():
+        time.sleep(0.3)
+    assert flower_processes(run), proc.communicate(timeout=60)  # the SuperLink, SuperExec, Ray's processes, workers
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert no_flower_left(run, within_s=30)
+    assert not (run / "summary.json").is_file()
+    done = max(x["round"] for x in rounds_of(run) if "round" in x)
+    r = run_cli("federate", "--resume", str(run), "--simulation", check=True)
+    assert f"resumed after round {done}" in r.stdout
+    assert [x["round"] for x in rounds_of(run) if "round" in x] == list(range(31))
+    assert no_flower_left(run, within_s=30)
+
+
 @needs_flower
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_client_killed_mid_round_does_not_stop_the_federation(tmp_path, spawn):
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_a_client_killed_mid_round_does_not_stop_the_federation(tmp_path, spawn, secure):
     """kill -9 of one SuperNode (and its ClientApp) while round 1 trains: Flower stops hearing its heartbeats and
-    answers its message with an error, the round goes on with the two others, and round 2 asks only those."""
-    recipe = fed_recipe(tmp_path, **{"federated.min_clients": 2, "train.epochs": 40, "federated.local_epochs": 20})
+    answers its message with an error, the round goes on with the two others, and round 2 asks only those. Under
+    SecAgg+ the dead client had already shared its keys: the server recovers its masks from the others' shares."""
+    over = {"federated.min_clients": 2, "train.epochs": 40, "federated.local_epochs": 20}
+    if secure:  # long enough local training that the kill lands in it, after the key exchange
+        over = {"federated.min_clients": 2, "train.epochs": 600, "federated.local_epochs": 300}
+        over["federated.secure_aggregation"] = {"num_shares": 3, "reconstruction_threshold": 2}
+    recipe = fed_recipe(tmp_path, **over)
     run = tmp_path / "run"
     proc = spawn(str(recipe), "--out", str(run))
     from bigmodel.federated.runtime import descendants
 
-    victim = None
+    victim, seen = None, {}
     deadline = time.monotonic() + 300
-    while victim is None and time.monotonic() < deadline:  # wait until client 1's ClientApp process works
+    while victim is None and time.monotonic() < deadline:  # wait until client 1's ClientApp has worked 3 s
         for pid in descendants([proc.pid]):
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"flower-supernode" in cmd and b"partition-id=1 " in cmd and _runs_a_clientapp(pid):
+            if b"flower-supernode" not in cmd or b"partition-id=1 " not in cmd:
+                continue
+            app = _clientapp_of(pid)
+            if app is not None and time.monotonic() - seen.setdefault(app, time.monotonic()) > 3:
                 victim = pid
         time.sleep(0.2)
     assert victim is not None
-    time.sleep(2)
     for pid in [victim, *descendants([victim])]:
         os.kill(pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=420)
@@ -355,16 +477,17 @@ def test_server_and_client_commands_federate_across_machines_here_on_loopback(tm
     assert not any(b"flower-supernode" in Path(f"/proc/{p}/cmdline").read_bytes() for p in _live_children(clients))
 
 
-def _runs_a_clientapp(pid: int) -> bool:
+def _clientapp_of(pid: int) -> int | None:
+    """The ClientApp process a SuperNode runs now, if any."""
     from bigmodel.federated.runtime import descendants
 
     for k in descendants([pid]):
         try:
             if b"flwr-clientapp" in Path(f"/proc/{k}/cmdline").read_bytes():
-                return True
+                return k
         except OSError:
             continue
-    return False
+    return None
 
 
 def _live_children(procs: list[subprocess.Popen]) -> list[int]:

@@ -362,6 +362,26 @@ def _recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
+def write_run_start(run_dir: Path, recipe: Recipe, device: str, **env_extra: Any) -> None:
+    """A new run's resolved recipe (RUN/recipe.yaml) and environment and seed (RUN/env.json)."""
+    write_text_atomic(run_dir / "recipe.yaml", _recipe_yaml(recipe))
+    write_json_atomic(run_dir / "env.json", {**environment(device, recipe.seed), **env_extra})
+
+
+def index_running(run_dir: Path, recipe: Recipe, index: RunIndex | None = None) -> None:
+    """List the run in the run index (`bigmodel runs`) as running."""
+    data_name = recipe.data.source + (f":{recipe.data.path}" if recipe.data.path else "")
+    (index or RunIndex()).upsert(
+        run_dir,
+        name=recipe.name,
+        task=recipe.task,
+        model=recipe.model.name,
+        data=data_name,
+        seed=recipe.seed,
+        status="running",
+    )
+
+
 def train(
     recipe: Recipe | None = None,
     *,
@@ -402,23 +422,12 @@ def train(
 
     exp = build_experiment(recipe)
     if resume is None and is_main_process():
-        write_text_atomic(run_dir / "recipe.yaml", _recipe_yaml(recipe))
         from bigmodel.training.distributed import get_world_size
 
-        env = environment(str(exp.device), recipe.seed)
-        write_json_atomic(run_dir / "env.json", {**env, "world_size": get_world_size()})
+        write_run_start(run_dir, recipe, str(exp.device), world_size=get_world_size())
     index = RunIndex() if is_main_process() else None
-    data_name = recipe.data.source + (f":{recipe.data.path}" if recipe.data.path else "")
     if index:
-        index.upsert(
-            run_dir,
-            name=recipe.name,
-            task=recipe.task,
-            model=recipe.model.name,
-            data=data_name,
-            seed=recipe.seed,
-            status="running",
-        )
+        index_running(run_dir, recipe, index)
 
     cbs = list(callbacks or [])
     cbs.append(ProgressCallback(enabled=progress))

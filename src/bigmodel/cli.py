@@ -188,6 +188,12 @@ def federate(
         int | None, typer.Option("--partition-id", help="client: which partition of the training split it holds.")
     ] = None,
     server: Annotated[str | None, typer.Option("--server", help="client: the server's HOST:PORT.")] = None,
+    simulation: Annotated[
+        bool,
+        typer.Option(
+            "--simulation", help="Flower's Simulation Runtime (virtual clients in Ray workers) instead of SuperNodes."
+        ),
+    ] = False,
 ) -> None:
     """Train a recipe federated with Flower: on this machine, a SuperLink and one SuperNode process per client on
     loopback (a line per round: accuracy, loss, clients, time); `federate server RECIPE` and `federate client RECIPE
@@ -203,6 +209,8 @@ def federate(
     overrides = rest
     if recipe_path is None and resume is None:
         raise UserError("bigmodel federate: give a recipe file with a federated block, or --resume RUN_DIR")
+    if simulation and mode != "local":
+        raise UserError(f"bigmodel federate {mode}: --simulation runs every client on this machine; leave it out")
     if mode == "client":
         if recipe_path is None or partition_id is None or server is None:
             raise UserError("bigmodel federate client: give RECIPE, --partition-id I and --server HOST:PORT")
@@ -215,7 +223,9 @@ def federate(
             rec, host=host, port=port, out=out, clients=clients, rounds=rounds, resume=resume, echo=typer.echo
         )
     else:
-        summary = federated.federate(rec, out=out, clients=clients, rounds=rounds, resume=resume, echo=typer.echo)
+        summary = federated.federate(
+            rec, out=out, clients=clients, rounds=rounds, resume=resume, simulation=simulation, echo=typer.echo
+        )
     from bigmodel.federated.core import load_run_recipe
 
     ran = load_run_recipe(Path(summary["run_dir"]) / "recipe.yaml")

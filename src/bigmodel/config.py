@@ -655,6 +655,27 @@ class PartitionConfig(Strict):
     """The partition's seed; default: the recipe's seed."""
 
 
+class SecureAggregationConfig(Strict):
+    """SecAgg+ (Bell et al. 2020; Flower's `SecAggPlusWorkflow` and `secaggplus_mod`): every client sends its model
+    update (new weights - global weights) times its example count, quantised and masked with pairwise and private
+    masks, so the server learns only their sum, from which it takes the weighted mean update. Clients that drop out
+    after the key exchange are recovered from the secret shares their neighbours hold. The server still sees each
+    client's example count and metrics (loss, ε), not its weights."""
+
+    num_shares: Annotated[float, Field(gt=0.0)] | Annotated[int, Field(ge=3)] = 1.0
+    """How many clients hold a share of each client's secrets: an integer count (3 or more), or a fraction of the
+    round's clients (1.0: every one)."""
+    reconstruction_threshold: Annotated[float, Field(gt=0.0, le=1.0)] | Annotated[int, Field(ge=2)] = 0.5
+    """How many of those shares recover a secret (integer), or a fraction of num_shares: more is more private, fewer
+    tolerates more clients dropping out in a round."""
+    clipping_range: Annotated[float, Field(gt=0.0)] = 8.0
+    """Every update value times (its client's examples / the largest client's) is clipped to +-clipping_range before
+    quantisation; rounds.jsonl counts the values clipped (`secagg_clipped`)."""
+    quantization_bits: Annotated[int, Field(ge=8, le=28)] = 22
+    """Each value is quantised to 2**bits levels (stochastic rounding); sums are taken modulo 2**32, so clients x
+    2**bits must stay below 2**32."""
+
+
 class FederatedConfig(Strict):
     """Federated training (Flower): the training split is partitioned among `clients` client processes; each round
     the server sends the global model to a `fraction_fit` sample of them, each trains `local_epochs` epochs on its
@@ -677,6 +698,15 @@ class FederatedConfig(Strict):
     server_tau: Annotated[float, Field(gt=0.0)] = 1e-3
     """fedadam: the adaptivity (epsilon) of the server's Adam."""
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    secure_aggregation: SecureAggregationConfig | None = None
+    """SecAgg+: the server learns only the sum of the clients' updates (`secure_aggregation: {}` for the defaults,
+    or `true`)."""
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        return {} if v is True else (None if v is False else v)
+
     round_timeout_s: Annotated[float, Field(gt=0.0)] = 1800.0
     """How long a round waits for replies. A client that dies is noticed sooner: Flower marks a node that misses two
     heartbeats (~60 s) unavailable and the round goes on without it."""
@@ -738,6 +768,29 @@ class Recipe(Strict):
                 )
             if self.train.early_stopping is not None:
                 raise ValueError("federated: remove train.early_stopping (the rounds are federated.rounds)")
+            sa = fed.secure_aggregation
+            if sa is not None:
+                if round(fed.clients * fed.fraction_fit) < 2:
+                    raise ValueError(
+                        "federated.secure_aggregation needs at least 2 clients a round (clients x fraction_fit is "
+                        f"{fed.clients * fed.fraction_fit:g})"
+                    )
+                if fed.clients * 2**sa.quantization_bits >= 2**32:
+                    raise ValueError(
+                        f"federated.secure_aggregation.quantization_bits {sa.quantization_bits}: {fed.clients} clients "
+                        f"x 2**{sa.quantization_bits} would overflow the 2**32 modulus; use at most "
+                        f"{31 - (fed.clients - 1).bit_length()} bits"
+                    )
+                shares, threshold = sa.num_shares, sa.reconstruction_threshold
+                if isinstance(shares, int) and shares > fed.clients:
+                    raise ValueError(
+                        f"federated.secure_aggregation.num_shares {shares} is more than federated.clients {fed.clients}"
+                    )
+                if isinstance(shares, int) and isinstance(threshold, int) and threshold >= shares:
+                    raise ValueError(
+                        f"federated.secure_aggregation.reconstruction_threshold {threshold} must be less than "
+                        f"num_shares {shares}"
+                    )
             if self.privacy.dp is not None and fed.strategy == "fedprox":
                 raise ValueError(
                     "federated.strategy fedprox with privacy.dp: the proximal term is not clipped per example; use "

@@ -24,10 +24,9 @@ def prepare_run(
     rounds: int | None = None,
 ) -> Path:
     """A new run directory holding the resolved recipe (with `clients` / `rounds` applied) and the environment."""
-    from bigmodel.api import _recipe_yaml
+    from bigmodel.api import index_running, write_run_start
     from bigmodel.config import Recipe, load_recipe
-    from bigmodel.fileio import write_json_atomic, write_text_atomic
-    from bigmodel.runs import RunIndex, environment, new_run_dir
+    from bigmodel.runs import new_run_dir
     from bigmodel.training.trainer import resolve_device
 
     if not isinstance(recipe, Recipe):
@@ -42,18 +41,8 @@ def prepare_run(
 
         recipe = validate_recipe(data, source="--clients/--rounds")
     run_dir = new_run_dir(out, (recipe.name or "run") + "-federated")
-    write_text_atomic(run_dir / "recipe.yaml", _recipe_yaml(recipe))
-    write_json_atomic(run_dir / "env.json", environment(str(resolve_device(recipe.train.device)), recipe.seed))
-    data_name = recipe.data.source + (f":{recipe.data.path}" if recipe.data.path else "")
-    RunIndex().upsert(
-        run_dir,
-        name=recipe.name,
-        task=recipe.task,
-        model=recipe.model.name,
-        data=data_name,
-        seed=recipe.seed,
-        status="running",
-    )
+    write_run_start(run_dir, recipe, str(resolve_device(recipe.train.device)))
+    index_running(run_dir, recipe)
     return run_dir
 
 
@@ -64,11 +53,13 @@ def federate(
     clients: int | None = None,
     rounds: int | None = None,
     resume: str | Path | None = None,
+    simulation: bool = False,
     echo: Any = print,
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Train `recipe` federated on this machine: a SuperLink and one SuperNode per client as real processes on
-    loopback. `resume`: continue that run directory from its last completed round. Returns RUN/summary.json (its
+    loopback, or with `simulation` Flower's Simulation Runtime (virtual SuperNodes, the ClientApps in Ray workers).
+    `resume`: continue that run directory from its last completed round. Returns RUN/summary.json (its
     `run_dir`, `metrics` on eval.split and the `federated` totals); RUN/rounds.jsonl has one record per round."""
     from bigmodel.federated.runtime import run_federation
     from bigmodel.runs import RunIndex, require_run_dir
@@ -87,7 +78,7 @@ def federate(
     else:
         run_dir = prepare_run(recipe, out=out, clients=clients, rounds=rounds)
     try:
-        return run_federation(run_dir, echo=echo, timeout_s=timeout_s)
+        return run_federation(run_dir, simulation=simulation, echo=echo, timeout_s=timeout_s)
     except BaseException:
         if not (run_dir / "summary.json").is_file():
             RunIndex().upsert(run_dir, status="failed")

@@ -22,10 +22,12 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -260,7 +262,7 @@ def write_flower_config(home: Path, address: str) -> None:
     )
 
 
-def superlink_argv(bin_dir: Path, host: str, port: int, db: Path) -> list[str]:
+def superlink_argv(bin_dir: Path, host: str, port: int, db: Path, simulation: bool = False) -> list[str]:
     return [
         str(bin_dir / "flower-superlink"),
         "--insecure",
@@ -271,7 +273,27 @@ def superlink_argv(bin_dir: Path, host: str, port: int, db: Path) -> list[str]:
         "--database",
         str(db),
         "--disable-runtime-dependency-installation",
+        *(["--simulation"] if simulation else []),
     ]
+
+
+def simulation_ready(bin_dir: Path) -> None:
+    """Flower's Simulation Runtime runs the ClientApps in Ray workers: Ray must be in Flower's environment."""
+    python = bin_dir / "python"
+    ok = subprocess.run([str(python), "-c", "import ray"], capture_output=True, check=False, timeout=120)
+    if ok.returncode != 0:
+        raise UserError(
+            f"--simulation needs Ray in Flower's environment ({bin_dir.parent}): install it with "
+            f"`{python} -m pip install 'flwr[simulation]==1.42.0'` (scripts/setup.sh does), or leave out --simulation"
+        )
+
+
+def simulation_config(clients: int) -> list[str]:
+    """`flwr run --federation-config` entries: one virtual SuperNode per client, each ClientApp given the threads
+    a SuperNode process would have (Ray runs as many at once as the cores allow)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // clients)
+    return [f"num-supernodes={clients}", f"client-resources-num-cpus={threads}", f"init-args-num-cpus={cores}"]
 
 
 def supernode_argv(bin_dir: Path, server: str, port: int, partition_id: int, clients: int, recipe: Path) -> list[str]:
@@ -290,10 +312,11 @@ def supernode_argv(bin_dir: Path, server: str, port: int, partition_id: int, cli
     ]
 
 
-def submit(bin_dir: Path, app_dir: Path, env: dict[str, str], log: Path) -> str:
+def submit(bin_dir: Path, app_dir: Path, env: dict[str, str], log: Path, federation_config: list[str] = ()) -> str:
     """`flwr run APP bigmodel`: builds the app bundle and starts the run on the SuperLink; returns the run id."""
+    extra = [x for item in federation_config for x in ("--federation-config", item)]
     out = subprocess.run(
-        [str(bin_dir / "flwr"), "run", str(app_dir), "bigmodel", "--format", "json"],
+        [str(bin_dir / "flwr"), "run", str(app_dir), "bigmodel", "--format", "json", *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -315,10 +338,11 @@ def submit(bin_dir: Path, app_dir: Path, env: dict[str, str], log: Path) -> str:
 def format_round(r: dict[str, Any], total: int) -> str:
     acc = f"accuracy {r['accuracy']:.4f}  " if "accuracy" in r else ""
     fails = f"  ({len(r['failures'])} failed)" if r.get("failures") else ""
+    clipped = f"  secagg clipped {r['secagg_clipped']}" if r.get("secagg_clipped") else ""
     return (
         f"round {r['round']:>3}/{total}  {acc}loss {r.get('loss', float('nan')):.4f}  "
         f"train_loss {r.get('train_loss', float('nan')):.4f}  clients {r['clients']}/{r['sent_to']}{fails}  "
-        f"{r['time_s']:.1f} s"
+        f"{r['time_s']:.1f} s{clipped}"
     )
 
 
@@ -379,15 +403,21 @@ def run_federation(
     host: str = "127.0.0.1",
     port: int | None = None,
     local_clients: bool = True,
+    simulation: bool = False,
     echo: Callable[[str], None] = print,
     timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Start a SuperLink (and, with `local_clients`, one SuperNode per client on loopback), submit the run whose
-    recipe is RUN/recipe.yaml, print its rounds, and stop every process. Returns RUN/summary.json."""
+    recipe is RUN/recipe.yaml, print its rounds, and stop every process. Returns RUN/summary.json.
+
+    `simulation`: Flower's Simulation Runtime instead of SuperNodes: the SuperLink runs the ServerApp and one virtual
+    SuperNode per client, whose ClientApps run in Ray worker processes (a few at a time, as the cores allow)."""
     recipe = core.load_run_recipe(run_dir / "recipe.yaml")
     assert recipe.federated is not None
     clients = recipe.federated.clients
     bin_dir = flower_bin()
+    if simulation:
+        simulation_ready(bin_dir)
     flower = run_dir / "flower"
     home = flower / "home"
     port = port or free_port()
@@ -395,32 +425,41 @@ def run_federation(
     write_app(flower / "app", run_dir)
     write_flower_config(home, link)
     env = flower_env(home, bin_dir)
+    ray_tmp = None
+    if simulation:  # Ray's sockets and logs in a short folder of this run's own (socket paths are length-limited)
+        ray_tmp = Path(tempfile.mkdtemp(prefix="bigmodel-ray-"))
+        slots = local_client_env(flower, clients)[core.SLOTS_ENV]  # Ray itself sets each worker's OMP threads
+        env |= {core.SLOTS_ENV: slots, "RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
     procs = Processes()
     with _signals_raise():
         try:
-            procs.start(
-                "superlink", superlink_argv(bin_dir, host, port, flower / "superlink.db"), env, flower / "superlink.log"
-            )
+            argv = superlink_argv(bin_dir, host, port, flower / "superlink.db", simulation)
+            procs.start("superlink", argv, env, flower / "superlink.log")
             wait_for_port("127.0.0.1", port, procs)
-            if local_clients:
+            if local_clients and not simulation:
                 node_env = local_client_env(flower, clients)
                 for i in range(clients):
                     argv = supernode_argv(bin_dir, link, free_port(), i, clients, run_dir / "recipe.yaml")
                     env_i = {**flower_env(flower / f"node-{i}", bin_dir), **node_env}
                     procs.start(f"supernode-{i}", argv, env_i, flower / f"supernode-{i}.log")
-            else:
+            elif not simulation:
                 echo(
                     f"waiting for {clients} clients: on each machine run `bigmodel federate client RECIPE "
                     f"--partition-id I --server {socket.gethostname()}:{port}` (I = 0 .. {clients - 1})"
                 )
-            run_id = submit(bin_dir, flower / "app", env, flower / "flwr-run.log")
+            fed_config = simulation_config(clients) if simulation else []
+            run_id = submit(bin_dir, flower / "app", env, flower / "flwr-run.log", fed_config)
+            secure = " + SecAgg+" if recipe.federated.secure_aggregation is not None else ""
+            where = "Simulation Runtime (Ray)" if simulation else f"SuperLink {host}:{port}"
             echo(
-                f"federation: {clients} clients, {recipe.federated.rounds} rounds, {recipe.federated.strategy} "
-                f"(Flower run {run_id}, SuperLink {host}:{port})"
+                f"federation: {clients} clients, {recipe.federated.rounds} rounds, {recipe.federated.strategy}{secure} "
+                f"(Flower run {run_id}, {where})"
             )
             watch(run_dir, recipe.federated.rounds, procs, echo, timeout_s)
         finally:
             procs.stop()
+            if ray_tmp is not None:
+                shutil.rmtree(ray_tmp, ignore_errors=True)
     return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
 
 
