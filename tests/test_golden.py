@@ -56,11 +56,29 @@ def record(name: str) -> list[float]:
 
 
 def environment() -> dict[str, object]:
+    """What decides whether the losses can be bit-identical: torch, the kernels it picks, the threads. The ISA level
+    alone does not: an AMD EPYC (Zen 4) and an Intel Xeon with AMX both report AVX512, and oneDNN's fp32 kernels
+    on them round differently from the third step on (1e-7)."""
+    flags = _cpu_flags()
     return {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_vendor": flags.get("vendor_id", ""),
+        "cpu_amx": "amx_tile" in flags.get("flags", "").split(),
     }
+
+
+def _cpu_flags() -> dict[str, str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        out.setdefault(key.strip(), value.strip())
+    return out
 
 
 def _skip_unless_data(name: str) -> None:
