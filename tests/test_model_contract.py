@@ -184,7 +184,10 @@ def test_model_contract(name, shape, request, tmp_path):
         with torch.no_grad():
             features = model.forward_features(*x)
             assert features.ndim == 2 and features.shape[0] == 2
-            if not entry.can(Capability.SOLVED):
+            if name == "hf":  # transformers scores every position, then pools; forward_head scores the pooled row:
+                # the same function through GEMMs of other shapes, whose last bits differ on some CPUs (Intel AMX)
+                torch.testing.assert_close(model.forward_head(features), ref, rtol=1e-5, atol=1e-6)
+            elif not entry.can(Capability.SOLVED):
                 assert torch.equal(model.forward_head(features), ref)
             else:  # tfidf-linear's own forward (no dense (B, V) rows) computes the same function, summed otherwise
                 torch.testing.assert_close(model.forward_head(features), ref, rtol=1e-5, atol=1e-6)
