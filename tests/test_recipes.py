@@ -84,6 +84,8 @@ def test_recipe_debug_size_trains(path, tmp_path):
         source in ("fillets_speakers", "fillets_transcripts") and not Path("/usr/share/games/fillets-ng/sound").is_dir()
     ):
         pytest.skip("the Fish Fillets voices are not installed (apt-get install fillets-ng-data-cs)")
+    elif source == "fillets_transcripts" and not Path("/usr/share/games/fillets-ng/script").is_dir():
+        pytest.skip("the Fish Fillets scripts (the clips' text) are not installed (apt-get install fillets-ng-data)")
     if recipe.task in ("language_modeling", "translation"):  # small held-out splits: evaluation dominates here
         extra += ["data.val_fraction=0.01", "data.test_fraction=0.01"]
     if recipe.model.name == "hf":  # pretrained models: evaluation over full held-out splits would dominate
