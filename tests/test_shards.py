@@ -1,5 +1,6 @@
 """Data on disk in shards (`bigmodel data prepare`, `data.source: shards`): the same batches, the same numbers and the
-same exact resume as the in-memory path, read a batch at a time."""
+same exact resume as the in-memory path, read a batch at a time — in the main process or in worker processes
+(`train.num_workers`), in one process or in two (DDP ranks each read only their share of every batch)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,79 @@ def test_training_on_disk_equals_training_in_memory(prepared, tmp_path):
     ma = json.loads((tmp_path / "mem" / "summary.json").read_text())
     mb = json.loads((tmp_path / "disk" / "summary.json").read_text())
     assert ma["metrics"]["accuracy"] == mb["metrics"]["accuracy"]
+    # Batches made by 2 worker processes (read, augment, normalise there): the same weights, bit for bit.
+    run_cli("train", str(disk), "train.num_workers=2", "--out", str(tmp_path / "w"), "--no-progress", check=True)
+    c = load_file(str(tmp_path / "w" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_workers_make_the_main_process_batches_and_stop_with_the_epoch(prepared):
+    """Worker-made batches equal main-process ones (augmentation and mixup included; resuming mid-epoch too), and
+    leaving an epoch early stops its workers."""
+    import multiprocessing
+
+    from bigmodel.api import build_experiment
+
+    _, folder = prepared
+    aug = {"horizontal_flip": True, "random_crop_padding": 1, "mixup_alpha": 0.2}
+    runs = {}
+    for w in (0, 2):
+        exp = build_experiment(validate_recipe(on_disk(folder, augment=aug) | {"train": {"num_workers": w}}))
+        loader = exp.loader("train", train=True)
+        assert loader.num_workers == w and exp.data.on_disk
+        runs[w] = [b for e in (0, 1) for b in loader.epoch(e, start=2)]
+    assert len(runs[0]) == len(runs[2]) > 10
+    for (xa, ya), (xb, yb) in zip(runs[0], runs[2], strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and xa.stride() == xb.stride()  # channels-last kept
+    it = loader.epoch(0)
+    next(it)
+    assert len(multiprocessing.active_children()) == 2
+    it.close()
+    assert not multiprocessing.active_children()
+
+
+def test_each_rank_reads_only_its_share_of_every_batch(prepared, monkeypatch):
+    """Two ranks' loaders over the same shards read disjoint images whose union is each global batch."""
+    from bigmodel.api import build_experiment
+
+    _, folder = prepared
+    exp = build_experiment(validate_recipe(on_disk(folder)))
+    reads: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    rank_now = [0]
+    original = DiskImages._read
+
+    def spy(self, rows):
+        reads[rank_now[0]].append(rows.clone())
+        return original(self, rows)
+
+    monkeypatch.setattr(DiskImages, "_read", spy)
+    globals_ = [torch.as_tensor(b) for b in exp.loader("train", train=True).plan.batches(1)]
+    for rank in (0, 1):
+        rank_now[0] = rank
+        exp.rank, exp.world_size = rank, 2
+        for _ in exp.loader("train", train=True).epoch(1):
+            pass
+    assert len(reads[0]) == len(reads[1]) == len(globals_)
+    for a, b, g in zip(reads[0], reads[1], globals_, strict=True):
+        assert not set(a.tolist()) & set(b.tolist())
+        assert sorted(a.tolist() + b.tolist()) == sorted(g.tolist())
+
+
+def test_two_ddp_processes_on_disk_give_one_process_weights(prepared, tmp_path):
+    """`--nproc-per-node 2` on on-disk shards (each rank reading its half of every batch): the weights of one process
+    (no dropout or augmentation, whose draws are per batch; BatchNorm synchronised)."""
+    _, folder = prepared
+    r = on_disk(folder)
+    r["data"].pop("augment")
+    r["model"]["dropout"] = 0.0
+    r["train"]["distributed"] = {"sync_batchnorm": True}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(r))
+    run_cli("train", str(path), "--out", str(tmp_path / "one"), "--no-progress", check=True)
+    run_cli("train", str(path), "--out", str(tmp_path / "two"), "--nproc-per-node", "2", "--no-progress", check=True)
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-5
 
 
 def test_in_memory_is_chosen_by_size(prepared):
@@ -156,3 +230,6 @@ def test_bad_input_is_one_line(prepared, tmp_path, write_recipe):
     )
     r = run_cli("data", "prepare", str(text), "--out", str(tmp_path / "t"))
     assert r.returncode != 0 and "image_classification" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", str(text), "train.num_workers=2", "--out", str(tmp_path / "t2"), "--no-progress")
+    assert r.returncode == 2 and "train.num_workers applies to image_classification" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "t2").exists()

@@ -527,6 +527,11 @@ class TrainConfig(Strict):
     back its compile time on GPUs; on CPU it measured slower here (cnn-small on 2 cores: 25 s to compile, then 0.68x
     the eager speed), so it is off by default."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    num_workers: Annotated[int, Field(ge=0, le=256)] = 0
+    """Image tasks: worker processes that make the batches (read from disk, augment, normalise) while the model
+    trains; 0 makes them in the main process (data on disk is then read one batch ahead in a thread). Each batch is a
+    pure function of (seed, epoch, batch), so any number of workers gives the same numbers. Pays off when the CPU has
+    cores to spare beyond the training's threads; ignored for images kept on a GPU."""
     checkpoint_every: Annotated[int, Field(ge=1)] | None = None
     """Also checkpoint every N optimizer steps (epoch ends always checkpoint)."""
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2

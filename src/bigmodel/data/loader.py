@@ -3,6 +3,10 @@
 The order of epoch e comes from the sampling plan (`data/sampling.py`: a pure function of (seed, e), sharded by
 rank); augmentation is seeded by (seed, e, batch). So the loader has no hidden state: `epoch(e, start=k)` resumes
 mid-epoch exactly where an interrupted run stopped.
+
+Batch k of an epoch is a pure function of (seed, epoch, k), so it can be made anywhere: with `num_workers` > 0 (images
+held on the CPU: in memory or on disk) worker processes read, augment and normalise whole batches (a `DataLoader` over
+the epoch's batch list, delivered in order) and the numbers are the same as made in the main process, bit for bit.
 """
 
 from __future__ import annotations
@@ -51,9 +55,15 @@ class BatchLoader:
         sampling: str = "none",
         rank: int = 0,
         world_size: int = 1,
+        num_workers: int = 0,
     ) -> None:
         self.x = split.x.to(device)
         self.y = split.y.to(device)
+        self._y_cpu = split.y.cpu()  # what worker processes index (they must not touch a GPU)
+        # Workers only for images on the CPU: data kept on a GPU is batched there, faster than any worker.
+        self.num_workers = num_workers if self.x.device.type == "cpu" else 0
+        on_cpu = normalizer is None or normalizer.scale.device.type == "cpu"
+        self._normalizer_cpu = normalizer if on_cpu else Normalizer(normalizer.mean, normalizer.std)
         self.batch_size = batch_size
         self.normalizer = normalizer
         self.shuffle = shuffle
@@ -94,6 +104,9 @@ class BatchLoader:
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Any, torch.Tensor]]:
         """Yield (x, y) batches of `epoch`, beginning at batch index `start`."""
         batches = self.plan.batches(epoch)[start:]
+        if self.num_workers and batches:
+            yield from self._in_workers(batches, epoch, start)
+            return
         if not isinstance(self.x, torch.Tensor):  # on disk (`data/shards.py`): read ahead in a background thread
             yield from self._read_ahead(batches, epoch, start)
             return
@@ -119,18 +132,48 @@ class BatchLoader:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def _in_workers(self, batches: list[Any], epoch: int, start: int) -> Iterator[Any]:
+        """`num_workers` processes make whole batches (read, augment, normalise, on the CPU), two each ahead; they
+        come back in order and move to the device here."""
+        from torch.utils.data import DataLoader
+
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        dl = DataLoader(
+            _EpochBatches(self, batches, epoch, start),
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=2,
+            pin_memory=pin,
+            # its own generator: iter() draws the workers' base seed, which must not advance the global one (dropout)
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, start)),
+        )
+        it = iter(dl)
+        try:
+            for xb, yb in it:
+                if self.device.type != "cpu":
+                    xb, yb = xb.to(self.device, non_blocking=pin), yb.to(self.device, non_blocking=pin)
+                yield xb, yb
+        finally:
+            del it  # an epoch left early (a time limit, an error) stops its workers now
+
     def _batch(
-        self, idx: slice | torch.Tensor, epoch: int, i: int, xb: torch.Tensor | None = None
+        self,
+        idx: slice | torch.Tensor,
+        epoch: int,
+        i: int,
+        xb: torch.Tensor | None = None,
+        in_worker: bool = False,
     ) -> tuple[Any, torch.Tensor]:
-        xb, yb = (self.x[idx] if xb is None else xb), self.y[idx]
-        if xb.device != self.device:  # images read from disk come to the device a batch at a time
+        xb, yb = (self.x[idx] if xb is None else xb), (self._y_cpu if in_worker else self.y)[idx]
+        if xb.device != self.device and not in_worker:  # images read from disk come to the device a batch at a time
             xb = xb.to(self.device, non_blocking=True)
         g = None
         if self.augment is not None:
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, i))
             xb = augment_batch(xb, self.augment, g)
-        assert self.normalizer is not None
-        xb = self.normalizer(xb)
+        normalizer = self._normalizer_cpu if in_worker else self.normalizer
+        assert normalizer is not None
+        xb = normalizer(xb)
         if self.mixing:
             assert g is not None and self.num_classes is not None and self.augment is not None
             xb, yb = mix_batch(xb, yb, self.num_classes, self.augment, g)
@@ -140,6 +183,19 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
+
+
+class _EpochBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Item k = batch `start + k` of `epoch`, made in a worker process (a pure function of seed, epoch and k)."""
+
+    def __init__(self, loader: BatchLoader, batches: list[Any], epoch: int, start: int) -> None:
+        self.loader, self.batches, self.epoch, self.start = loader, batches, epoch, start
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> tuple[Any, torch.Tensor]:
+        return self.loader._batch(self.batches[k], self.epoch, self.start + k, in_worker=True)
 
 
 class SequenceLoader(BatchLoader):

@@ -77,6 +77,7 @@ class TaskSpec(ABC):
     name: str
     kind: str
     channels_last: bool = False  # whether its inputs are images that a convnet may take channels-last
+    loader_workers: bool = False  # whether its loader makes batches in worker processes (`train.num_workers`)
     data_config: type[BaseModel]  # the class that validates the recipe's `data` block (its keys are the task's)
     inputs: Literal["files", "texts", "prompt"] = "files"  # what `predict` takes: files or strings (or generate)
     generative: bool = False  # monitors val_loss; needs a reversible tokenizer
@@ -99,6 +100,10 @@ class TaskSpec(ABC):
                     f"data.tokenizer.{extra[0]} does not apply to model.name 'hf': the tokenizer comes with the "
                     "pretrained model (only data.tokenizer.max_length applies)"
                 )
+        if recipe.train.num_workers and not self.loader_workers:
+            raise ValueError(
+                f"train.num_workers applies to image_classification (its batches are made in workers), not {self.name!r}"
+            )
         if recipe.eval.tta_flip and not self.channels_last:
             raise ValueError(f"eval.tta_flip applies to image_classification only, not {self.name!r}")
         if self.generative:

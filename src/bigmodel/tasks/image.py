@@ -35,6 +35,7 @@ class ImageClassification(ClassificationSpec):
     name = "image_classification"
     kind = "image"
     channels_last = True
+    loader_workers = True
     data_config = ImageDataConfig
 
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
@@ -64,6 +65,7 @@ class ImageClassification(ClassificationSpec):
             augment=recipe.data.augment if opts.train else None,
             channels_last=opts.channels_last,
             num_classes=len(pre.labels),
+            num_workers=recipe.train.num_workers,
             **self.loader_kwargs(recipe, opts),
         )
 
