@@ -1,21 +1,33 @@
 """Data on disk in shards against data in memory: training speed and resident memory, on an enlarged Fashion-MNIST.
 
-    python benchmarks/data.py [--enlarge 4] [--epochs 2] [--limit-train N] [--json]
+    python benchmarks/data.py [--enlarge 4] [--epochs 2] [--limit-train N] [--num-workers N]
+                              [--paths in_memory on_disk] [--memory-cap-mb MB] [--json]
 
 1. Writes the quickstart's Fashion-MNIST splits with the training split enlarged `--enlarge` times (copy k is shifted
    by k mod 3 - 1 pixels and mirrored when k is odd; generated a shard at a time, never whole in memory) through
    `write_shards`, the code behind `bigmodel data prepare`.
 2. Trains the quickstart on it twice, each in its own process: `in_memory` (the splits read into memory) and
    `on_disk` (`data.in_memory_limit_mb` far below their size: each batch read from the shards). Each process prints
-   its resident memory (VmRSS) after every epoch and the samples/s of its training.
+   its resident memory (VmRSS) after every epoch and the samples/s of its training. `--num-workers N` adds
+   `on_disk_workers`: the on-disk path with its batches made by N worker processes; "PSS with workers" is the memory
+   of the process and its workers with shared pages counted once (forked workers share the parent's pages, so adding
+   their VmRSS would count those twice).
+3. `--memory-cap-mb MB` runs the on-disk processes in a memory cgroup limited to MB (cgroup v1 `memory.limit_in_bytes`
+   or v2 `memory.max`; it needs a writable cgroup, e.g. root in a container): the kernel kills the run if the process
+   and its workers ever hold more, page cache included. The cgroup's peak usage and how often it hit the limit are
+   reported. Set it at least 5x below the training split's size to show memory that does not grow with the data.
+Memory figures are each epoch's peak of samples taken every 25 steps.
 `disk_vs_memory_speed_ratio` = on-disk samples/s / in-memory samples/s; `disk_peak_rss_vs_data_ratio` = the on-disk
-run's peak resident memory / the size of the training images.
+run's peak resident memory / the size of the training images; `data_vs_memory_cap_ratio` = the training images' size /
+the cap.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -72,31 +84,54 @@ from bigmodel.api import build_experiment
 from bigmodel.config import load_recipe
 from bigmodel.training.trainer import Callback
 
-def rss_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+import multiprocessing
 
-folder, limit, epochs, out = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def _field(path, key):
+    try:
+        for line in open(path):
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    return 0.0
+
+def rss_mb():  # this process's resident memory
+    return _field("/proc/self/status", "VmRSS:")
+
+def pss_mb():  # this process and its worker processes, shared pages counted once (proportional set size)
+    pids = ["self"] + [str(p.pid) for p in multiprocessing.active_children()]
+    return sum(_field(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in pids)
+
+folder, limit, epochs, out, workers = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 recipe = load_recipe(
     "recipes/quickstart.yaml",
     ["data.source=shards", f"data.path={folder}", f"data.in_memory_limit_mb={limit}", f"train.epochs={epochs}",
-     "train.eval_every=1000", "train.baseline=false"],
+     "train.eval_every=1000", "train.baseline=false", f"train.num_workers={workers}"],
 )
 exp = build_experiment(recipe)
-per_epoch = []
+per_epoch, pss_per_epoch = [], []
 
 class Rss(Callback):
-    epoch = 0
+    # the peak of memory samples taken every 25 steps of each epoch (worker processes live only within one)
+
+    epoch, steps, rss, pss = 0, 0, 0.0, 0.0
 
     def on_step_end(self, trainer, loss):
+        self.steps += 1
+        if self.steps % 25 == 1:
+            self.rss, self.pss = max(self.rss, rss_mb()), max(self.pss, pss_mb())
         if trainer.state.epoch != self.epoch:  # an epoch just ended
             self.epoch = trainer.state.epoch
-            per_epoch.append(rss_mb())
+            self.close()
+
+    def close(self):
+        per_epoch.append(max(self.rss, rss_mb()))
+        pss_per_epoch.append(self.pss or pss_mb())
+        self.rss = self.pss = 0.0
 
     def on_fit_end(self, trainer):
         if len(per_epoch) < trainer.state.epoch or not per_epoch:
-            per_epoch.append(rss_mb())
+            self.close()
 
 t = exp.trainer(run_dir=Path(out), callbacks=[Rss()], validate=False)
 rss_start = rss_mb()
@@ -104,20 +139,72 @@ t0 = time.perf_counter()
 state = t.fit()
 seconds = time.perf_counter() - t0
 print(json.dumps({"on_disk": bool(exp.data.on_disk), "samples_per_s": state.samples_seen / seconds,
-                  "rss_mb_start": rss_start, "rss_mb_per_epoch": per_epoch, "seconds": seconds}))
+                  "rss_mb_start": rss_start, "rss_mb_per_epoch": per_epoch, "pss_mb_per_epoch": pss_per_epoch,
+                  "seconds": seconds}))
 """
 
 
-def run_child(folder: Path, limit_mb: float, epochs: int, out: Path) -> dict[str, Any]:
+class MemoryCap:
+    """A memory cgroup limited to `mb` that child processes join before they exec (cgroup v1 or v2)."""
+
+    def __init__(self, mb: float) -> None:
+        self.mb = mb
+        name = f"bigmodel-bench-{os.getpid()}"
+        v1 = Path("/sys/fs/cgroup/memory")
+        if (v1 / "memory.limit_in_bytes").exists():
+            self.dir, limit, self.peak, self.hits = v1 / name, "memory.limit_in_bytes", "memory.max_usage_in_bytes", None
+        else:
+            own = ""
+            with contextlib.suppress(OSError):
+                own = next(x[3:] for x in Path("/proc/self/cgroup").read_text().splitlines() if x.startswith("0::"))
+            self.dir, limit, self.peak, self.hits = Path("/sys/fs/cgroup") / own.strip("/") / name, "memory.max", \
+                "memory.peak", "memory.events"
+        try:
+            self.dir.mkdir()
+            (self.dir / limit).write_text(str(int(mb * 2**20)))
+        except OSError as e:
+            raise SystemExit(
+                f"--memory-cap-mb: cannot make a memory cgroup at {self.dir} ({e.strerror}); it needs a writable "
+                "cgroup memory controller (root in a container, or run under systemd-run --user -p MemoryMax=...)"
+            ) from None
+
+    def join(self) -> None:  # runs in the child between fork and exec
+        (self.dir / "cgroup.procs").write_text(str(os.getpid()))
+
+    def figures(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"cap_mb": self.mb}
+        with contextlib.suppress(OSError, ValueError):
+            out["peak_mb"] = int((self.dir / self.peak).read_text()) / 2**20
+        with contextlib.suppress(OSError, ValueError):
+            if self.hits is None:  # v1: times usage hit the limit (reclaim followed)
+                out["limit_hits"] = int((self.dir / "memory.failcnt").read_text())
+            else:
+                ev = dict(line.split() for line in (self.dir / self.hits).read_text().splitlines())
+                out["limit_hits"], out["oom_kills"] = int(ev.get("max", 0)), int(ev.get("oom_kill", 0))
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
+
+
+def run_child(
+    folder: Path, limit_mb: float, epochs: int, out: Path, workers: int = 0, cap: MemoryCap | None = None
+) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), str(limit_mb), str(epochs), str(out)],
+        [sys.executable, "-c", CHILD, str(folder), str(limit_mb), str(epochs), str(out), str(workers)],
         cwd=ROOT,
         capture_output=True,
         text=True,
+        preexec_fn=cap.join if cap else None,
     )
     if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        killed = " (killed: over the memory cap)" if cap and proc.returncode == -9 else ""
+        raise SystemExit(f"the training process failed{killed}:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if cap:
+        result["cgroup"] = cap.figures()
+    return result
 
 
 def main() -> None:
@@ -125,39 +212,75 @@ def main() -> None:
     ap.add_argument("--enlarge", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--limit-train", type=int, help="enlarge only the first N training images (a quick run)")
+    ap.add_argument("--num-workers", type=int, default=0, help="also run on disk with this many worker processes")
+    ap.add_argument("--paths", nargs="+", choices=["in_memory", "on_disk"], default=["in_memory", "on_disk"])
+    ap.add_argument("--memory-cap-mb", type=float, help="run the on-disk processes in a memory cgroup of this size")
+    ap.add_argument("--keep", type=Path, help="write the shards here and keep them (default: a temporary folder)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     env = environment()
+    cells: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "shards"
-        index = prepare(folder, args.enlarge, args.limit_train)
+        folder = args.keep or Path(tmp) / "shards"
+        if (folder / "index.json").exists():
+            index = json.loads((folder / "index.json").read_text())
+        else:
+            index = prepare(folder, args.enlarge, args.limit_train)
         train_mb = sum((folder / s["file"]).stat().st_size for s in index["splits"]["train"]["shards"]) / 2**20
-        mem = run_child(folder, 1e9, args.epochs, Path(tmp) / "mem")
-        disk = run_child(folder, 1.0, args.epochs, Path(tmp) / "disk")
-    assert disk["on_disk"] and not mem["on_disk"]
-    figures = {
+        if "in_memory" in args.paths:
+            cells["in_memory"] = run_child(folder, 1e9, args.epochs, Path(tmp) / "mem")
+        runs = [("on_disk", 0)] if "on_disk" in args.paths else []
+        runs += [("on_disk_workers", args.num_workers)] if args.num_workers and "on_disk" in args.paths else []
+        for name, workers in runs:
+            cap = MemoryCap(args.memory_cap_mb) if args.memory_cap_mb else None
+            try:
+                cells[name] = run_child(folder, 1.0, args.epochs, Path(tmp) / name, workers, cap)
+            finally:
+                if cap:
+                    cap.close()
+            cells[name]["num_workers"] = workers
+    assert all(c["on_disk"] == (k != "in_memory") for k, c in cells.items())
+    figures: dict[str, Any] = {
         "enlarge": args.enlarge,
+        "epochs": args.epochs,
         "train_images": index["splits"]["train"]["count"],
         "train_data_mb": train_mb,
-        "in_memory": mem,
-        "on_disk": disk,
-        "disk_vs_memory_speed_ratio": disk["samples_per_s"] / mem["samples_per_s"],
-        "disk_peak_rss_vs_data_ratio": max(disk["rss_mb_per_epoch"]) / train_mb,
+        **cells,
         "environment": env,
     }
+    if "in_memory" in cells and "on_disk" in cells:
+        figures["disk_vs_memory_speed_ratio"] = cells["on_disk"]["samples_per_s"] / cells["in_memory"]["samples_per_s"]
+    if "in_memory" in cells and "on_disk_workers" in cells:
+        figures["workers_vs_memory_speed_ratio"] = (
+            cells["on_disk_workers"]["samples_per_s"] / cells["in_memory"]["samples_per_s"]
+        )
+    if "on_disk" in cells:
+        figures["disk_peak_rss_vs_data_ratio"] = max(cells["on_disk"]["rss_mb_per_epoch"]) / train_mb
+    if args.memory_cap_mb:
+        figures["data_vs_memory_cap_ratio"] = train_mb / args.memory_cap_mb
     if args.json:
         emit_json(figures)
         return
     print_env(env)
     print(f"training split: {figures['train_images']:,} images, {train_mb:.0f} MB of uint8 pixels")
-    print_table(
-        ["path", "samples/s", "RSS at start (MB)", "RSS after each epoch (MB)"],
-        [
-            [k, r["samples_per_s"], r["rss_mb_start"], " ".join(f"{v:.0f}" for v in r["rss_mb_per_epoch"])]
-            for k, r in (("in memory", mem), ("on disk", disk))
-        ],
-    )
-    print(f"on disk / in memory speed = {figures['disk_vs_memory_speed_ratio']:.3f}")
+    rows = []
+    for k, r in cells.items():
+        cg = r.get("cgroup", {})
+        rows.append(
+            [
+                k.replace("_", " ") + (f" ({r['num_workers']} workers)" if r.get("num_workers") else ""),
+                r["samples_per_s"],
+                r["rss_mb_start"],
+                " ".join(f"{v:.0f}" for v in r["rss_mb_per_epoch"]),
+                " ".join(f"{v:.0f}" for v in r["pss_mb_per_epoch"]),
+                f"{cg['peak_mb']:.0f} of {cg['cap_mb']:.0f}" if "peak_mb" in cg else "-",
+            ]
+        )
+    headers = ["path", "samples/s", "RSS at start (MB)", "RSS peak per epoch (MB)", "PSS with workers (MB)"]
+    print_table([*headers, "cgroup peak (MB)"], rows)
+    for k, v in figures.items():
+        if k.endswith("_ratio"):
+            print(f"{k} = {v:.3f}")
 
 
 if __name__ == "__main__":

@@ -324,11 +324,15 @@ class LanguageModelDataConfig(_Files, _Text):
     """`data` of `task: language_modeling`."""
 
     TASK: ClassVar[str] = "language_modeling"
-    SOURCES: ClassVar[tuple[str, ...]] = LM_SOURCES
+    SOURCES: ClassVar[tuple[str, ...]] = (*LM_SOURCES, "shards")
 
     source: str
-    """`text` (a text file or a folder of .txt), `shakespeare` (bundled), or the text column of any text-classification
-    source (pretraining never sees the classifier's test texts)."""
+    """`text` (a text file or a folder of .txt), `shakespeare` (bundled), the text column of any text-classification
+    source (pretraining never sees the classifier's test texts), or `shards` (token ids made by `bigmodel data
+    prepare`, with their tokenizer)."""
+    in_memory_limit_mb: Annotated[float, Field(gt=0)] = 2048
+    """`shards`: read the prepared token streams into memory when together (as int64) they are at most this many MiB;
+    larger ones stay on disk and each batch's windows are read when needed."""
     label_column: str = "label"
     """Text-classification sources: their label column (read only to carve the splits like the classifier)."""
     context_length: Annotated[int, Field(ge=2, le=65_536)] = 256
@@ -340,6 +344,8 @@ class LanguageModelDataConfig(_Files, _Text):
     def _cross(self) -> LanguageModelDataConfig:
         if self.source == "text" and self.path is None and self.train_path is None:
             raise ValueError("data.path (a text file or folder) or data.train_path is required for data.source 'text'")
+        if self.source == "shards" and self.path is None:
+            raise ValueError("data.path is required when data.source is 'shards' (a folder from bigmodel data prepare)")
         return self
 
     def as_text(self) -> TextDataConfig:

@@ -275,4 +275,6 @@ class WindowLoader:
         for idx in self.plan.batches(epoch)[start:]:
             starts = idx.to(self.device) if self._starts is None else self._starts[idx]
             win = self.ids[starts[:, None] + self._offsets]  # (B, T + 1)
+            if win.device != self._offsets.device:  # read from disk (`data/tokenshards.py`): to the device per batch
+                win = win.to(self._offsets.device)
             yield win[:, :-1], win[:, 1:]

@@ -26,6 +26,10 @@ class LanguageModeling(TaskSpec):
         from bigmodel.runs import Preprocess
 
         cfg = recipe.data
+        if cfg.source == "shards":  # token ids on disk, with the tokenizer they were made with
+            from bigmodel.data.tokenshards import load_token_shards
+
+            return load_token_shards(recipe, pre)
         corpus = load_corpus(cfg, recipe.seed)
         if pre is None and recipe.model.name == "hf":
             pre = hf_lm_preprocess(recipe)
@@ -53,6 +57,13 @@ class LanguageModeling(TaskSpec):
         return WindowLoader(
             split, T, bs, train=opts.train, batches=batches, poisson=poisson, **opts.plan_kwargs(recipe, drop=False)
         )
+
+    def write_shards(self, recipe: Any, out: Any, shard_size: int) -> dict[str, Any]:
+        """Token ids of each split in one raw file, with the tokenizer (`data/tokenshards.py`); `shard_size` does not
+        apply (a stream is read by window, not by file)."""
+        from bigmodel.data.tokenshards import write_token_shards
+
+        return write_token_shards(recipe, out)
 
     def objective(self, recipe: Any, data: Any, num_classes: int, labels: list[str]) -> LanguageModelingTask:
         return LanguageModelingTask(recipe.train.label_smoothing if recipe is not None else 0.0)

@@ -1,0 +1,137 @@
+"""A language model's corpus as token ids on disk (`bigmodel data prepare` on a language-modelling recipe,
+`data.source: shards`): the ids the in-memory path makes, the same training bit for bit, windows read from disk, and
+one-line errors for a folder made with another tokenizer or for other data."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from bigmodel.config import validate_recipe
+from bigmodel.data.tokenshards import DiskTokens
+from conftest import LM_TEXT, run_cli
+
+
+def source_recipe(corpus) -> dict:
+    return {
+        "name": "lm_shards",
+        "task": "language_modeling",
+        "data": {
+            "source": "text",
+            "path": str(corpus),
+            "context_length": 16,
+            "batches_per_epoch": 12,
+            "tokenizer": {"kind": "bpe", "vocab_size": 120, "min_frequency": 1},
+        },
+        "model": {"name": "gpt", "dim": 16, "num_heads": 2, "num_layers": 1, "dropout": 0.1},
+        "train": {"epochs": 2, "batch_size": 8, "precision": "fp32", "checkpoint_every": 5, "log_every": 5},
+        "seed": 0,
+    }
+
+
+def on_disk(folder, **data) -> dict:
+    r = source_recipe("unused")
+    r["data"] = {"source": "shards", "path": str(folder), "context_length": 16, "batches_per_epoch": 12, **data}
+    r["data"].setdefault("in_memory_limit_mb", 0.001)
+    return r
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    (d / "corpus.txt").write_text(LM_TEXT, encoding="utf-8")
+    recipe = d / "source.yaml"
+    recipe.write_text(yaml.safe_dump(source_recipe(d / "corpus.txt")))
+    out = run_cli("data", "prepare", str(recipe), "--out", str(d / "prep"), check=True)
+    assert out.stdout.strip().splitlines()[-1] == str(d / "prep") and "tokens" in out.stderr
+    return recipe, d / "prep"
+
+
+def test_prepare_writes_the_in_memory_token_ids_and_tokenizer(prepared):
+    from bigmodel.api import build_experiment
+
+    recipe, folder = prepared
+    exp = build_experiment(validate_recipe(yaml.safe_load(recipe.read_text())))
+    index = json.loads((folder / "index.json").read_text())
+    assert index["format"] == "bigmodel-tokens/1" and index["dtype"] == "uint16"
+    assert index["vocab_size"] == exp.preprocess.tokenizer.get_vocab_size() > 256  # byte-level BPE: 256 + merges
+    for split in ("train", "val", "test"):
+        ids = np.fromfile(folder / f"{split}.bin", dtype="<u2")  # nanoGPT's layout: raw little-endian ids
+        assert torch.equal(torch.from_numpy(ids.astype(np.int64)), exp.data.split(split).ids)
+        assert index["splits"][split]["count"] == len(ids)
+    disk = build_experiment(validate_recipe(on_disk(folder)))
+    assert disk.data.on_disk and isinstance(disk.data.train.ids, DiskTokens)
+    assert disk.preprocess.tokenizer.to_str() == exp.preprocess.tokenizer.to_str()
+    mem = build_experiment(validate_recipe(on_disk(folder, in_memory_limit_mb=64)))
+    assert not mem.data.on_disk and torch.equal(mem.data.train.ids, exp.data.train.ids)
+
+
+def test_disk_tokens_index_like_a_tensor(prepared):
+    _, folder = prepared
+    n = json.loads((folder / "index.json").read_text())["splits"]["train"]["count"]
+    x = DiskTokens(folder / "train.bin", np.dtype("<u2"), n)
+    full = x.materialize()
+    starts = torch.tensor([0, 5, n - 17, 3])
+    windows = starts[:, None] + torch.arange(17)
+    assert torch.equal(x[windows], full[windows])
+    scattered = torch.tensor([[4, 2], [n - 1, 0]])
+    assert torch.equal(x[scattered], full[scattered]) and torch.equal(x[torch.tensor([-1, -2])], full[[-1, -2]])
+    assert torch.equal(x[10:40], full[10:40]) and x[7].item() == full[7].item() and torch.equal(x[0:9:2], full[0:9:2])
+    with pytest.raises(IndexError):
+        x[torch.tensor([n])]
+
+
+def test_training_on_disk_equals_the_source_recipe_and_resumes_exactly(prepared, tmp_path):
+    recipe, folder = prepared
+    disk = tmp_path / "disk.yaml"
+    disk.write_text(yaml.safe_dump(on_disk(folder)))
+    run_cli("train", str(recipe), "--out", str(tmp_path / "mem"), "--no-progress", check=True)
+    run_cli("train", str(disk), "--out", str(tmp_path / "disk"), "--no-progress", check=True)
+    a = load_file(str(tmp_path / "mem" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "disk" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = json.loads((tmp_path / "mem" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "disk" / "summary.json").read_text())
+    assert sa["metrics"]["perplexity"] == sb["metrics"]["perplexity"]
+    run = tmp_path / "killed"
+    killed = run_cli("train", str(disk), "--out", str(run), "--no-progress", env={"BIGMODEL_FAULT": "kill_after_step:7"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_cli("train", "--resume", str(run), "--no-progress", check=True)
+    c = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    # the run generates with the folder's tokenizer (saved in its artifact)
+    gen = run_cli("generate", str(tmp_path / "disk"), "--prompt", "First", "--max-new-tokens", "5", check=True)
+    assert gen.stdout.startswith("First")
+
+
+def test_a_folder_made_otherwise_is_a_one_line_error(prepared, tmp_path):
+    _, folder = prepared
+    cases = {
+        "tok": (on_disk(folder, tokenizer={"kind": "char"}), "data.tokenizer.kind 'char'"),
+        "pii": (on_disk(folder, mask_pii=["email"]), "data.mask_pii"),
+        "nothing": (on_disk(tmp_path / "nowhere"), "not a folder"),
+    }
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "index.json").write_text(json.dumps({"format": "bigmodel-shards/1"}))
+    cases["images"] = (on_disk(images), "holds images, not token ids")
+    for name, (recipe, message) in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        r = run_cli("train", str(path), "--out", str(tmp_path / f"run-{name}"), "--no-progress")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+    (folder / "val.bin").rename(folder / "val.moved")
+    try:
+        path = tmp_path / "trunc.yaml"
+        path.write_text(yaml.safe_dump(on_disk(folder)))
+        r = run_cli("train", str(path), "--out", str(tmp_path / "trunc"), "--no-progress")
+        assert r.returncode == 2 and "val.bin" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        (folder / "val.moved").rename(folder / "val.bin")
