@@ -152,13 +152,22 @@ class MemoryCap:
         name = f"bigmodel-bench-{os.getpid()}"
         v1 = Path("/sys/fs/cgroup/memory")
         if (v1 / "memory.limit_in_bytes").exists():
-            self.dir, limit, self.peak, self.hits = v1 / name, "memory.limit_in_bytes", "memory.max_usage_in_bytes", None
+            self.dir, limit, self.peak, self.hits = (
+                v1 / name,
+                "memory.limit_in_bytes",
+                "memory.max_usage_in_bytes",
+                None,
+            )
         else:
             own = ""
             with contextlib.suppress(OSError):
                 own = next(x[3:] for x in Path("/proc/self/cgroup").read_text().splitlines() if x.startswith("0::"))
-            self.dir, limit, self.peak, self.hits = Path("/sys/fs/cgroup") / own.strip("/") / name, "memory.max", \
-                "memory.peak", "memory.events"
+            self.dir, limit, self.peak, self.hits = (
+                Path("/sys/fs/cgroup") / own.strip("/") / name,
+                "memory.max",
+                "memory.peak",
+                "memory.events",
+            )
         try:
             self.dir.mkdir()
             (self.dir / limit).write_text(str(int(mb * 2**20)))

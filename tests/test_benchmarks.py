@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -153,9 +155,18 @@ def test_quickstart_as_avx2_caps_the_kernels():
 
 @needs_fashion
 def test_data_benchmark_json():
-    out = run_bench("benchmarks/data.py", "--enlarge", "2", "--epochs", "2", "--limit-train", "512", "--json")
+    args = ["--enlarge", "2", "--epochs", "2", "--limit-train", "512", "--num-workers", "1", "--json"]
+    cap = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() and os.access("/sys/fs/cgroup/memory", os.W_OK)
+    if cap:  # where a memory cgroup can be made (root, cgroup v1): the on-disk runs inside a 1.5 GB cap
+        args += ["--memory-cap-mb", "1500"]
+    out = run_bench("benchmarks/data.py", *args)
     assert out["on_disk"]["on_disk"] and not out["in_memory"]["on_disk"] and out["train_images"] == 1024
     assert len(out["on_disk"]["rss_mb_per_epoch"]) == 2 and out["disk_vs_memory_speed_ratio"] > 0
+    workers = out["on_disk_workers"]
+    assert workers["num_workers"] == 1 and workers["on_disk"] and out["workers_vs_memory_speed_ratio"] > 0
+    assert len(workers["pss_mb_per_epoch"]) == 2 and all(v > 0 for v in workers["pss_mb_per_epoch"])
+    if cap:
+        assert 0 < out["on_disk"]["cgroup"]["peak_mb"] <= 1500 and out["data_vs_memory_cap_ratio"] > 0
 
 
 @pytest.mark.slow

@@ -100,7 +100,9 @@ def test_training_on_disk_equals_the_source_recipe_and_resumes_exactly(prepared,
     sb = json.loads((tmp_path / "disk" / "summary.json").read_text())
     assert sa["metrics"]["perplexity"] == sb["metrics"]["perplexity"]
     run = tmp_path / "killed"
-    killed = run_cli("train", str(disk), "--out", str(run), "--no-progress", env={"BIGMODEL_FAULT": "kill_after_step:7"})
+    killed = run_cli(
+        "train", str(disk), "--out", str(run), "--no-progress", env={"BIGMODEL_FAULT": "kill_after_step:7"}
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     run_cli("train", "--resume", str(run), "--no-progress", check=True)
     c = load_file(str(run / "model" / "model.safetensors"))

@@ -134,9 +134,7 @@ def read_index(root: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if str(meta.get("format", "")).startswith("bigmodel-shards"):
-        raise UserError(
-            f"{path}: holds images, not token ids (prepare the folder from a language-modelling recipe)"
-        )
+        raise UserError(f"{path}: holds images, not token ids (prepare the folder from a language-modelling recipe)")
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     if "train" not in meta.get("splits", {}):

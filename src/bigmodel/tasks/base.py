@@ -102,7 +102,7 @@ class TaskSpec(ABC):
                 )
         if recipe.train.num_workers and not self.loader_workers:
             raise ValueError(
-                f"train.num_workers applies to image_classification (its batches are made in workers), not {self.name!r}"
+                f"train.num_workers applies to image_classification (batches made in workers), not {self.name!r}"
             )
         if recipe.eval.tta_flip and not self.channels_last:
             raise ValueError(f"eval.tta_flip applies to image_classification only, not {self.name!r}")
