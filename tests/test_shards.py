@@ -233,3 +233,44 @@ def test_bad_input_is_one_line(prepared, tmp_path, write_recipe):
     r = run_cli("train", str(text), "train.num_workers=2", "--out", str(tmp_path / "t2"), "--no-progress")
     assert r.returncode == 2 and "train.num_workers applies to image_classification" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "t2").exists()
+
+
+def test_an_image_folder_larger_than_the_limit_is_decoded_per_batch_in_workers(tmp_path):
+    """Image files over `data.in_memory_limit_mb` stay files, decoded a batch at a time (here in 2 worker processes):
+    the weights of the run that decoded them all into memory, bit for bit. `data prepare` decodes them a shard at a
+    time: the pixels of the in-memory path, and its statistics to rounding."""
+    from bigmodel.api import build_experiment
+    from bigmodel.data.sources import FileImages
+    from conftest import make_image_folder
+
+    make_image_folder(tmp_path / "img", classes=("a", "b", "c"), per_class=30, mode="RGB", splits=("train", "test"))
+    mem = tiny_recipe(
+        **{
+            "data": {"source": "image_folder", "path": str(tmp_path / "img"), "val_fraction": 0.2},
+            "train.precision": "fp32",
+            "train.batch_size": 16,
+        }
+    )
+    files = json.loads(json.dumps(mem))
+    files["data"]["in_memory_limit_mb"] = 0.01
+    files["train"]["num_workers"] = 2
+    lazy = build_experiment(validate_recipe(files))
+    assert lazy.data.on_disk and isinstance(lazy.data.train.x, FileImages)
+    assert not build_experiment(validate_recipe(mem)).data.on_disk
+    for name, r in (("mem", mem), ("files", files)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(r))
+        run_cli("train", str(path), "--out", str(tmp_path / name), "--no-progress", check=True)
+    a = load_file(str(tmp_path / "mem" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "files" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    run_cli(
+        "data", "prepare", str(tmp_path / "mem.yaml"), "--out", str(tmp_path / "prep"), "--shard-size", "7", check=True
+    )
+    index = ShardIndex.read(tmp_path / "prep")
+    exp = build_experiment(validate_recipe(mem))
+    for split in ("train", "val", "test"):
+        assert torch.equal(index.images(split).materialize(), exp.data.split(split).x)
+    assert np.allclose(index.mean, exp.preprocess.mean, rtol=0, atol=1e-12)
+    assert np.allclose(index.std, exp.preprocess.std, rtol=0, atol=1e-12)

@@ -243,8 +243,10 @@ class ImageDataConfig(_Split, _Labels, _ImageSource):
     folder; the standard sets: a folder with their files (CIFAR: or the .tar.gz), instead of the OS package copy /
     cache / download."""
     in_memory_limit_mb: Annotated[float, Field(gt=0)] = 2048
-    """`shards`: read the prepared splits into memory when together they are at most this many MiB (the fast path);
-    larger ones stay on disk and each batch is read when it is needed (resident memory: about one batch)."""
+    """`shards`, `image_folder`, `image_csv`: read (decode) the splits into memory when together they are at most this
+    many MiB as uint8 pixels (the fast path); larger ones stay on disk and each batch is read (image files: decoded)
+    when it is needed — resident memory about one batch. For large image folders `bigmodel data prepare` decodes once
+    instead of every epoch."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     def may_have_val_split(self) -> bool:

@@ -59,24 +59,18 @@ def _open_npy(path: Path, shape: tuple[int, ...]) -> _Shard:
     return _Shard(path, offset, int(got_shape[0]))
 
 
-class DiskImages:
-    """(N, C, H, W) uint8 images spread over shard files, indexed like a tensor: `x[i]`, `x[a:b]`, `x[index_tensor]`
-    return tensors read from disk. `subset(idx)` is a view (nothing is read)."""
+class LazyImages:
+    """(N, C, H, W) uint8 images that are read only when indexed, like a tensor: `x[i]`, `x[a:b]`, `x[index_tensor]`,
+    `x[bool_mask]` return tensors; `subset(idx)` is a view (nothing is read). Subclasses say how to read rows."""
 
     dtype = torch.uint8
     device = torch.device("cpu")
 
-    def __init__(self, shards: list[_Shard], image_shape: tuple[int, int, int], rows: torch.Tensor | None = None):
-        self._shards = shards
-        self._image_shape = image_shape
+    def __init__(self, total: int, image_shape: tuple[int, int, int], rows: torch.Tensor | None = None) -> None:
+        self._total = total
+        self._image_shape = tuple(image_shape)
         self._item = int(np.prod(image_shape))
-        counts = torch.tensor([s.count for s in shards], dtype=torch.long)
-        self._starts_np = (torch.cumsum(counts, 0) - counts).numpy()  # global index of each shard's first image
-        self._offsets_np = np.array([s.offset for s in shards], dtype=np.int64)  # where each shard's pixels begin
-        self._total = int(counts.sum())
         self._rows = rows  # a view's rows of the underlying data (None: all of them, in order)
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -89,14 +83,58 @@ class DiskImages:
     def __len__(self) -> int:
         return self._total if self._rows is None else len(self._rows)
 
-    def to(self, device: Any) -> DiskImages:
-        """Stays on disk: batches are read on the CPU and the loader moves each one to its device."""
+    def to(self, device: Any) -> LazyImages:
+        """Stays where it is: batches are read on the CPU and the loader moves each one to its device."""
         return self
 
-    def subset(self, idx: torch.Tensor) -> DiskImages:
+    def subset(self, idx: torch.Tensor) -> LazyImages:
         rows = torch.as_tensor(idx, dtype=torch.long)
-        base = rows if self._rows is None else self._rows[rows]
-        return DiskImages(self._shards, self._image_shape, base)
+        return self._view(rows if self._rows is None else self._rows[rows])
+
+    def _view(self, rows: torch.Tensor) -> LazyImages:
+        raise NotImplementedError
+
+    def _read(self, rows: torch.Tensor) -> torch.Tensor:
+        """Images at underlying positions `rows` (any order, repeats allowed) as a (len(rows), C, H, W) tensor."""
+        raise NotImplementedError
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        n = len(self)
+        if isinstance(idx, int):
+            if not -n <= idx < n:
+                raise IndexError(f"index {idx} out of range for {n} images")
+            return self[torch.tensor([idx % n])][0]
+        if isinstance(idx, slice):
+            idx = torch.arange(n)[idx]
+        idx = torch.as_tensor(idx).cpu()
+        if idx.dtype == torch.bool:  # a mask over the images
+            idx = torch.nonzero(idx).flatten()
+        idx = idx.long()
+        if len(idx) and (int(idx.max()) >= n or int(idx.min()) < -n):
+            raise IndexError(f"index out of range for {n} images")
+        idx = idx % max(n, 1)  # negative indices count from the end, as a tensor's do
+        rows = idx if self._rows is None else self._rows[idx]
+        return self._read(rows)
+
+    def materialize(self) -> torch.Tensor:
+        """All the images in memory (the in-memory path)."""
+        return self[slice(None)]
+
+
+class DiskImages(LazyImages):
+    """Images spread over the shard files of a prepared folder, each read with one `preadv`."""
+
+    def __init__(self, shards: list[_Shard], image_shape: tuple[int, int, int], rows: torch.Tensor | None = None):
+        counts = torch.tensor([s.count for s in shards], dtype=torch.long)
+        super().__init__(int(counts.sum()), image_shape, rows)
+        self._shards = shards
+        self._starts_np = (torch.cumsum(counts, 0) - counts).numpy()  # global index of each shard's first image
+        self._offsets_np = np.array([s.offset for s in shards], dtype=np.int64)  # where each shard's pixels begin
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def _view(self, rows: torch.Tensor) -> DiskImages:
+        return DiskImages(self._shards, self._image_shape, rows)  # type: ignore[arg-type]
 
     def _fd(self, shard: int) -> int:
         if os.getpid() != self._pid:  # a forked worker must not share the parent's file offsets: reopen
@@ -123,49 +161,41 @@ class DiskImages:
                     raise UserError(f"{self._shards[sh].path}: truncated shard (prepare the folder again)")
         return torch.from_numpy(out.reshape(n, *self._image_shape))
 
-    def __getitem__(self, idx: Any) -> torch.Tensor:
-        n = len(self)
-        if isinstance(idx, int):
-            if not -n <= idx < n:
-                raise IndexError(f"index {idx} out of range for {n} images")
-            return self[torch.tensor([idx % n])][0]
-        if isinstance(idx, slice):
-            idx = torch.arange(n)[idx]
-        idx = torch.as_tensor(idx).cpu()
-        if idx.dtype == torch.bool:  # a mask over the images
-            idx = torch.nonzero(idx).flatten()
-        idx = idx.long()
-        if len(idx) and (int(idx.max()) >= n or int(idx.min()) < -n):
-            raise IndexError(f"index out of range for {n} images")
-        idx = idx % max(n, 1)  # negative indices count from the end, as a tensor's do
-        rows = idx if self._rows is None else self._rows[idx]
-        return self._read(rows)
-
-    def materialize(self) -> torch.Tensor:
-        """All the images in memory (the in-memory path)."""
-        return self[slice(None)]
-
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
             with contextlib.suppress(OSError):
                 os.close(fd)
 
 
-def channel_stats_streaming(chunks: Any) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std on the 0..1 scale over uint8 (n, C, H, W) chunks (float64 sums: the same values as
-    `ImageDataset.channel_stats` computes in memory, to rounding)."""
-    s = s2 = None
-    n = 0
-    for x in chunks:
+class ChannelStats:
+    """Per-channel mean and std on the 0..1 scale, accumulated over uint8 (n, C, H, W) chunks (float64 sums: the
+    values `ImageDataset.channel_stats` computes in memory, to rounding)."""
+
+    def __init__(self) -> None:
+        self.s: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
         xc = x.to(torch.float64).div_(255.0)
         a, b = xc.sum(dim=(0, 2, 3)), xc.pow(2).sum(dim=(0, 2, 3))
-        s, s2 = (a, b) if s is None else (s + a, s2 + b)
-        n += x.shape[0] * x.shape[2] * x.shape[3]
-    if s is None or n == 0:
-        raise UserError("the training split is empty")
-    mean = s / n
-    var = (s2 / n - mean.pow(2)).clamp_min(0)
-    return mean.tolist(), [max(v**0.5, 1e-6) for v in var.tolist()]
+        self.s, self.s2 = (a, b) if self.s is None else (self.s + a, self.s2 + b)  # type: ignore[operator]
+        self.n += x.shape[0] * x.shape[2] * x.shape[3]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        if self.s is None or self.s2 is None or self.n == 0:
+            raise UserError("the training split is empty")
+        mean = self.s / self.n
+        var = (self.s2 / self.n - mean.pow(2)).clamp_min(0)
+        return mean.tolist(), [max(v**0.5, 1e-6) for v in var.tolist()]
+
+
+def channel_stats_streaming(chunks: Any) -> tuple[list[float], list[float]]:
+    """`ChannelStats` over an iterable of chunks."""
+    acc = ChannelStats()
+    for x in chunks:
+        acc.add(x)
+    return acc.result()
 
 
 @dataclass
@@ -256,6 +286,8 @@ def write_shards(data: Any, out: Path, shard_size: int = 10_000) -> dict[str, An
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # Images not in memory (files decoded while writing): their statistics are summed while writing, not read twice.
+    stats = ChannelStats() if data.stats is None and not isinstance(data.train.x, torch.Tensor) else None
     try:
         splits: dict[str, Any] = {}
         for name in SPLITS:
@@ -264,7 +296,9 @@ def write_shards(data: Any, out: Path, shard_size: int = 10_000) -> dict[str, An
                 continue
             shards = []
             for k, a in enumerate(range(0, len(split), shard_size)):
-                x = split.x[a : a + shard_size]
+                x = split.x[a : a + shard_size]  # image files are decoded here, a shard at a time
+                if stats is not None and name == "train":
+                    stats.add(x)
                 fname = f"{name}-{k:05d}.npy"
                 _write_npy(tmp / fname, x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
                 shards.append({"file": fname, "count": int(x.shape[0])})
@@ -272,7 +306,7 @@ def write_shards(data: Any, out: Path, shard_size: int = 10_000) -> dict[str, An
             splits[name] = {"count": len(split), "shards": shards, "labels": f"{name}-labels.npy"}
         # The statistics training would compute from the same split (in memory: exactly those, so a run on the shards
         # normalises bit for bit as the run on the source does).
-        mean, std = data.channel_stats()
+        mean, std = stats.result() if stats is not None else data.channel_stats()
         index = {
             "format": FORMAT,
             "labels": list(data.labels),

@@ -17,6 +17,7 @@ import torch
 from bigmodel.config import ImageDataConfig, SequenceDataConfig
 from bigmodel.data import standard
 from bigmodel.data.images import IMAGE_SUFFIXES, is_grey, read_image
+from bigmodel.data.shards import LazyImages
 from bigmodel.data.split import mix_seed, stratified_split
 from bigmodel.errors import UserError
 
@@ -32,6 +33,8 @@ class ImageSplit:
         return len(self.y)
 
     def subset(self, idx: torch.Tensor) -> ImageSplit:
+        if hasattr(self.x, "subset"):  # images read when indexed (on disk, or image files): a view, nothing read
+            return ImageSplit(self.x.subset(idx), self.y[idx])  # type: ignore[union-attr]
         return ImageSplit(self.x[idx], self.y[idx])
 
 
@@ -62,7 +65,7 @@ class ImageDataset(Splits):
     stats: tuple[list[float], list[float]] | None = field(default=None, repr=False)
     """Known per-channel mean and std of the training split (prepared shards store them)."""
     on_disk: bool = False
-    """The images stay on disk (`data.source: shards` larger than `data.in_memory_limit_mb`)."""
+    """The images stay on disk (shards or image files larger than `data.in_memory_limit_mb`), read per batch."""
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training split, on the 0..1 scale (float64 accumulation)."""
@@ -157,10 +160,67 @@ def _read_splits(
             return None
         if not items:
             return ImageSplit(torch.zeros((0, channels, *size), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
-        x = np.stack([read_image(p, channels, size) for p, _ in items])  # type: ignore[arg-type]
-        return ImageSplit(torch.from_numpy(x), torch.tensor([y for _, y in items], dtype=torch.int64))
+        x = FileImages([p for p, _ in items], (channels, *size))  # type: ignore[arg-type]
+        return ImageSplit(x, torch.tensor([y for _, y in items], dtype=torch.int64))  # type: ignore[arg-type]
 
     return read(splits["train"]), read(splits.get("val")), read(splits.get("test")), labels  # type: ignore[return-value]
+
+
+class FileImages(LazyImages):
+    """Images decoded from their files when indexed (at one channel count and size), a batch at a time by a pool of
+    threads (Pillow releases the GIL while it decodes) — in the main process, or in `train.num_workers` workers."""
+
+    def __init__(self, paths: list[Path], image_shape: tuple[int, int, int], rows: torch.Tensor | None = None):
+        super().__init__(len(paths), image_shape, rows)
+        self._paths = paths
+
+    def _view(self, rows: torch.Tensor) -> FileImages:
+        return FileImages(self._paths, self._image_shape, rows)  # type: ignore[arg-type]
+
+    def _read(self, rows: torch.Tensor) -> torch.Tensor:
+        C, H, W = self._image_shape
+        out = np.empty((len(rows), C, H, W), dtype=np.uint8)
+
+        def one(k_path: tuple[int, Path]) -> None:
+            out[k_path[0]] = read_image(k_path[1], C, (H, W))
+
+        items = [(k, self._paths[r]) for k, r in enumerate(rows.tolist())]
+        if len(items) < 8:
+            for it in items:
+                one(it)
+        else:
+            for _ in _decoder_pool().map(one, items):
+                pass
+        return torch.from_numpy(out)
+
+
+_POOL: Any = None
+_POOL_PID = 0
+
+
+def _decoder_pool() -> Any:
+    """One thread pool per process (a forked worker makes its own)."""
+    global _POOL, _POOL_PID
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _POOL is None or os.getpid() != _POOL_PID:
+        _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)), os.getpid()
+    return _POOL
+
+
+def decode_in_memory(data: ImageDataset, limit_mb: float | None) -> ImageDataset:
+    """Image files decoded into memory when all splits together fit `limit_mb` (always for `None`); else they stay
+    files, decoded a batch at a time (`data.on_disk`)."""
+    lazy = [s for s in (data.train, data.val, data.test) if s is not None and isinstance(s.x, FileImages)]
+    if not lazy:
+        return data
+    if limit_mb is not None and sum(s.x.nbytes for s in lazy) > limit_mb * 2**20:
+        data.on_disk = True
+        return data
+    for s in lazy:
+        s.x = s.x.materialize()  # type: ignore[union-attr]
+    return data
 
 
 # ------------------------------------------------------------------------------------------------------ image CSV
@@ -228,8 +288,10 @@ def make_imbalanced(split: Any, labels: list[str], classes: list[int | str], kee
 
 
 # ---------------------------------------------------------------------------------------------------------- entry
-def load_data(cfg: ImageSourceConfig, seed: int) -> ImageDataset:
-    """Load the recipe's image data with train/val/test splits; carved splits depend only on `seed`."""
+def load_data(cfg: ImageSourceConfig, seed: int, decode: bool = True) -> ImageDataset:
+    """Load the recipe's image data with train/val/test splits; carved splits depend only on `seed`. Image files
+    (`image_folder`, `image_csv`) are decoded into memory when they fit `data.in_memory_limit_mb`, else a batch at a
+    time; with `decode=False` they are left as files (`bigmodel data prepare` decodes them a shard at a time)."""
     val = test = None
     if cfg.source in IDX_SOURCES or cfg.source in CIFAR_SOURCES:
         train, test, labels = load_standard(cfg)
@@ -246,7 +308,8 @@ def load_data(cfg: ImageSourceConfig, seed: int) -> ImageDataset:
     else:
         raise UserError(f"data.source {cfg.source!r} is not an image source")
     train, val, test = finish_splits(train, val, test, labels, cfg, seed)
-    return ImageDataset(train, val, test, labels)
+    data = ImageDataset(train, val, test, labels)
+    return decode_in_memory(data, getattr(cfg, "in_memory_limit_mb", None)) if decode else data
 
 
 def finish_splits(train: Any, val: Any, test: Any, labels: list[str], cfg: Any, seed: int) -> tuple[Any, ...]:
