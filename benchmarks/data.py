@@ -12,7 +12,9 @@
    `on_disk_workers`: the on-disk path with its batches made by N worker processes; "PSS with workers" is the memory
    of the process and its workers with shared pages counted once (forked workers share the parent's pages, so adding
    their VmRSS would count those twice).
-3. `--memory-cap-mb MB` runs the on-disk processes in a memory cgroup limited to MB (cgroup v1 `memory.limit_in_bytes`
+3. `--image-files`: the same splits written as an image folder of PNG files (`data.source: image_folder`): decoded
+   into memory at the start (in_memory), or decoded a batch at a time (on_disk; in the workers with --num-workers).
+4. `--memory-cap-mb MB` runs the on-disk processes in a memory cgroup limited to MB (cgroup v1 `memory.limit_in_bytes`
    or v2 `memory.max`; it needs a writable cgroup, e.g. root in a container): the kernel kills the run if the process
    and its workers ever hold more, page cache included. The cgroup's peak usage and how often it hit the limit are
    reported. Set it at least 5x below the training split's size to show memory that does not grow with the data.
@@ -64,6 +66,27 @@ class Enlarged:
         return torch.cat(out)
 
 
+def write_png_folder(shards: Path, root: Path) -> None:
+    """The prepared splits as an image folder of PNG files (ROOT/<split>/<label>/<n>.png), for `--image-files`."""
+    from PIL import Image
+
+    from bigmodel.data.shards import ShardIndex
+
+    index = ShardIndex.read(shards)
+    for split in index.splits:
+        x, y = index.images(split), index.labels_of(split)
+        names = [f"{c:02d}-{label.replace('/', '-')}" for c, label in enumerate(index.labels)]  # in class order
+        for name in names:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+        for a in range(0, len(x), 10_000):
+            for k, (img, c) in enumerate(
+                zip(x[a : a + 10_000].numpy(), y[a : a + 10_000].tolist(), strict=True), start=a
+            ):
+                Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(
+                    root / split / names[c] / f"{k:07d}.png", compress_level=1
+                )
+
+
 def prepare(folder: Path, k: int, limit: int | None = None) -> dict[str, Any]:
     from bigmodel.config import load_recipe
     from bigmodel.data.shards import write_shards
@@ -103,9 +126,10 @@ def pss_mb():  # this process and its worker processes, shared pages counted onc
     return sum(_field(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in pids)
 
 folder, limit, epochs, out, workers = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+source = sys.argv[6]
 recipe = load_recipe(
     "recipes/quickstart.yaml",
-    ["data.source=shards", f"data.path={folder}", f"data.in_memory_limit_mb={limit}", f"train.epochs={epochs}",
+    [f"data.source={source}", f"data.path={folder}", f"data.in_memory_limit_mb={limit}", f"train.epochs={epochs}",
      "train.eval_every=1000", "train.baseline=false", f"train.num_workers={workers}"],
 )
 exp = build_experiment(recipe)
@@ -198,10 +222,16 @@ class MemoryCap:
 
 
 def run_child(
-    folder: Path, limit_mb: float, epochs: int, out: Path, workers: int = 0, cap: MemoryCap | None = None
+    folder: Path,
+    limit_mb: float,
+    epochs: int,
+    out: Path,
+    workers: int = 0,
+    cap: MemoryCap | None = None,
+    source: str = "shards",
 ) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), str(limit_mb), str(epochs), str(out), str(workers)],
+        [sys.executable, "-c", CHILD, str(folder), str(limit_mb), str(epochs), str(out), str(workers), source],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -225,6 +255,11 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", choices=["in_memory", "on_disk"], default=["in_memory", "on_disk"])
     ap.add_argument("--memory-cap-mb", type=float, help="run the on-disk processes in a memory cgroup of this size")
     ap.add_argument("--keep", type=Path, help="write the shards here and keep them (default: a temporary folder)")
+    ap.add_argument(
+        "--image-files",
+        action="store_true",
+        help="train from an image folder of PNG files instead of shards: decoded into memory, or per batch",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     env = environment()
@@ -236,20 +271,25 @@ def main() -> None:
         else:
             index = prepare(folder, args.enlarge, args.limit_train)
         train_mb = sum((folder / s["file"]).stat().st_size for s in index["splits"]["train"]["shards"]) / 2**20
+        source = "shards"
+        if args.image_files:
+            folder, source = Path(tmp) / "png", "image_folder"
+            write_png_folder(args.keep or Path(tmp) / "shards", folder)
         if "in_memory" in args.paths:
-            cells["in_memory"] = run_child(folder, 1e9, args.epochs, Path(tmp) / "mem")
+            cells["in_memory"] = run_child(folder, 1e9, args.epochs, Path(tmp) / "mem", source=source)
         runs = [("on_disk", 0)] if "on_disk" in args.paths else []
         runs += [("on_disk_workers", args.num_workers)] if args.num_workers and "on_disk" in args.paths else []
         for name, workers in runs:
             cap = MemoryCap(args.memory_cap_mb) if args.memory_cap_mb else None
             try:
-                cells[name] = run_child(folder, 1.0, args.epochs, Path(tmp) / name, workers, cap)
+                cells[name] = run_child(folder, 1.0, args.epochs, Path(tmp) / name, workers, cap, source)
             finally:
                 if cap:
                     cap.close()
             cells[name]["num_workers"] = workers
     assert all(c["on_disk"] == (k != "in_memory") for k, c in cells.items())
     figures: dict[str, Any] = {
+        "source": source,
         "enlarge": args.enlarge,
         "epochs": args.epochs,
         "train_images": index["splits"]["train"]["count"],

@@ -167,6 +167,10 @@ def test_data_benchmark_json():
     assert len(workers["pss_mb_per_epoch"]) == 2 and all(v > 0 for v in workers["pss_mb_per_epoch"])
     if cap:
         assert 0 < out["on_disk"]["cgroup"]["peak_mb"] <= 1500 and out["data_vs_memory_cap_ratio"] > 0
+    files = run_bench(
+        "benchmarks/data.py", "--enlarge", "1", "--epochs", "1", "--limit-train", "256", "--image-files", "--json"
+    )
+    assert files["source"] == "image_folder" and files["on_disk"]["on_disk"] and not files["in_memory"]["on_disk"]
 
 
 @pytest.mark.slow
