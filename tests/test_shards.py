@@ -274,3 +274,19 @@ def test_an_image_folder_larger_than_the_limit_is_decoded_per_batch_in_workers(t
         assert torch.equal(index.images(split).materialize(), exp.data.split(split).x)
     assert np.allclose(index.mean, exp.preprocess.mean, rtol=0, atol=1e-12)
     assert np.allclose(index.std, exp.preprocess.std, rtol=0, atol=1e-12)
+
+
+def test_a_bad_image_file_found_in_a_worker_is_a_one_line_error(tmp_path):
+    from conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "img", classes=("a", "b"), per_class=10, splits=("train", "test"))
+    (root / "test" / "b" / "003.png").write_bytes(b"not a png")  # read only when the test split is evaluated
+    r = tiny_recipe(**{"data": {"source": "image_folder", "path": str(root), "val_fraction": 0.2}})
+    r["data"]["in_memory_limit_mb"] = 0.0001
+    r["train"]["num_workers"] = 2
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(r))
+    proc = run_cli("train", str(path), "--out", str(tmp_path / "run"), "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {root / 'test' / 'b' / '003.png'}: not a readable image")

@@ -22,6 +22,7 @@ from bigmodel.data.sampling import SamplingPlan
 from bigmodel.data.sequences import SeqSplit
 from bigmodel.data.sources import ImageSplit
 from bigmodel.data.split import mix_seed
+from bigmodel.errors import UserError
 
 
 class Normalizer:
@@ -153,6 +154,8 @@ class BatchLoader:
                 if self.device.type != "cpu":
                     xb, yb = xb.to(self.device, non_blocking=pin), yb.to(self.device, non_blocking=pin)
                 yield xb, yb
+        except UserError as e:  # raised in a worker (a bad image file): the DataLoader adds the worker's traceback
+            raise type(e)(_worker_message(e)) from None
         finally:
             del it  # an epoch left early (a time limit, an error) stops its workers now
 
@@ -183,6 +186,14 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
+
+
+def _worker_message(e: UserError) -> str:
+    """The message of an error a DataLoader worker raised: the DataLoader wraps it in the worker's traceback, which
+    ends with `module.ErrorType: message`."""
+    text, marker = str(e), f"{type(e).__module__}.{type(e).__qualname__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker) :].strip() if at >= 0 else text
 
 
 class _EpochBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
