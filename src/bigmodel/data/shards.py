@@ -277,18 +277,32 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
         np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
-def write_shards(data: Any, out: Path, shard_size: int = 10_000) -> dict[str, Any]:
-    """Write an `ImageDataset`'s splits as shards under `out` (into a temporary folder, renamed when complete: an
-    interrupted prepare leaves nothing half-written). Returns the index."""
+@contextlib.contextmanager
+def prepared_folder(out: Path) -> Any:
+    """The temporary folder a prepare writes into, renamed to `out` when the block completes and removed when it
+    fails or is interrupted (nothing half-written); a non-empty `out` is refused."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: the folder exists and is not empty (choose a new one)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_shards(data: Any, out: Path, shard_size: int = 10_000) -> dict[str, Any]:
+    """Write an `ImageDataset`'s splits as shards under `out` (into a temporary folder, renamed when complete: an
+    interrupted prepare leaves nothing half-written). Returns the index."""
     # Images not in memory (files decoded while writing): their statistics are summed while writing, not read twice.
     stats = ChannelStats() if data.stats is None and not isinstance(data.train.x, torch.Tensor) else None
-    try:
+    with prepared_folder(out) as tmp:
         splits: dict[str, Any] = {}
         for name in SPLITS:
             split = getattr(data, name, None)
@@ -316,10 +330,4 @@ def write_shards(data: Any, out: Path, shard_size: int = 10_000) -> dict[str, An
             "splits": splits,
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return index

@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -219,9 +218,10 @@ def write_token_shards(recipe: Any, out: Path) -> dict[str, Any]:
     """Tokenise a language-modelling recipe's corpus (its splits, its tokenizer trained on the training text) into
     `out` (written into a temporary folder, renamed when complete). Returns the index."""
     from bigmodel.data.corpus import _chunks, load_corpus, train_lm_tokenizer
+    from bigmodel.data.shards import prepared_folder
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()):  # before the corpus is read and the tokenizer trained
         raise UserError(f"--out {out}: the folder exists and is not empty (choose a new one)")
     cfg = recipe.data
     corpus = load_corpus(cfg, recipe.seed)
@@ -234,10 +234,7 @@ def write_token_shards(recipe: Any, out: Path) -> dict[str, Any]:
     vocab = tok.get_vocab_size()
     dtype_name = "uint16" if vocab <= 1 << 16 else "uint32"
     dtype = DTYPES[dtype_name]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with prepared_folder(out) as tmp:
         splits: dict[str, Any] = {}
         for name in SPLITS:
             text = getattr(corpus, name)
@@ -264,10 +261,4 @@ def write_token_shards(recipe: Any, out: Path) -> dict[str, Any]:
             "splits": splits,
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return index
