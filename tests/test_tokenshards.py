@@ -89,10 +89,14 @@ def test_disk_tokens_index_like_a_tensor(prepared):
 
 def test_training_on_disk_equals_the_source_recipe_and_resumes_exactly(prepared, tmp_path):
     recipe, folder = prepared
+    # One thread: with two, the in-memory and on-disk runs' weights differed in the last bits in 1 of ~8 runs here (a
+    # multi-threaded CPU kernel of the GPT's training, not identified; the tokenizer was checked deterministic). The
+    # claim under test is the data path's, not the kernels'.
+    one = {"OMP_NUM_THREADS": "1"}
     disk = tmp_path / "disk.yaml"
     disk.write_text(yaml.safe_dump(on_disk(folder)))
-    run_cli("train", str(recipe), "--out", str(tmp_path / "mem"), "--no-progress", check=True)
-    run_cli("train", str(disk), "--out", str(tmp_path / "disk"), "--no-progress", check=True)
+    run_cli("train", str(recipe), "--out", str(tmp_path / "mem"), "--no-progress", env=one, check=True)
+    run_cli("train", str(disk), "--out", str(tmp_path / "disk"), "--no-progress", env=one, check=True)
     a = load_file(str(tmp_path / "mem" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "disk" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -101,10 +105,10 @@ def test_training_on_disk_equals_the_source_recipe_and_resumes_exactly(prepared,
     assert sa["metrics"]["perplexity"] == sb["metrics"]["perplexity"]
     run = tmp_path / "killed"
     killed = run_cli(
-        "train", str(disk), "--out", str(run), "--no-progress", env={"BIGMODEL_FAULT": "kill_after_step:7"}
+        "train", str(disk), "--out", str(run), "--no-progress", env={**one, "BIGMODEL_FAULT": "kill_after_step:7"}
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    run_cli("train", "--resume", str(run), "--no-progress", check=True)
+    run_cli("train", "--resume", str(run), "--no-progress", env=one, check=True)
     c = load_file(str(run / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], c[k]) for k in a)
     # the run generates with the folder's tokenizer (saved in its artifact)
