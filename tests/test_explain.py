@@ -107,6 +107,23 @@ def test_every_image_method_writes_its_pictures_and_leaves_the_model_untouched(i
     assert {r["target"]["label"] for r in res} == {"3"}
 
 
+def test_lime_weights_samples_like_lime_image():
+    """LIME's kernel: lime_image's sqrt(exp(-d^2 / 0.25^2)) with d the cosine distance (scikit-learn's) between a
+    sample's binary patch vector and the all-ones vector of the input itself."""
+    from sklearn.metrics import pairwise_distances
+
+    from bigmodel.explain.core import lime_kernel
+
+    g = torch.Generator().manual_seed(0)
+    z = (torch.rand(50, 49, generator=g) < torch.linspace(0.05, 1.0, 50)[:, None]).float()
+    z[:, 0] = 1.0  # no all-zero sample (its cosine distance is undefined)
+    d = pairwise_distances(z.numpy(), np.ones((1, 49)), metric="cosine")[:, 0]
+    expected = np.sqrt(np.exp(-(d**2) / 0.25**2))
+    got = np.array([lime_kernel(None, None, row[None]) for row in z])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
+    assert lime_kernel(None, None, torch.ones(1, 49)) == 1.0
+
+
 def test_resnet_blocks_reuse_their_relu_and_still_explain(tmp_path):
     """ResNet's basic block calls one ReLU(inplace=True) twice: the explainable copy makes it out-of-place, so
     Grad-CAM's layer hook and IG's gradients work and the artifact keeps its in-place module."""
