@@ -228,7 +228,18 @@ def test_bad_input_is_one_line(prepared, tmp_path, write_recipe):
             }
         )
     )
-    r = run_cli("data", "prepare", str(text), "--out", str(tmp_path / "t"))
+    seq = tmp_path / "seq.yaml"
+    seq.write_text(
+        yaml.safe_dump(
+            {
+                "name": "s",
+                "task": "sequence_classification",
+                "data": {"source": "digits"},
+                "model": {"name": "lstm-classifier"},
+            }
+        )
+    )
+    r = run_cli("data", "prepare", str(seq), "--out", str(tmp_path / "t"))
     assert r.returncode != 0 and "image_classification" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("train", str(text), "train.num_workers=2", "--out", str(tmp_path / "t2"), "--no-progress")
     assert r.returncode == 2 and "train.num_workers applies to image_classification" in r.stderr

@@ -982,7 +982,10 @@ def data_scan(
 @data_app.command("prepare")
 def data_prepare(
     recipe_path: Annotated[
-        Path, typer.Argument(metavar="RECIPE", help="An image_classification or language_modeling recipe.")
+        Path,
+        typer.Argument(
+            metavar="RECIPE", help="An image_classification, text_classification or language_modeling recipe."
+        ),
     ],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
     out: Annotated[Path, typer.Option("--out", help="The folder to write (must not exist, or be empty).")] = Path(
@@ -991,15 +994,20 @@ def data_prepare(
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard file.")] = 10_000,
 ) -> None:
     """Write the recipe's data (its train / val / test splits, carved with its seed) as shards on disk: images as
-    uint8 arrays, a language model's text as token ids with their tokenizer. Train on them with `data.source=shards
-    data.path=OUT`; data larger than `data.in_memory_limit_mb` is then read from disk a batch at a time."""
+    uint8 arrays, labelled texts and a language model's text as token ids with their tokenizer. Train on them with
+    `data.source=shards data.path=OUT`; data larger than `data.in_memory_limit_mb` is then read from disk a batch at a
+    time."""
     from bigmodel.config import load_recipe
     from bigmodel.tasks import get_task
 
     recipe = load_recipe(recipe_path, overrides or [])
     index = get_task(recipe.task).write_shards(recipe, out, shard_size)
-    unit = "tokens" if index["format"].startswith("bigmodel-tokens") else "images"
-    sizes = ", ".join(f"{k} {v['count']:,} {unit} in {len(v['shards'])} shards" for k, v in index["splits"].items())
+    fmt = index["format"]
+    if fmt.startswith("bigmodel-textids"):
+        sizes = ", ".join(f"{k} {v['count']:,} texts ({v['tokens']:,} tokens)" for k, v in index["splits"].items())
+    else:
+        unit = "tokens" if fmt.startswith("bigmodel-tokens") else "images"
+        sizes = ", ".join(f"{k} {v['count']:,} {unit} in {len(v['shards'])} shards" for k, v in index["splits"].items())
     typer.echo(f"{out}: {sizes}; train with data.source=shards data.path={out}", err=True)
     typer.echo(str(out))
 

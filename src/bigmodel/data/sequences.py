@@ -24,7 +24,7 @@ from bigmodel.errors import UserError
 
 @dataclass
 class SeqSplit:
-    x: torch.Tensor  # (N, T, F) float32, zero-padded — or (N, T) int64 token ids, padded with 0
+    x: torch.Tensor  # (N, T, F) float32, zero-padded — or (N, T) int64 token ids, padded with 0 (or `DiskRows`)
     lengths: torch.Tensor  # (N,) int64, each ≥ 1
     y: torch.Tensor  # (N,) int64
 
@@ -32,7 +32,8 @@ class SeqSplit:
         return len(self.y)
 
     def subset(self, idx: torch.Tensor) -> SeqSplit:
-        return SeqSplit(self.x[idx], self.lengths[idx], self.y[idx])
+        x = self.x.subset(idx) if hasattr(self.x, "subset") else self.x[idx]  # texts on disk: a view, nothing read
+        return SeqSplit(x, self.lengths[idx], self.y[idx])
 
 
 @dataclass

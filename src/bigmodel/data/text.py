@@ -275,16 +275,20 @@ def train_tokenizer(cfg: TokenizerConfig, texts: list[str]) -> Any:
     return tok
 
 
-def load_tokenizer(path: Path) -> Any:
+def tokenizer_from_str(text: str) -> Any:
+    """A tokenizer from its JSON form: a Hugging Face `tokenizers` one, or bigmodel's n-gram tokenizer."""
     from tokenizers import Tokenizer
 
     from bigmodel.data import ngrams
 
+    if '"bigmodel_tokenizer"' in text[:64]:  # bigmodel's own n-gram tokenizer (data/ngrams.py)
+        return ngrams.NgramTokenizer.from_dict(json.loads(text))
+    return Tokenizer.from_str(text)
+
+
+def load_tokenizer(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
-        if '"bigmodel_tokenizer"' in text[:64]:  # bigmodel's own n-gram tokenizer (data/ngrams.py)
-            return ngrams.NgramTokenizer.from_dict(json.loads(text))
-        return Tokenizer.from_str(text)
+        return tokenizer_from_str(path.read_text(encoding="utf-8"))
     except Exception as e:  # tokenizers raises a plain Exception on malformed JSON
         raise UserError(f"{path}: unreadable tokenizer ({e})") from None
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from bigmodel.config import TextDataConfig
+from bigmodel.errors import UserError
 from bigmodel.tasks.base import ExportSignature, InputError, LoaderOptions, refuse_inputs, register_task
 from bigmodel.tasks.classification import ClassificationSpec
 from bigmodel.tasks.sequence import padded_signature
@@ -22,20 +23,43 @@ class TextClassification(ClassificationSpec):
 
     def check_recipe(self, recipe: Any) -> None:
         super().check_recipe(recipe)
-        if recipe.model.name == "tfidf-linear" and recipe.data.tokenizer.kind != "ngrams":
+        shards = recipe.data.source == "shards"  # the folder's tokenizer counts (checked when it is read)
+        if recipe.model.name == "tfidf-linear" and recipe.data.tokenizer.kind != "ngrams" and not shards:
             raise ValueError(
                 f"model.name 'tfidf-linear' reads word and character n-grams: set data.tokenizer.kind: ngrams "
                 f"(got {recipe.data.tokenizer.kind!r})"
             )
 
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
+        from bigmodel.data.text import load_text, tokenize_dataset
+
+        cfg = recipe.data
+        if cfg.source == "shards":  # token ids on disk (`bigmodel data prepare`), with their tokenizer
+            from bigmodel.data.textshards import load_text_shards
+
+            data, pre = load_text_shards(recipe, pre)
+            if recipe.model.name == "tfidf-linear" and pre.input_shape.get("tokenizer") != "ngrams":
+                raise UserError(
+                    f"model.name 'tfidf-linear' reads word and character n-grams: {cfg.path} holds "
+                    f"{pre.input_shape.get('tokenizer')!r} token ids (prepare it with data.tokenizer.kind: ngrams)"
+                )
+            return data, pre
+        text = load_text(cfg, recipe.seed)
+        pre = pre or self.text_preprocess(recipe, text)
+        data = tokenize_dataset(text, pre.tokenizer)
+        data.pii_masked = text.pii_masked
+        return data, pre
+
+    def text_preprocess(self, recipe: Any, text: Any) -> Any:
+        """The tokenizer and input description: the `hf` model's own, a pretrained run's (`model.init_from`), or one
+        trained on the training texts."""
         from bigmodel.api import hf_text_preprocess, init_from_artifact
-        from bigmodel.data.text import PAD_ID, load_text, tokenize_dataset, train_tokenizer
+        from bigmodel.data.text import PAD_ID, train_tokenizer
         from bigmodel.runs import Preprocess
 
         cfg = recipe.data
-        text = load_text(cfg, recipe.seed)
-        if pre is None and recipe.model.name == "hf":
+        pre = None
+        if recipe.model.name == "hf":
             pre = hf_text_preprocess(recipe, text.labels)
         if pre is None:
             init = init_from_artifact(recipe)
@@ -57,9 +81,18 @@ class TextClassification(ClassificationSpec):
                 n0 = len(tok.special)
                 spec |= {"has_cls": False, "ngram_words": [n0, n0 + tok.num_words]}
             pre = Preprocess(labels=text.labels, mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
-        data = tokenize_dataset(text, pre.tokenizer)
-        data.pii_masked = text.pii_masked
-        return data, pre
+        return pre
+
+    def write_shards(self, recipe: Any, out: Any, shard_size: int) -> dict[str, Any]:
+        """Each split's token ids, offsets and labels, with the tokenizer (`data/textshards.py`); `shard_size` does not
+        apply (texts are read one by one from one stream per split)."""
+        from bigmodel.data.text import load_text
+        from bigmodel.data.textshards import write_text_shards
+
+        if Path(out).exists() and any(Path(out).iterdir()):  # before the texts are read and the tokenizer trained
+            raise UserError(f"--out {out}: the folder exists and is not empty (choose a new one)")
+        text = load_text(recipe.data, recipe.seed)
+        return write_text_shards(text, self.text_preprocess(recipe, text), recipe, out)
 
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.loader import SequenceLoader
@@ -72,6 +105,8 @@ class TextClassification(ClassificationSpec):
         from bigmodel.data.text import load_text
         from bigmodel.evaluation.baseline import from_splits
 
+        if recipe.data.source == "shards":
+            return None  # the folder holds token ids, not the texts the baseline reads
         return from_splits("tfidf-linear", load_text(recipe.data, recipe.seed), split, lambda s: list(s.texts))
 
     def predict(
