@@ -301,3 +301,24 @@ def test_a_bad_image_file_found_in_a_worker_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {root / 'test' / 'b' / '003.png'}: not a readable image")
+
+
+def test_an_imbalance_applied_at_prepare_time_is_not_applied_again(tmp_path):
+    """`data.imbalance` thins the training split when the folder is written; the same recipe on the folder keeps
+    that split (not 10% of 10%), and a recipe asking for another imbalance gets a one-line error."""
+    from bigmodel.api import build_experiment
+
+    src = json.loads(json.dumps(SOURCE))
+    src["data"]["imbalance"] = {"classes": [0, 1], "keep": 0.2}
+    recipe = tmp_path / "imb.yaml"
+    recipe.write_text(yaml.safe_dump(src))
+    run_cli("data", "prepare", str(recipe), "--out", str(tmp_path / "prep"), check=True)
+    want = build_experiment(validate_recipe(src)).data.train.y
+    disk = on_disk(tmp_path / "prep", imbalance=src["data"]["imbalance"])
+    got = build_experiment(validate_recipe(disk)).data.train.y
+    assert torch.equal(torch.bincount(got, minlength=10), torch.bincount(want, minlength=10))
+    disk["data"]["imbalance"] = {"classes": [0, 1], "keep": 0.5}
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(disk))
+    r = run_cli("train", str(other), "--out", str(tmp_path / "run"), "--no-progress")
+    assert r.returncode == 2 and "data.imbalance" in r.stderr and "Traceback" not in r.stderr

@@ -206,6 +206,7 @@ class ShardIndex:
     splits: dict[str, dict[str, Any]]
     mean: list[float]
     std: list[float]
+    meta: dict[str, Any]
 
     @classmethod
     def read(cls, root: Path) -> ShardIndex:
@@ -225,6 +226,7 @@ class ShardIndex:
             meta["splits"],
             list(meta["channel_mean"]),
             list(meta["channel_std"]),
+            meta,
         )
 
     def images(self, split: str) -> DiskImages:
@@ -246,7 +248,7 @@ class ShardIndex:
 
 def load_shards(cfg: Any, seed: int) -> Any:
     """`data.source: shards`: the prepared splits, in memory when they fit `data.in_memory_limit_mb`, else on disk."""
-    from bigmodel.data.sources import ImageDataset, ImageSplit, finish_splits
+    from bigmodel.data.sources import ImageDataset, ImageSplit
 
     if cfg.path is None or not Path(cfg.path).is_dir():
         raise UserError(f"data.path {cfg.path}: not a folder (data.source 'shards' reads bigmodel data prepare's)")
@@ -263,7 +265,7 @@ def load_shards(cfg: Any, seed: int) -> Any:
         if len(sp.y) != len(sp.x):
             raise UserError(f"{index.root}: split {name!r} has {len(sp.x)} images and {len(sp.y)} labels")
     n_train = len(splits["train"])
-    train, val, test = finish_splits(splits["train"], splits.get("val"), splits.get("test"), index.labels, cfg, seed)
+    train, val, test = finish_prepared(splits, index.labels, cfg, seed, index.meta, index.root)
     data = ImageDataset(train, val, test, index.labels)
     data.on_disk = not in_memory
     if len(train) == n_train:  # the prepared training split as it is: its statistics were computed while writing
@@ -297,9 +299,34 @@ def prepared_folder(out: Path) -> Any:
         raise
 
 
-def write_shards(data: Any, out: Path, shard_size: int = 10_000) -> dict[str, Any]:
+def applied_carving(cfg: Any) -> dict[str, Any]:
+    """What `finish_splits` did to the training split at prepare time, beyond carving val / test (recorded in the
+    index, so training on the folder does not do it a second time)."""
+    imb = getattr(cfg, "imbalance", None)
+    return {"imbalance": imb.model_dump(mode="json") if imb is not None else None}
+
+
+def finish_prepared(splits: dict[str, Any], labels: list[str], cfg: Any, seed: int, meta: dict[str, Any], root: Path):
+    """`finish_splits` on a prepared folder's splits. An `imbalance` applied at prepare time is not applied again
+    (keeping 10% of 10% of a class); a recipe asking for another one than the folder's gets a one-line error."""
+    from bigmodel.data.sources import finish_splits
+
+    done = (meta.get("applied") or {}).get("imbalance")
+    if done is not None:
+        asked = applied_carving(cfg)["imbalance"]
+        if asked is not None and asked != done:
+            raise UserError(
+                f"data.imbalance {asked}: {root} was prepared with {done} applied (prepare it again with this setting, "
+                "or drop it from the recipe)"
+            )
+        cfg = cfg.model_copy(update={"imbalance": None})
+    return finish_splits(splits["train"], splits.get("val"), splits.get("test"), labels, cfg, seed)
+
+
+def write_shards(data: Any, out: Path, shard_size: int = 10_000, cfg: Any = None) -> dict[str, Any]:
     """Write an `ImageDataset`'s splits as shards under `out` (into a temporary folder, renamed when complete: an
-    interrupted prepare leaves nothing half-written). Returns the index."""
+    interrupted prepare leaves nothing half-written); `cfg`: the recipe's `data` the splits were made with. Returns
+    the index."""
     # Images not in memory (files decoded while writing): their statistics are summed while writing, not read twice.
     stats = ChannelStats() if data.stats is None and not isinstance(data.train.x, torch.Tensor) else None
     with prepared_folder(out) as tmp:
@@ -327,6 +354,7 @@ def write_shards(data: Any, out: Path, shard_size: int = 10_000) -> dict[str, An
             "input_shape": list(data.input_shape),
             "channel_mean": mean,
             "channel_std": std,
+            "applied": applied_carving(cfg),
             "splits": splits,
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")

@@ -142,7 +142,7 @@ def load_text_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
     """`data.source: shards` for a text classifier → (SeqDataset, Preprocess): the folder's tokenizer and input
     description (or `pre`'s, which must be the tokenizer the ids were made with)."""
     from bigmodel.data.sequences import SeqDataset, SeqSplit
-    from bigmodel.data.sources import finish_splits
+    from bigmodel.data.shards import finish_prepared
     from bigmodel.data.text import load_tokenizer
     from bigmodel.runs import Preprocess
 
@@ -188,7 +188,7 @@ def load_text_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
         name: SeqSplit(r.materialize() if in_memory else r, torch.from_numpy(np.maximum(r._lengths, 1)), ys[name])
         for name, r in rows.items()
     }
-    train, val, test = finish_splits(splits["train"], splits.get("val"), splits.get("test"), labels, cfg, recipe.seed)
+    train, val, test = finish_prepared(splits, labels, cfg, recipe.seed, meta, root)
     data = SeqDataset(train, val, test, labels)
     data.pii_masked = meta.get("pii_masked")
     data.on_disk = not in_memory
@@ -199,7 +199,7 @@ def load_text_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
 def write_text_shards(text: Any, pre: Any, recipe: Any, out: Path, chunk: int = 4096) -> dict[str, Any]:
     """Tokenise a text-classification data set (`data.text.TextDataset`, its splits carved) with `pre.tokenizer`
     into `out` (a temporary folder renamed when complete); returns the index."""
-    from bigmodel.data.shards import prepared_folder
+    from bigmodel.data.shards import applied_carving, prepared_folder
 
     tok = pre.tokenizer
     vocab = tok.get_vocab_size()
@@ -244,6 +244,7 @@ def write_text_shards(text: Any, pre: Any, recipe: Any, out: Path, chunk: int = 
             "tokenizer_sha256": text_tokenizer_digest(tok),
             "mask_pii": list(cfg.mask_pii),
             "pii_masked": getattr(text, "pii_masked", None),
+            "applied": applied_carving(cfg),
             "splits": splits,
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")

@@ -75,7 +75,7 @@ class ImageClassification(ClassificationSpec):
         from bigmodel.data.shards import write_shards
         from bigmodel.data.sources import load_data
 
-        return write_shards(load_data(recipe.data, recipe.seed, decode=False), out, shard_size)
+        return write_shards(load_data(recipe.data, recipe.seed, decode=False), out, shard_size, recipe.data)
 
     def baseline_features(self, recipe: Any, data: Any, pre: Any, split: str) -> Any:
         """`linear`: logistic regression on the pixels in [0, 1] (average-pooled to at most 32 x 32)."""
