@@ -983,9 +983,7 @@ def data_scan(
 def data_prepare(
     recipe_path: Annotated[
         Path,
-        typer.Argument(
-            metavar="RECIPE", help="An image_classification, text_classification or language_modeling recipe."
-        ),
+        typer.Argument(metavar="RECIPE", help="An image, text or audio classification, or a language_modeling recipe."),
     ],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides")] = None,
     out: Annotated[Path, typer.Option("--out", help="The folder to write (must not exist, or be empty).")] = Path(
@@ -994,7 +992,8 @@ def data_prepare(
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard file.")] = 10_000,
 ) -> None:
     """Write the recipe's data (its train / val / test splits, carved with its seed) as shards on disk: images as
-    uint8 arrays, labelled texts and a language model's text as token ids with their tokenizer. Train on them with
+    uint8 arrays, labelled texts and a language model's text as token ids with their tokenizer, audio decoded to
+    float32 samples with its feature statistics. Train on them with
     `data.source=shards data.path=OUT`; data larger than `data.in_memory_limit_mb` is then read from disk a batch at a
     time."""
     from bigmodel.config import load_recipe
@@ -1005,6 +1004,11 @@ def data_prepare(
     fmt = index["format"]
     if fmt.startswith("bigmodel-textids"):
         sizes = ", ".join(f"{k} {v['count']:,} texts ({v['tokens']:,} tokens)" for k, v in index["splits"].items())
+    elif fmt.startswith("bigmodel-audio"):
+        rate = index["sample_rate"]
+        sizes = ", ".join(
+            f"{k} {v['count']:,} clips ({v['samples_total'] / rate:,.1f} s)" for k, v in index["splits"].items()
+        )
     else:
         unit = "tokens" if fmt.startswith("bigmodel-tokens") else "images"
         sizes = ", ".join(f"{k} {v['count']:,} {unit} in {len(v['shards'])} shards" for k, v in index["splits"].items())

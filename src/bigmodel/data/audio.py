@@ -158,11 +158,14 @@ class AudioDataConfig(_Split, _Labels):
     """`data` of `task: audio_classification`."""
 
     TASK: ClassVar[str] = "audio_classification"
-    SOURCES: ClassVar[tuple[str, ...]] = AUDIO_SOURCES
+    SOURCES: ClassVar[tuple[str, ...]] = (*AUDIO_SOURCES, "shards")
 
     source: str
-    """`audio_folder`, `audio_csv`, `spoken_digits` (espeak-ng, generated and cached on first use) or
-    `fillets_speakers` (Debian `fillets-ng-data-cs`)."""
+    """`audio_folder`, `audio_csv`, `spoken_digits` (espeak-ng, generated and cached on first use),
+    `fillets_speakers` (Debian `fillets-ng-data-cs`), or `shards` (clips decoded by `bigmodel data prepare`)."""
+    in_memory_limit_mb: Annotated[float, Field(gt=0)] = 2048
+    """`shards`: read the prepared clips into memory when together (float32) they are at most this many MiB; larger
+    ones stay on disk and each batch's windows are read when needed."""
     path: Path | None = None
     """`audio_folder`: ROOT of `ROOT/<split>/<class>/*.wav`; `audio_csv`: the CSV; `fillets_speakers`: the game's
     `sound/` folder (default: Debian's)."""
@@ -188,7 +191,7 @@ class AudioDataConfig(_Split, _Labels):
 
     @model_validator(mode="after")
     def _cross(self) -> AudioDataConfig:
-        if self.source in ("audio_folder", "audio_csv") and self.path is None:
+        if self.source in ("audio_folder", "audio_csv", "shards") and self.path is None:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
         if self.source == "spoken_digits" and self.path is not None:
             raise ValueError("data.source 'spoken_digits' is generated; data.path does not apply")
@@ -293,13 +296,15 @@ class AudioSplit:
     lengths: torch.Tensor  # (N,) int64
     y: torch.Tensor  # (N,) int64
     names: list[str] = field(default_factory=list)  # where each clip came from (file path or id)
+    power: torch.Tensor | None = None  # (N,) each clip's mean power, when known (prepared folders store it)
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, idx: torch.Tensor) -> AudioSplit:
         names = [self.names[i] for i in idx.tolist()] if self.names else []
-        return AudioSplit(self.samples, self.offsets[idx], self.lengths[idx], self.y[idx], names)
+        power = self.power[idx] if self.power is not None else None
+        return AudioSplit(self.samples, self.offsets[idx], self.lengths[idx], self.y[idx], names, power)
 
     def clip(self, i: int) -> np.ndarray:
         o, n = int(self.offsets[i]), int(self.lengths[i])
@@ -328,6 +333,12 @@ def cut(split: AudioSplit, idx: torch.Tensor | slice, samples: int, g: torch.Gen
     else:
         u = torch.rand(len(lengths), generator=g, dtype=torch.float64)
         shift = torch.where(slack >= 0, (u * (slack + 1)).floor(), -(u * (-slack + 1)).floor()).to(torch.int64)
+    if not isinstance(
+        split.samples, torch.Tensor
+    ):  # on disk (`data/audioshards.py`): read each window's part in its clip
+        first = shift.clamp(min=0)
+        n = (torch.minimum(shift + samples, lengths) - first).clamp(min=0)
+        return split.samples.spans((offsets + first).numpy(), n.numpy(), (first - shift).numpy(), samples)
     pos = shift.unsqueeze(1) + torch.arange(samples).unsqueeze(0)  # (B, S) positions in each clip
     valid = (pos >= 0) & (pos < lengths.unsqueeze(1))
     flat = (offsets.unsqueeze(1) + pos.clamp(min=0)).clamp(max=max(len(split.samples) - 1, 0))
@@ -632,7 +643,10 @@ class AudioLoader:
         self.random_crop = random_crop
         self.spec_augment = spec_augment if spec_augment is not None and spec_augment.on else None
         self.noise = noise if random_crop and noise is not None and noise.prob > 0 else None
-        self.power = clip_power(split.samples, split.offsets, split.lengths) if self.noise is not None else None
+        power = split.power if split.power is not None else None
+        if self.noise is not None and power is None:
+            power = clip_power(split.samples, split.offsets, split.lengths)
+        self.power = power if self.noise is not None else None
         self.mel_channels, self.frames = mel_channels, frames
         self.device = torch.device(device)
         self.plan = SamplingPlan.for_labels(

@@ -97,25 +97,44 @@ class AudioClassification(ClassificationSpec):
     # ------------------------------------------------------------------------------------------------- data
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
         from bigmodel.data.audio import load_audio
-        from bigmodel.runs import Preprocess
 
         cfg = recipe.data
+        if cfg.source == "shards":  # clips decoded on disk (`bigmodel data prepare`), with their statistics
+            from bigmodel.data.audioshards import load_audio_shards
+
+            return load_audio_shards(recipe, pre)
         if pre is not None and int(pre.input_shape["sample_rate"]) != cfg.sample_rate:
             raise UserError(
                 f"data.sample_rate {cfg.sample_rate}: the model was trained at {pre.input_shape['sample_rate']} Hz"
             )
         data = load_audio(cfg, recipe.seed)
-        if pre is None:
-            shape = {"kind": "audio", "sample_rate": cfg.sample_rate, "samples": cfg.samples}
-            features = cfg.features.spec()
-            features["mean"] = features["std"] = None
-            if cfg.features.normalize:
-                # Per mel channel over every frame of the training clips' evaluation windows (float64 sums).
-                feats = log_mels({**shape, "features": features}, data.train.windows(cfg.samples)).double()
-                features["mean"] = feats.mean(dim=(0, 2)).tolist()
-                features["std"] = feats.std(dim=(0, 2)).clamp(min=1e-5).tolist()
-            pre = Preprocess(data.labels, None, None, {**shape, "features": features}, kind="audio")
-        return data, pre
+        return data, pre or self.audio_preprocess(recipe, data)
+
+    def audio_preprocess(self, recipe: Any, data: Any) -> Any:
+        """The input description: rate, window, log-mel settings and their normalisation statistics."""
+        from bigmodel.runs import Preprocess
+
+        cfg = recipe.data
+        shape = {"kind": "audio", "sample_rate": cfg.sample_rate, "samples": cfg.samples}
+        features = cfg.features.spec()
+        features["mean"] = features["std"] = None
+        if cfg.features.normalize:
+            # Per mel channel over every frame of the training clips' evaluation windows (float64 sums).
+            feats = log_mels({**shape, "features": features}, data.train.windows(cfg.samples)).double()
+            features["mean"] = feats.mean(dim=(0, 2)).tolist()
+            features["std"] = feats.std(dim=(0, 2)).clamp(min=1e-5).tolist()
+        return Preprocess(data.labels, None, None, {**shape, "features": features}, kind="audio")
+
+    def write_shards(self, recipe: Any, out: Any, shard_size: int) -> dict[str, Any]:
+        """Each split's decoded clips as one float32 stream, with offsets, labels, clip powers and names, and the
+        normalisation statistics (`data/audioshards.py`); `shard_size` does not apply."""
+        from bigmodel.data.audio import load_audio
+        from bigmodel.data.audioshards import write_audio_shards
+
+        if Path(out).exists() and any(Path(out).iterdir()):  # before the audio is decoded
+            raise UserError(f"--out {out}: the folder exists and is not empty (choose a new one)")
+        data = load_audio(recipe.data, recipe.seed)
+        return write_audio_shards(data, self.audio_preprocess(recipe, data), recipe, out)
 
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.audio import AudioLoader

@@ -174,8 +174,8 @@ class TaskSpec(ABC):
     def write_shards(self, recipe: Any, out: Any, shard_size: int) -> dict[str, Any]:
         """`bigmodel data prepare`: write the recipe's splits as shards under `out`; returns the index."""
         raise UserError(
-            f"task {self.name!r}: data prepare writes image_classification, text_classification and "
-            "language_modeling data so far"
+            f"task {self.name!r}: data prepare writes image_classification, text_classification, "
+            "audio_classification and language_modeling data so far"
         )
 
     def evaluate_extra(self, art: Any, data: Any, split: str, **options: Any) -> dict[str, Any]:

@@ -1,0 +1,228 @@
+"""Decoded audio on disk: `bigmodel data prepare` for an audio-classification recipe, read back a window at a time.
+
+A prepared folder holds (format `bigmodel-audio/1`), for each split (train / val / test, carved with the recipe's seed
+at prepare time):
+- `<split>-samples.bin`: every clip, decoded and resampled to the recipe's rate, one after the other as raw
+  little-endian float32 (`np.memmap(path, "<f4", mode="r")` reads it);
+- `<split>-offsets.npy`: int64 (N + 1,): clip i is `samples[offsets[i]:offsets[i + 1]]`;
+- `<split>-labels.npy`: int64 (N,); `<split>-power.npy`: float32 (N,), each clip's mean power (what training adds
+  noise against, computed once here); `<split>-names.json`: where each clip came from;
+and `index.json`: the format, labels, sample rate, the model's input description with the log-mel normalisation
+statistics of the training windows (computed at prepare time, as training from the source computes them), and each
+split's clip and sample counts.
+
+`data.source: shards` with `data.path: FOLDER` trains on it. Streams that fit `data.in_memory_limit_mb` together are
+read into memory; larger ones stay on disk as `DiskSamples`: each batch reads, for each clip, only the part of its
+window inside the clip (one `pread`), so resident memory holds batches, not the audio. Windows, noise and SpecAugment
+masks are the sampling plan's and the batch seed's either way: a run on the folder trains as the source recipe does,
+bit for bit, and resumes exactly. Preparing decodes the whole data set into memory once (as a run on the source
+does); training on the folder does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bigmodel.errors import UserError
+
+FORMAT = "bigmodel-audio/1"
+SPLITS = ("train", "val", "test")
+F32 = np.dtype("<f4")
+
+
+class DiskSamples:
+    """A split's clips as one flat float32 stream in a raw file. `spans` reads many windows at once; slices read a
+    range (`clip(i)`); nothing else is held in memory."""
+
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, path: Path, count: int) -> None:
+        self.path, self._count = Path(path), count
+        size = self.path.stat().st_size if self.path.exists() else -1
+        if size != count * F32.itemsize:
+            raise UserError(
+                f"{self.path}: {size} bytes, index.json says {count} float32 samples (prepare the folder again)"
+            )
+        self._fd: int | None = None
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self._count,)
+
+    def to(self, device: Any) -> DiskSamples:
+        """Stays on disk: windows are read on the CPU and the loader moves each batch to its device."""
+        return self
+
+    def _file(self) -> int:
+        if self._fd is None or os.getpid() != self._pid:  # a forked process must not share the parent's descriptor
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def spans(self, starts: np.ndarray, counts: np.ndarray, cols: np.ndarray, width: int) -> torch.Tensor:
+        """(B, width) float32, zero but for row b's `counts[b]` samples from stream position `starts[b]`, placed
+        from column `cols[b]` (one `preadv` per row, in file order)."""
+        out = np.zeros((len(starts), width), dtype=F32)
+        fd = self._file()
+        for b in np.argsort(starts, kind="stable").tolist():
+            n, c = int(counts[b]), int(cols[b])
+            if n <= 0:
+                continue
+            got = os.preadv(fd, [memoryview(out[b, c : c + n]).cast("B")], int(starts[b]) * F32.itemsize)
+            if got != n * F32.itemsize:
+                raise UserError(f"{self.path}: truncated audio stream (prepare the folder again)")
+        return torch.from_numpy(out)
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        if not isinstance(idx, slice) or idx.indices(self._count)[2] != 1:
+            raise TypeError("DiskSamples reads ranges (samples[a:b]) and windows (spans)")
+        a, b, _ = idx.indices(self._count)
+        n = max(0, b - a)
+        return self.spans(np.array([a]), np.array([n]), np.array([0]), n)[0]
+
+    def materialize(self) -> torch.Tensor:
+        return torch.from_numpy(np.fromfile(self.path, dtype=F32).astype(np.float32, copy=False))
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # type: ignore[arg-type]
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    path = root / "index.json"
+    if not root.is_dir():
+        raise UserError(f"data.path {root}: not a folder (data.source 'shards' reads bigmodel data prepare's)")
+    if not path.is_file():
+        raise UserError(f"data.path {root}: no index.json (make it: bigmodel data prepare RECIPE --out {root})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(
+            f"{path}: format {meta.get('format')!r}, expected {FORMAT!r} (prepare the folder from an "
+            "audio_classification recipe)"
+        )
+    if "train" not in meta.get("splits", {}):
+        raise UserError(f"{path}: no train split")
+    return meta
+
+
+def load_audio_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
+    """`data.source: shards` for an audio classifier → (AudioDataset, Preprocess): the folder's clips, in memory or on
+    disk by `data.in_memory_limit_mb`, and its input description (or `pre`'s, which must be at the folder's rate)."""
+    from bigmodel.data.audio import AudioDataset, AudioSplit
+    from bigmodel.data.shards import finish_prepared
+    from bigmodel.runs import Preprocess
+
+    cfg = recipe.data
+    root = Path(cfg.path)
+    meta = read_index(root)
+    labels, rate = list(meta["labels"]), int(meta["sample_rate"])
+    shape = meta["input_shape"]
+    if pre is None:
+        if cfg.sample_rate != rate:
+            raise UserError(f"data.sample_rate {cfg.sample_rate}: {root} holds audio at {rate} Hz (prepare it again)")
+        if cfg.samples != int(shape["samples"]):
+            raise UserError(
+                f"data.clip_seconds {cfg.clip_seconds:g}: {root} was prepared for {int(shape['samples'])} samples "
+                "(its normalisation statistics are over those windows; prepare it again)"
+            )
+        stored = {k: v for k, v in shape["features"].items() if k not in ("mean", "std")}
+        asked = {k: v for k, v in cfg.features.spec().items() if k not in ("mean", "std")}
+        if json.loads(json.dumps(asked)) != stored:
+            diff = sorted(k for k in asked if stored.get(k) != json.loads(json.dumps(asked[k])))
+            raise UserError(
+                f"data.features ({', '.join(diff)}): {root} was prepared with { ({k: stored.get(k) for k in diff}) } "
+                "(its normalisation statistics are of those features; prepare it again)"
+            )
+        pre = Preprocess(labels, None, None, dict(shape), kind="audio")
+    elif int(pre.input_shape["sample_rate"]) != rate:
+        raise UserError(f"{root}: audio at {rate} Hz, the model was trained at {pre.input_shape['sample_rate']} Hz")
+    if list(pre.labels) != labels:
+        raise UserError(f"{root}: labels {labels}, the model's are {list(pre.labels)}")
+    streams: dict[str, DiskSamples] = {}
+    parts: dict[str, Any] = {}
+    for name in SPLITS:
+        if name not in meta["splits"]:
+            continue
+        entry = meta["splits"][name]
+        try:
+            offsets = torch.from_numpy(np.load(root / entry["offsets"], allow_pickle=False).astype(np.int64))
+            y = torch.from_numpy(np.load(root / entry["labels"], allow_pickle=False).astype(np.int64))
+            power = torch.from_numpy(np.load(root / entry["power"], allow_pickle=False).astype(np.float32))
+            names = json.loads((root / entry["names"]).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{root}: split {name!r}: cannot read its offsets, labels, power or names ({e})") from None
+        if not (len(offsets) == len(y) + 1 == len(power) + 1 == len(names) + 1):
+            raise UserError(f"{root}: split {name!r}: offsets, labels, power and names disagree (prepare again)")
+        streams[name] = DiskSamples(root / entry["samples"], int(offsets[-1]))
+        parts[name] = (offsets, y, power, names)
+    in_memory = sum(len(s) for s in streams.values()) * F32.itemsize <= cfg.in_memory_limit_mb * 2**20
+    splits = {}
+    for name, (offsets, y, power, names) in parts.items():
+        samples = streams[name].materialize() if in_memory else streams[name]
+        lengths = offsets[1:] - offsets[:-1]
+        splits[name] = AudioSplit(samples, offsets[:-1].clone(), lengths, y, names, power)  # type: ignore[arg-type]
+    train, val, test = finish_prepared(splits, labels, cfg, recipe.seed, meta, root)
+    data = AudioDataset(train, val, test, labels, rate)
+    data.on_disk = not in_memory
+    return data, pre
+
+
+def write_audio_shards(data: Any, pre: Any, recipe: Any, out: Path) -> dict[str, Any]:
+    """Write an `AudioDataset`'s splits (decoded, at the recipe's rate) into `out` (a temporary folder renamed when
+    complete); `pre`: its input description with the normalisation statistics. Returns the index."""
+    from bigmodel.data.audio import clip_power
+    from bigmodel.data.shards import applied_carving, prepared_folder
+
+    with prepared_folder(Path(out)) as tmp:
+        splits: dict[str, Any] = {}
+        for name in SPLITS:
+            split = getattr(data, name)
+            if split is None:
+                continue
+            # Each clip's power from the source's own buffer: what a run on the source recipe adds noise against.
+            power = clip_power(split.samples, split.offsets, split.lengths)
+            offsets = [0]
+            with open(tmp / f"{name}-samples.bin", "wb") as f:
+                for i in range(len(split)):
+                    clip = np.ascontiguousarray(split.clip(i), dtype=F32)
+                    clip.tofile(f)
+                    offsets.append(offsets[-1] + len(clip))
+            np.save(tmp / f"{name}-offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)
+            np.save(tmp / f"{name}-labels.npy", split.y.numpy().astype(np.int64), allow_pickle=False)
+            np.save(tmp / f"{name}-power.npy", power.numpy().astype(np.float32), allow_pickle=False)
+            names = list(split.names) if split.names else [f"{name}:{i}" for i in range(len(split))]
+            (tmp / f"{name}-names.json").write_text(json.dumps(names), encoding="utf-8")
+            splits[name] = {
+                "count": len(split),
+                "samples_total": offsets[-1],
+                "samples": f"{name}-samples.bin",
+                "offsets": f"{name}-offsets.npy",
+                "labels": f"{name}-labels.npy",
+                "power": f"{name}-power.npy",
+                "names": f"{name}-names.json",
+            }
+        index = {
+            "format": FORMAT,
+            "labels": list(data.labels),
+            "sample_rate": int(data.sample_rate),
+            "input_shape": dict(pre.input_shape),
+            "applied": applied_carving(recipe.data),
+            "splits": splits,
+        }
+        (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return index
