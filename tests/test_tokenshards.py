@@ -126,7 +126,7 @@ def test_a_folder_made_otherwise_is_a_one_line_error(prepared, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     (images / "index.json").write_text(json.dumps({"format": "bigmodel-shards/1"}))
-    cases["images"] = (on_disk(images), "holds images, not token ids")
+    cases["images"] = (on_disk(images), "holds images, not a language model's token stream")
     for name, (recipe, message) in cases.items():
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe))

@@ -101,23 +101,9 @@ class DiskSamples:
 
 
 def read_index(root: Path) -> dict[str, Any]:
-    path = root / "index.json"
-    if not root.is_dir():
-        raise UserError(f"data.path {root}: not a folder (data.source 'shards' reads bigmodel data prepare's)")
-    if not path.is_file():
-        raise UserError(f"data.path {root}: no index.json (make it: bigmodel data prepare RECIPE --out {root})")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(
-            f"{path}: format {meta.get('format')!r}, expected {FORMAT!r} (prepare the folder from an "
-            "audio_classification recipe)"
-        )
-    if "train" not in meta.get("splits", {}):
-        raise UserError(f"{path}: no train split")
-    return meta
+    from bigmodel.data.shards import read_prepared_index
+
+    return read_prepared_index(root, FORMAT)
 
 
 def load_audio_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:

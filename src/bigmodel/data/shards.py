@@ -210,15 +210,7 @@ class ShardIndex:
 
     @classmethod
     def read(cls, root: Path) -> ShardIndex:
-        path = root / "index.json"
-        if not path.is_file():
-            raise UserError(f"data.path {root}: no index.json (make it: bigmodel data prepare RECIPE --out {root})")
-        try:
-            meta = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        if meta.get("format") != FORMAT:
-            raise UserError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        meta = read_prepared_index(root, FORMAT)
         return cls(
             root,
             list(meta["labels"]),
@@ -297,6 +289,38 @@ def prepared_folder(out: Path) -> Any:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+PREPARED = {  # what each format of `bigmodel data prepare` holds (for the error when a folder of another is given)
+    "bigmodel-shards": "images",
+    "bigmodel-tokens": "a language model's token stream",
+    "bigmodel-textids": "labelled texts as token ids",
+    "bigmodel-audio": "decoded audio clips",
+}
+
+
+def read_prepared_index(root: Path, expected: str) -> dict[str, Any]:
+    """`root/index.json` of a prepared folder of format `expected` (one-line errors for a missing folder or index, bad
+    JSON, a folder prepared for another task, or no train split)."""
+    path = root / "index.json"
+    if not root.is_dir():
+        raise UserError(f"data.path {root}: not a folder (data.source 'shards' reads bigmodel data prepare's)")
+    if not path.is_file():
+        raise UserError(f"data.path {root}: no index.json (make it: bigmodel data prepare RECIPE --out {root})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    fmt = str(meta.get("format", ""))
+    if fmt != expected:
+        holds = PREPARED.get(fmt.split("/")[0])
+        want = PREPARED.get(expected.split("/")[0], expected)
+        if holds is not None and holds != want:
+            raise UserError(f"{path}: holds {holds}, not {want} (prepare the folder from a recipe of this task)")
+        raise UserError(f"{path}: format {meta.get('format')!r}, expected {expected!r}")
+    if "train" not in meta.get("splits", {}):
+        raise UserError(f"{path}: no train split")
+    return meta
 
 
 def applied_carving(cfg: Any) -> dict[str, Any]:

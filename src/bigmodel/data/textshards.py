@@ -101,26 +101,11 @@ class DiskRows(LazyImages):
 
 
 def read_index(root: Path) -> dict[str, Any]:
-    path = root / "index.json"
-    if not root.is_dir():
-        raise UserError(f"data.path {root}: not a folder (data.source 'shards' reads bigmodel data prepare's)")
-    if not path.is_file():
-        raise UserError(f"data.path {root}: no index.json (make it: bigmodel data prepare RECIPE --out {root})")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    fmt = str(meta.get("format", ""))
-    if fmt.startswith("bigmodel-shards"):
-        raise UserError(f"{path}: holds images, not texts (prepare the folder from a text-classification recipe)")
-    if fmt.startswith("bigmodel-tokens"):
-        raise UserError(f"{path}: holds a language model's token stream, not labelled texts")
-    if fmt != FORMAT:
-        raise UserError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    if "train" not in meta.get("splits", {}):
-        raise UserError(f"{path}: no train split")
+    from bigmodel.data.shards import read_prepared_index
+
+    meta = read_prepared_index(root, FORMAT)
     if meta.get("dtype") not in DTYPES:
-        raise UserError(f"{path}: dtype {meta.get('dtype')!r}, expected one of {', '.join(DTYPES)}")
+        raise UserError(f"{root / 'index.json'}: dtype {meta.get('dtype')!r}, expected one of {', '.join(DTYPES)}")
     return meta
 
 

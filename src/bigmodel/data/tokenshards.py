@@ -123,23 +123,11 @@ class DiskTokens:
 
 
 def read_index(root: Path) -> dict[str, Any]:
-    path = root / "index.json"
-    if not root.is_dir():
-        raise UserError(f"data.path {root}: not a folder (data.source 'shards' reads bigmodel data prepare's)")
-    if not path.is_file():
-        raise UserError(f"data.path {root}: no index.json (make it: bigmodel data prepare RECIPE --out {root})")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if str(meta.get("format", "")).startswith("bigmodel-shards"):
-        raise UserError(f"{path}: holds images, not token ids (prepare the folder from a language-modelling recipe)")
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    if "train" not in meta.get("splits", {}):
-        raise UserError(f"{path}: no train split")
+    from bigmodel.data.shards import read_prepared_index
+
+    meta = read_prepared_index(root, FORMAT)
     if meta.get("dtype") not in DTYPES:
-        raise UserError(f"{path}: dtype {meta.get('dtype')!r}, expected one of {', '.join(DTYPES)}")
+        raise UserError(f"{root / 'index.json'}: dtype {meta.get('dtype')!r}, expected one of {', '.join(DTYPES)}")
     return meta
 
 
@@ -159,18 +147,9 @@ def load_token_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
 
         pre = hf_lm_preprocess(recipe)
     if pre is None:
-        prepared = meta["tokenizer_config"]
-        asked = cfg.tokenizer.model_dump(mode="json")
-        default = type(cfg.tokenizer)().model_dump(mode="json")
-        # A setting the recipe gives (other than the default: a resumed run's saved recipe spells out every key) must
-        # be the one the folder was tokenized with.
-        for k in (k for k in asked if asked[k] != default[k]):
-            if prepared is None or prepared.get(k) != asked[k]:
-                was = "a pretrained model's" if prepared is None else repr(prepared.get(k))
-                raise UserError(
-                    f"data.tokenizer.{k} {asked[k]!r}: {root} was tokenized with {was} (prepare it again with this "
-                    "setting, or drop it from the recipe)"
-                )
+        from bigmodel.data.textshards import check_tokenizer_settings
+
+        check_tokenizer_settings(cfg, meta["tokenizer_config"], root)
         try:
             tok = plain(Tokenizer.from_file(str(root / "tokenizer.json")))
         except Exception as e:  # tokenizers raises its own Exception type for a bad file
