@@ -333,9 +333,7 @@ def cut(split: AudioSplit, idx: torch.Tensor | slice, samples: int, g: torch.Gen
     else:
         u = torch.rand(len(lengths), generator=g, dtype=torch.float64)
         shift = torch.where(slack >= 0, (u * (slack + 1)).floor(), -(u * (-slack + 1)).floor()).to(torch.int64)
-    if not isinstance(
-        split.samples, torch.Tensor
-    ):  # on disk (`data/audioshards.py`): read each window's part in its clip
+    if not isinstance(split.samples, torch.Tensor):  # on disk (`data/audioshards.py`): each window's part in its clip
         first = shift.clamp(min=0)
         n = (torch.minimum(shift + samples, lengths) - first).clamp(min=0)
         return split.samples.spans((offsets + first).numpy(), n.numpy(), (first - shift).numpy(), samples)
@@ -643,7 +641,7 @@ class AudioLoader:
         self.random_crop = random_crop
         self.spec_augment = spec_augment if spec_augment is not None and spec_augment.on else None
         self.noise = noise if random_crop and noise is not None and noise.prob > 0 else None
-        power = split.power if split.power is not None else None
+        power = split.power  # stored by a prepared folder (the source buffer's), else computed here
         if self.noise is not None and power is None:
             power = clip_power(split.samples, split.offsets, split.lengths)
         self.power = power if self.noise is not None else None

@@ -401,6 +401,10 @@ def _serve(grid: Grid, context: Context, run_dir: Path) -> None:
         t0 = time.perf_counter()
         random.seed(fed.recipe.seed * 1_000_003 + rnd)  # which nodes a fraction_fit < 1 samples
         config = ConfigRecord({"recipe-digest": fed.digest, "names": json.dumps(names), "run-key": run_key})
+        # Flower's configure_train sizes its sample from the nodes connected when it is called, and only then waits
+        # for min_available_nodes: a first round begun while a client was still connecting went to 2 of 3 clients.
+        while len(list(grid.get_node_ids())) < strategy.min_available_nodes:
+            time.sleep(0.5)
         messages = list(strategy.configure_train(rnd, arrays, config, grid))
         # The first round waited for every client to connect; later rounds go on with those alive (a dead client's
         # node drops out of the available ones, and waiting for it would wait for ever).
