@@ -21,7 +21,6 @@ does); training on the folder does not.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigmodel.data.shards import RawFile
 from bigmodel.errors import UserError
 
 FORMAT = "bigmodel-audio/1"
@@ -37,7 +37,7 @@ SPLITS = ("train", "val", "test")
 F32 = np.dtype("<f4")
 
 
-class DiskSamples:
+class DiskSamples(RawFile):
     """A split's clips as one flat float32 stream in a raw file. `spans` reads many windows at once; slices read a
     range (`clip(i)`); nothing else is held in memory."""
 
@@ -51,8 +51,6 @@ class DiskSamples:
             raise UserError(
                 f"{self.path}: {size} bytes, index.json says {count} float32 samples (prepare the folder again)"
             )
-        self._fd: int | None = None
-        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return self._count
@@ -64,11 +62,6 @@ class DiskSamples:
     def to(self, device: Any) -> DiskSamples:
         """Stays on disk: windows are read on the CPU and the loader moves each batch to its device."""
         return self
-
-    def _file(self) -> int:
-        if self._fd is None or os.getpid() != self._pid:  # a forked process must not share the parent's descriptor
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
 
     def spans(self, starts: np.ndarray, counts: np.ndarray, cols: np.ndarray, width: int) -> torch.Tensor:
         """(B, width) float32, zero but for row b's `counts[b]` samples from stream position `starts[b]`, placed
@@ -93,11 +86,6 @@ class DiskSamples:
 
     def materialize(self) -> torch.Tensor:
         return torch.from_numpy(np.fromfile(self.path, dtype=F32).astype(np.float32, copy=False))
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)  # type: ignore[arg-type]
 
 
 def read_index(root: Path) -> dict[str, Any]:

@@ -59,6 +59,25 @@ def _open_npy(path: Path, shape: tuple[int, ...]) -> _Shard:
     return _Shard(path, offset, int(got_shape[0]))
 
 
+class RawFile:
+    """A read-only descriptor on `self.path`, opened on first use, opened again in a forked process (which must not
+    share its parent's), closed with the object."""
+
+    path: Path
+    _fd: int | None = None
+    _pid: int = -1
+
+    def _file(self) -> int:
+        if self._fd is None or os.getpid() != self._pid:
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
+
 class LazyImages:
     """(N, C, H, W) uint8 images that are read only when indexed, like a tensor: `x[i]`, `x[a:b]`, `x[index_tensor]`,
     `x[bool_mask]` return tensors; `subset(idx)` is a view (nothing is read). Subclasses say how to read rows."""
@@ -299,9 +318,9 @@ PREPARED = {  # what each format of `bigmodel data prepare` holds (for the error
 }
 
 
-def read_prepared_index(root: Path, expected: str) -> dict[str, Any]:
+def read_prepared_index(root: Path, expected: str, dtypes: Any = None) -> dict[str, Any]:
     """`root/index.json` of a prepared folder of format `expected` (one-line errors for a missing folder or index, bad
-    JSON, a folder prepared for another task, or no train split)."""
+    JSON, a folder prepared for another task, no train split, or a `dtype` not among `dtypes` when given)."""
     path = root / "index.json"
     if not root.is_dir():
         raise UserError(f"data.path {root}: not a folder (data.source 'shards' reads bigmodel data prepare's)")
@@ -320,6 +339,8 @@ def read_prepared_index(root: Path, expected: str) -> dict[str, Any]:
         raise UserError(f"{path}: format {meta.get('format')!r}, expected {expected!r}")
     if "train" not in meta.get("splits", {}):
         raise UserError(f"{path}: no train split")
+    if dtypes is not None and meta.get("dtype") not in dtypes:
+        raise UserError(f"{path}: dtype {meta.get('dtype')!r}, expected one of {', '.join(dtypes)}")
     return meta
 
 

@@ -18,7 +18,6 @@ plan's either way, so a run on the folder trains as a run on its source recipe d
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bigmodel.data.shards import LazyImages
+from bigmodel.data.shards import LazyImages, RawFile
 from bigmodel.errors import UserError
 
 FORMAT = "bigmodel-textids/1"
@@ -45,7 +44,7 @@ def text_tokenizer_digest(tok: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- reading
-class DiskRows(LazyImages):
+class DiskRows(LazyImages, RawFile):
     """(N, width) int64 token ids, each row a text right-padded with 0 (as `data.text.encode` pads), read from the
     split's id stream only when indexed. Indexing, `subset` views and `materialize` come from `LazyImages`."""
 
@@ -55,8 +54,6 @@ class DiskRows(LazyImages):
         lengths = np.diff(offsets)
         super().__init__(len(lengths), (max(1, int(lengths.max(initial=1))),), rows)
         self.path, self._dtype, self._offsets, self._lengths = Path(path), dtype, offsets, lengths
-        self._fd: int | None = None
-        self._pid = os.getpid()
 
     @property
     def nbytes(self) -> int:
@@ -64,11 +61,6 @@ class DiskRows(LazyImages):
 
     def _view(self, rows: torch.Tensor) -> DiskRows:
         return DiskRows(self.path, self._dtype, self._offsets, rows)
-
-    def _file(self) -> int:
-        if self._fd is None or os.getpid() != self._pid:  # a forked process must not share the parent's descriptor
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
 
     def _read(self, rows: torch.Tensor) -> torch.Tensor:
         n, width, size = len(rows), self._item, self._dtype.itemsize
@@ -94,19 +86,11 @@ class DiskRows(LazyImages):
         out[np.arange(self._item)[None, :] < self._lengths[:, None]] = flat  # row-major: the stream's order
         return torch.from_numpy(out)
 
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)  # type: ignore[arg-type]
-
 
 def read_index(root: Path) -> dict[str, Any]:
     from bigmodel.data.shards import read_prepared_index
 
-    meta = read_prepared_index(root, FORMAT)
-    if meta.get("dtype") not in DTYPES:
-        raise UserError(f"{root / 'index.json'}: dtype {meta.get('dtype')!r}, expected one of {', '.join(DTYPES)}")
-    return meta
+    return read_prepared_index(root, FORMAT, DTYPES)
 
 
 def check_tokenizer_settings(cfg: Any, prepared: dict[str, Any] | None, root: Path) -> None:

@@ -18,7 +18,6 @@ recipe and resumes exactly.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bigmodel.data.shards import RawFile
 from bigmodel.errors import UserError
 
 FORMAT = "bigmodel-tokens/1"
@@ -43,7 +43,7 @@ def tokenizer_digest(tok: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- reading
-class DiskTokens:
+class DiskTokens(RawFile):
     """A 1-D stream of token ids in a raw file, indexed like an int64 tensor: `ids[a:b]`, `ids[i]`, and `ids[index]`
     for an index tensor of any shape (rows of consecutive positions, i.e. windows, are read with one `pread` each)."""
 
@@ -52,8 +52,6 @@ class DiskTokens:
 
     def __init__(self, path: Path, dtype: np.dtype, count: int) -> None:
         self.path, self._dtype, self._count = Path(path), dtype, count
-        self._fd: int | None = None
-        self._pid = os.getpid()
         size = self.path.stat().st_size if self.path.exists() else -1
         if size != count * dtype.itemsize:
             raise UserError(
@@ -74,11 +72,6 @@ class DiskTokens:
     def to(self, device: Any) -> DiskTokens:
         """Stays on disk: windows are read on the CPU and the loader moves each batch to its device."""
         return self
-
-    def _file(self) -> int:
-        if self._fd is None or os.getpid() != self._pid:  # a forked process must not share the parent's descriptor
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
 
     def _runs(self, starts: np.ndarray, length: int) -> np.ndarray:
         """(len(starts), length) ids: the `length` tokens from each start, one pread per row."""
@@ -116,19 +109,11 @@ class DiskTokens:
     def materialize(self) -> torch.Tensor:
         return torch.from_numpy(np.fromfile(self.path, dtype=self._dtype).astype(np.int64))
 
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)  # type: ignore[arg-type]
-
 
 def read_index(root: Path) -> dict[str, Any]:
     from bigmodel.data.shards import read_prepared_index
 
-    meta = read_prepared_index(root, FORMAT)
-    if meta.get("dtype") not in DTYPES:
-        raise UserError(f"{root / 'index.json'}: dtype {meta.get('dtype')!r}, expected one of {', '.join(DTYPES)}")
-    return meta
+    return read_prepared_index(root, FORMAT, DTYPES)
 
 
 def load_token_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
