@@ -253,3 +253,31 @@ def train_lm_fixture_run(folder: Path) -> Path:
         "train": {"epochs": 3, "batch_size": 16, "optimizer": {"lr": 0.01}, "precision": "fp32"},
     }
     return api.train(validate_recipe(recipe), out=folder / "run", progress=False).run_dir
+
+
+def assert_same_run_weights(ref: Path, run: Path) -> None:
+    """Two runs' final weights are bit-identical. On a mismatch the message says how far apart they are, the first
+    logged record where the two runs part, and each run's CPU facts, so a failure on another machine can be read."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ref / "model" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    differ = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    if not differ:
+        return
+
+    def records(r: Path) -> list[dict]:  # without the wall-clock fields, which always differ
+        rows = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in d.items() if k != "time" and not k.endswith("_per_s")} for d in rows]
+
+    parted = next(((x, y) for x, y in zip(records(ref), records(run), strict=False) if x != y), None)
+    facts = ("cpu_capability", "cpu_native_bf16", "torch_threads", "cpu_isa_caps")
+    envs = [{k: json.loads((r / "env.json").read_text()).get(k) for k in facts} for r in (ref, run)]
+    worst = max(differ, key=differ.get)
+    raise AssertionError(
+        f"{len(differ)} of {len(a)} tensors differ (largest: {worst} by {differ[worst]:.3g}); "
+        f"first differing log records: {parted}; environments: {envs}"
+    )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import assert_same_run_weights, run_cli
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("soundfile") is None or importlib.util.find_spec("jiwer") is None,
@@ -316,8 +316,6 @@ def test_a_ctc_run_learns_and_predict_equals_evaluate(tmp_path):
 def test_resume_with_spec_augment_is_bit_identical(tones_asr_run, tmp_path):
     import signal
 
-    from safetensors.torch import load_file
-
     d = tones_asr_run
     run = tmp_path / "run"
     killed = run_cli(
@@ -325,11 +323,7 @@ def test_resume_with_spec_augment_is_bit_identical(tones_asr_run, tmp_path):
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     run_cli("train", "--resume", str(run), "--no-progress", check=True)
-    a, b = (
-        load_file(str(d / "run" / "model" / "model.safetensors")),
-        load_file(str(run / "model" / "model.safetensors")),
-    )
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run_weights(d / "run", run)
 
 
 @pytest.mark.skipif(
