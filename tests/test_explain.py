@@ -124,6 +124,48 @@ def test_lime_weights_samples_like_lime_image():
     assert lime_kernel(None, None, torch.ones(1, 49)) == 1.0
 
 
+def assert_surrogates_are_captums(run, items, monkeypatch):
+    """LIME and KernelSHAP as bigmodel runs them (`Surrogate`: per-batch perturbed inputs) give Captum's own
+    attributions, bit for bit: the same samples drawn in the same order, the same perturbed inputs, the same fits."""
+    import captum.attr as A
+
+    from bigmodel.explain import explain_items, explainer_for
+    from bigmodel.explain.core import Explainer, lime_kernel
+    from bigmodel.runs import load_artifact
+
+    art = load_artifact(run)
+    ex = explainer_for(art)
+    names = [f"x{i}" for i in range(len(items))]
+
+    def attributions(**kw):
+        torch.manual_seed(0)
+        res = explain_items(art, names, items, method, explainer=ex, pictures=False, n_samples=60, **kw)
+        return np.stack([r["_files"]["attributions.npy"] for r in res])
+
+    for method in ("lime", "kernel_shap"):
+        for per_eval in (1, 25):
+            ours = attributions(perturbations_per_eval=per_eval)
+            with monkeypatch.context() as m:  # Captum's Lime / KernelShap called on the batch as they are
+                m.setattr(
+                    Explainer,
+                    "surrogate",
+                    lambda self, meth: (
+                        A.Lime(self.forward, similarity_func=lime_kernel)
+                        if meth == "lime"
+                        else A.KernelShap(self.forward)
+                    ),
+                )
+                theirs = attributions(perturbations_per_eval=per_eval)
+            assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (method, per_eval)
+            assert np.abs(ours).sum() > 0
+
+
+def test_lime_and_kernel_shap_are_captums_for_images_and_text(image_run, text_run, monkeypatch):
+    x = api.evaluation(image_run, "test").data.split("test").x[:3]
+    assert_surrogates_are_captums(image_run, list(x.float().numpy()), monkeypatch)
+    assert_surrogates_are_captums(text_run, ["the plot was great", "awful film and story", "a"], monkeypatch)
+
+
 def test_resnet_blocks_reuse_their_relu_and_still_explain(tmp_path):
     """ResNet's basic block calls one ReLU(inplace=True) twice: the explainable copy makes it out-of-place, so
     Grad-CAM's layer hook and IG's gradients work and the artifact keeps its in-place module."""
@@ -215,7 +257,7 @@ def test_embedding_bag_explains_by_occlusion(tmp_path):
     assert p.returncode == 2 and "use occlusion, lime or kernel_shap" in p.stderr
 
 
-def test_sequences_and_tables(tmp_path):
+def test_sequences_and_tables(tmp_path, monkeypatch):
     from bigmodel.explain import explain
     from test_tabular import recipe as table_recipe
     from test_tabular import write_table
@@ -232,6 +274,7 @@ def test_sequences_and_tables(tmp_path):
     for m in ("integrated_gradients", "occlusion", "kernel_shap"):
         r = explain(run, files=[tmp_path / "s.npy"], method=m, out=tmp_path / "e")[0]
         assert np.array(r["scores"]).shape == (9, 12) and r["files"]["heatmap"].endswith(".png")
+    assert_surrogates_are_captums(run, [arr, arr[:5] * 2], monkeypatch)
 
     table = write_table(tmp_path / "t.csv", n=160)
     trun = api.train(validate_recipe(table_recipe(table)), out=tmp_path / "tab", progress=False).run_dir
@@ -240,6 +283,11 @@ def test_sequences_and_tables(tmp_path):
     assert res[0]["method"] == "occlusion"
     assert {c["column"] for c in res[0]["columns"]} == {"size", "colour", "noise"}
     assert res[0]["columns"][-1]["column"] == "noise"  # the column the label never depends on matters least
+    from bigmodel.runs import load_artifact
+
+    tart = load_artifact(trun)
+    _, rows = tart.spec.explain_items(tart, [tmp_path / "rows.csv"], None)  # the rows as `explain` reads them
+    assert_surrogates_are_captums(trun, rows, monkeypatch)
     p = run_cli("explain", str(trun), str(tmp_path / "rows.csv"), "--method", "saliency")
     assert p.returncode == 2 and "categorical columns (colour) have no gradient" in p.stderr
 
