@@ -15,9 +15,10 @@ bit-identical. What is attributed depends on the input kind, and each kind is on
 Defaults (per method) need no tuning: IG with 50 Gauss-Legendre steps from a black image (tokens: pad; values: 0),
 doubled (up to 400) for the examples whose completeness error is over 5%,
 Grad-CAM upsampled bilinearly, occlusion with a window of a seventh of the image, LIME / KernelSHAP on a 7 x 7 patch
-grid with 200 samples evaluated 100 at a time (Captum's default, one per forward, is ~4x slower) and LIME's own
+grid with 200 samples evaluated 100 at a time (Captum's default, one per forward, is ~5x slower) and LIME's own
 sample weights (`lime_kernel`). Captum's KernelSHAP with one fixed baseline computes *Baseline Shapley* values;
-results say so. Convnets are explained channels-last.
+results say so. Convnets are explained channels-last; the perturbed inputs of LIME and KernelSHAP are built per batch of
+samples (`MaskedForward`).
 """
 
 from __future__ import annotations
