@@ -329,6 +329,89 @@ def test_resume_with_spec_augment_is_bit_identical(tones_asr_run, tmp_path):
 @pytest.mark.skipif(
     shutil.which("espeak-ng") is None or not SCRIPT.is_dir(), reason="espeak-ng or fillets-ng-data is not installed"
 )
+def test_prepared_speech_trains_as_the_source_in_memory_and_on_disk(tones_asr_run, tmp_path):
+    """`bigmodel data prepare` on a speech recipe (noise, SpecAugment and a character LM on): training on the folder,
+    in memory or reading each batch's clips from disk, gives the source recipe's weights and LM bit for bit, resumes
+    exactly after kill -9 and transcribes; recipes that ask for another rate, other features or another training
+    subset, and a folder of another task, get one-line errors."""
+    import signal
+
+    import yaml
+
+    from bigmodel.api import build_experiment
+    from bigmodel.config import validate_recipe
+    from bigmodel.data.audioshards import DiskSamples
+
+    d = tones_asr_run
+    src = yaml.safe_load((d / "recipe.yaml").read_text())
+    src["data"]["noise"] = {"prob": 0.5, "snr_db": [5.0, 20.0]}
+    source = tmp_path / "source.yaml"
+    source.write_text(yaml.safe_dump(src))
+    out = run_cli("data", "prepare", str(source), "--out", str(tmp_path / "prep"), check=True)
+    assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "prep")
+    index = json.loads((tmp_path / "prep" / "index.json").read_text())
+    assert index["format"] == "bigmodel-speech/1" and index["labels"] == ["<blank>", "a", "b", "c"]
+    assert {k: v["count"] for k, v in index["splits"].items()} == {"train": 100, "val": 8, "test": 12}
+
+    def on_folder(limit: float, **data) -> dict:
+        r = json.loads(json.dumps(src))
+        keep = {k: src["data"][k] for k in ("sample_rate", "features", "spec_augment", "noise")}
+        r["data"] = {"source": "shards", "path": str(tmp_path / "prep"), "in_memory_limit_mb": limit, **keep, **data}
+        return r
+
+    exp = build_experiment(validate_recipe(src))
+    disk_exp = build_experiment(validate_recipe(on_folder(0.001)))
+    assert disk_exp.data.on_disk and isinstance(disk_exp.data.train.samples, DiskSamples)
+    assert disk_exp.preprocess.input_shape == exp.preprocess.input_shape  # the normalisation statistics included
+    assert disk_exp.preprocess.labels == exp.preprocess.labels
+    for split in ("train", "val", "test"):
+        a, b = exp.data.split(split), disk_exp.data.split(split)
+        assert a.texts == b.texts and torch.equal(a.lengths, b.lengths)
+        assert all(np.array_equal(a.clip(i), b.clip(i)) for i in range(len(a)))
+    a_batches, b_batches = (list(e.loader("train", train=True).epoch(1)) for e in (exp, disk_exp))
+    for (xa, ya), (xb, yb) in zip(a_batches, b_batches, strict=True):  # waves with noise, lengths, masks, targets
+        assert all(torch.equal(u, v) for u, v in zip(xa, xb, strict=True)) and torch.equal(ya, yb)
+
+    for name, r in (("memory", on_folder(64)), ("disk", on_folder(0.001))):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(r))
+        run_cli("train", str(path), "--out", str(tmp_path / name), "--no-progress", check=True)
+    run_cli("train", str(source), "--out", str(tmp_path / "source"), "--no-progress", check=True)
+    for name in ("memory", "disk"):
+        assert_same_run_weights(tmp_path / "source", tmp_path / name)
+        assert (tmp_path / name / "model" / "lm.json").read_bytes() == (
+            tmp_path / "source" / "model" / "lm.json"
+        ).read_bytes()
+    killed = run_cli(
+        "train",
+        str(tmp_path / "disk.yaml"),
+        "--out",
+        str(tmp_path / "killed"),
+        "--no-progress",
+        env={"BIGMODEL_FAULT": "kill_after_step:9"},
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_cli("train", "--resume", str(tmp_path / "killed"), "--no-progress", check=True)
+    assert_same_run_weights(tmp_path / "source", tmp_path / "killed")
+    said = run_cli("predict", str(tmp_path / "disk"), str(d / "0.flac"), check=True).stdout
+    assert said == run_cli("predict", str(tmp_path / "source"), str(d / "0.flac"), check=True).stdout
+
+    audio_folder = tmp_path / "audio-prep"  # a folder of decoded clips without transcripts
+    audio_folder.mkdir()
+    (audio_folder / "index.json").write_text(json.dumps({"format": "bigmodel-audio/1", "splits": {"train": {}}}))
+    for name, r, message in (
+        ("rate", on_folder(64, sample_rate=16000), "data.sample_rate 16000"),
+        ("mels", on_folder(64, features={**src["data"]["features"], "n_mels": 12}), "data.features (n_mels)"),
+        ("limit", on_folder(64, limit_train=10), "data.limit_train 10"),
+        ("other", {**on_folder(64), "data": {**on_folder(64)["data"], "path": str(audio_folder)}}, "holds decoded"),
+    ):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(r))
+        res = run_cli("train", str(path), "--out", str(tmp_path / f"bad-{name}"), "--no-progress")
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / f"bad-{name}" / "model").exists()
+
+
 def test_spoken_sentences_split_voices_and_sentences(tmp_path):
     from bigmodel.data.speech import SpeechDataConfig, load_speech
 

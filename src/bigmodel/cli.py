@@ -993,7 +993,7 @@ def data_prepare(
 ) -> None:
     """Write the recipe's data (its train / val / test splits, carved with its seed) as shards on disk: images as
     uint8 arrays, labelled texts and a language model's text as token ids with their tokenizer, audio decoded to
-    float32 samples with its feature statistics. Train on them with
+    float32 samples with its feature statistics (and transcripts, for speech recognition). Train on them with
     `data.source=shards data.path=OUT`; data larger than `data.in_memory_limit_mb` is then read from disk a batch at a
     time."""
     from bigmodel.config import load_recipe
@@ -1004,7 +1004,7 @@ def data_prepare(
     fmt = index["format"]
     if fmt.startswith("bigmodel-textids"):
         sizes = ", ".join(f"{k} {v['count']:,} texts ({v['tokens']:,} tokens)" for k, v in index["splits"].items())
-    elif fmt.startswith("bigmodel-audio"):
+    elif fmt.startswith(("bigmodel-audio", "bigmodel-speech")):
         rate = index["sample_rate"]
         sizes = ", ".join(
             f"{k} {v['count']:,} clips ({v['samples_total'] / rate:,.1f} s)" for k, v in index["splits"].items()

@@ -88,6 +88,61 @@ class DiskSamples(RawFile):
         return torch.from_numpy(np.fromfile(self.path, dtype=F32).astype(np.float32, copy=False))
 
 
+def check_front_end(cfg: Any, shape: dict[str, Any], rate: int, root: Path) -> None:
+    """A recipe training on a prepared folder asks for the folder's sample rate and log-mel settings (the stored
+    normalisation statistics are of those features); one-line errors naming what differs."""
+    if cfg.sample_rate != rate:
+        raise UserError(f"data.sample_rate {cfg.sample_rate}: {root} holds audio at {rate} Hz (prepare it again)")
+    stored = {k: v for k, v in shape["features"].items() if k not in ("mean", "std")}
+    asked = {k: v for k, v in cfg.features.spec().items() if k not in ("mean", "std")}
+    if json.loads(json.dumps(asked)) != stored:
+        diff = sorted(k for k in asked if stored.get(k) != json.loads(json.dumps(asked[k])))
+        raise UserError(
+            f"data.features ({', '.join(diff)}): {root} was prepared with { ({k: stored.get(k) for k in diff}) } "
+            "(its normalisation statistics are of those features; prepare it again)"
+        )
+
+
+def write_stream(tmp: Path, name: str, split: Any) -> dict[str, Any]:
+    """Split `name`'s clips as `<name>-samples.bin` (float32, one after the other), `<name>-offsets.npy` (N + 1),
+    `<name>-power.npy` (each clip's mean power, from the source's own buffer: what a run on the source adds noise
+    against) and `<name>-names.json`; returns the index entry for them."""
+    from bigmodel.data.audio import clip_power
+
+    power = clip_power(split.samples, split.offsets, split.lengths)
+    offsets = [0]
+    with open(tmp / f"{name}-samples.bin", "wb") as f:
+        for i in range(len(split)):
+            clip = np.ascontiguousarray(split.clip(i), dtype=F32)
+            clip.tofile(f)
+            offsets.append(offsets[-1] + len(clip))
+    np.save(tmp / f"{name}-offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)
+    np.save(tmp / f"{name}-power.npy", power.numpy().astype(np.float32), allow_pickle=False)
+    names = list(split.names) if split.names else [f"{name}:{i}" for i in range(len(split))]
+    (tmp / f"{name}-names.json").write_text(json.dumps(names), encoding="utf-8")
+    return {
+        "count": len(split),
+        "samples_total": offsets[-1],
+        "samples": f"{name}-samples.bin",
+        "offsets": f"{name}-offsets.npy",
+        "power": f"{name}-power.npy",
+        "names": f"{name}-names.json",
+    }
+
+
+def read_stream(root: Path, name: str, entry: dict[str, Any]) -> tuple[DiskSamples, torch.Tensor, torch.Tensor, list]:
+    """A split written by `write_stream`: (its samples on disk, offsets (N + 1), powers (N), names)."""
+    try:
+        offsets = torch.from_numpy(np.load(root / entry["offsets"], allow_pickle=False).astype(np.int64))
+        power = torch.from_numpy(np.load(root / entry["power"], allow_pickle=False).astype(np.float32))
+        names = json.loads((root / entry["names"]).read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{root}: split {name!r}: cannot read its offsets, power or names ({e})") from None
+    if not (len(offsets) == len(power) + 1 == len(names) + 1):
+        raise UserError(f"{root}: split {name!r}: offsets, power and names disagree (prepare again)")
+    return DiskSamples(root / entry["samples"], int(offsets[-1])), offsets, power, names
+
+
 def read_index(root: Path) -> dict[str, Any]:
     from bigmodel.data.shards import read_prepared_index
 
@@ -107,20 +162,11 @@ def load_audio_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
     labels, rate = list(meta["labels"]), int(meta["sample_rate"])
     shape = meta["input_shape"]
     if pre is None:
-        if cfg.sample_rate != rate:
-            raise UserError(f"data.sample_rate {cfg.sample_rate}: {root} holds audio at {rate} Hz (prepare it again)")
+        check_front_end(cfg, shape, rate, root)
         if cfg.samples != int(shape["samples"]):
             raise UserError(
                 f"data.clip_seconds {cfg.clip_seconds:g}: {root} was prepared for {int(shape['samples'])} samples "
                 "(its normalisation statistics are over those windows; prepare it again)"
-            )
-        stored = {k: v for k, v in shape["features"].items() if k not in ("mean", "std")}
-        asked = {k: v for k, v in cfg.features.spec().items() if k not in ("mean", "std")}
-        if json.loads(json.dumps(asked)) != stored:
-            diff = sorted(k for k in asked if stored.get(k) != json.loads(json.dumps(asked[k])))
-            raise UserError(
-                f"data.features ({', '.join(diff)}): {root} was prepared with { ({k: stored.get(k) for k in diff}) } "
-                "(its normalisation statistics are of those features; prepare it again)"
             )
         pre = Preprocess(labels, None, None, dict(shape), kind="audio")
     elif int(pre.input_shape["sample_rate"]) != rate:
@@ -133,16 +179,13 @@ def load_audio_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
         if name not in meta["splits"]:
             continue
         entry = meta["splits"][name]
+        streams[name], offsets, power, names = read_stream(root, name, entry)
         try:
-            offsets = torch.from_numpy(np.load(root / entry["offsets"], allow_pickle=False).astype(np.int64))
             y = torch.from_numpy(np.load(root / entry["labels"], allow_pickle=False).astype(np.int64))
-            power = torch.from_numpy(np.load(root / entry["power"], allow_pickle=False).astype(np.float32))
-            names = json.loads((root / entry["names"]).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{root}: split {name!r}: cannot read its offsets, labels, power or names ({e})") from None
-        if not (len(offsets) == len(y) + 1 == len(power) + 1 == len(names) + 1):
-            raise UserError(f"{root}: split {name!r}: offsets, labels, power and names disagree (prepare again)")
-        streams[name] = DiskSamples(root / entry["samples"], int(offsets[-1]))
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{root}: split {name!r}: cannot read its labels ({e})") from None
+        if len(y) != len(names):
+            raise UserError(f"{root}: split {name!r}: {len(y)} labels for {len(names)} clips (prepare again)")
         parts[name] = (offsets, y, power, names)
     in_memory = sum(len(s) for s in streams.values()) * F32.itemsize <= cfg.in_memory_limit_mb * 2**20
     splits = {}
@@ -159,7 +202,6 @@ def load_audio_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
 def write_audio_shards(data: Any, pre: Any, recipe: Any, out: Path) -> dict[str, Any]:
     """Write an `AudioDataset`'s splits (decoded, at the recipe's rate) into `out` (a temporary folder renamed when
     complete); `pre`: its input description with the normalisation statistics. Returns the index."""
-    from bigmodel.data.audio import clip_power
     from bigmodel.data.shards import applied_carving, prepared_folder
 
     with prepared_folder(Path(out)) as tmp:
@@ -168,28 +210,8 @@ def write_audio_shards(data: Any, pre: Any, recipe: Any, out: Path) -> dict[str,
             split = getattr(data, name)
             if split is None:
                 continue
-            # Each clip's power from the source's own buffer: what a run on the source recipe adds noise against.
-            power = clip_power(split.samples, split.offsets, split.lengths)
-            offsets = [0]
-            with open(tmp / f"{name}-samples.bin", "wb") as f:
-                for i in range(len(split)):
-                    clip = np.ascontiguousarray(split.clip(i), dtype=F32)
-                    clip.tofile(f)
-                    offsets.append(offsets[-1] + len(clip))
-            np.save(tmp / f"{name}-offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)
             np.save(tmp / f"{name}-labels.npy", split.y.numpy().astype(np.int64), allow_pickle=False)
-            np.save(tmp / f"{name}-power.npy", power.numpy().astype(np.float32), allow_pickle=False)
-            names = list(split.names) if split.names else [f"{name}:{i}" for i in range(len(split))]
-            (tmp / f"{name}-names.json").write_text(json.dumps(names), encoding="utf-8")
-            splits[name] = {
-                "count": len(split),
-                "samples_total": offsets[-1],
-                "samples": f"{name}-samples.bin",
-                "offsets": f"{name}-offsets.npy",
-                "labels": f"{name}-labels.npy",
-                "power": f"{name}-power.npy",
-                "names": f"{name}-names.json",
-            }
+            splits[name] = {**write_stream(tmp, name, split), "labels": f"{name}-labels.npy"}
         index = {
             "format": FORMAT,
             "labels": list(data.labels),

@@ -315,6 +315,7 @@ PREPARED = {  # what each format of `bigmodel data prepare` holds (for the error
     "bigmodel-tokens": "a language model's token stream",
     "bigmodel-textids": "labelled texts as token ids",
     "bigmodel-audio": "decoded audio clips",
+    "bigmodel-speech": "decoded audio clips with transcripts",
 }
 
 

@@ -59,14 +59,18 @@ class SpeechDataConfig(_Split):
     """`data` of `task: speech_recognition`."""
 
     TASK: ClassVar[str] = "speech_recognition"
-    SOURCES: ClassVar[tuple[str, ...]] = SPEECH_SOURCES
+    SOURCES: ClassVar[tuple[str, ...]] = (*SPEECH_SOURCES, "shards")
 
     source: str
     """`spoken_sentences` (espeak-ng reading English lines; generated and cached), `fillets_transcripts` (real Czech
-    speech with its text) or `audio_csv` (paths and transcripts)."""
+    speech with its text), `audio_csv` (paths and transcripts) or `shards` (clips and transcripts written by
+    `bigmodel data prepare`)."""
     path: Path | None = None
     """`audio_csv`: the CSV; `fillets_transcripts`: the game's folder holding `sound/` and `script/` (default:
-    Debian's `/usr/share/games/fillets-ng`)."""
+    Debian's `/usr/share/games/fillets-ng`); `shards`: the prepared folder."""
+    in_memory_limit_mb: Annotated[float, Field(gt=0)] = 2048
+    """`shards`: read the prepared clips into memory when together (float32) they are at most this many MiB; larger
+    ones stay on disk and each batch's clips are read when needed."""
     path_column: str = "path"
     text_column: str = "text"
     split_column: str = "split"
@@ -83,8 +87,8 @@ class SpeechDataConfig(_Split):
 
     @model_validator(mode="after")
     def _cross(self) -> SpeechDataConfig:
-        if self.source == "audio_csv" and self.path is None:
-            raise ValueError("data.path is required when data.source is 'audio_csv'")
+        if self.source in ("audio_csv", "shards") and self.path is None:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
         if self.source == "spoken_sentences" and self.path is not None:
             raise ValueError("data.source 'spoken_sentences' is generated; data.path does not apply")
         self.features.check_band(self.sample_rate)
@@ -143,6 +147,7 @@ class SpeechSplit:
     lengths: torch.Tensor  # (N,) int64 samples
     texts: list[str]
     names: list[str] = field(default_factory=list)
+    power: torch.Tensor | None = None  # (N,) each clip's mean power, when known (prepared folders store it)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -154,7 +159,12 @@ class SpeechSplit:
     def subset(self, idx: list[int]) -> SpeechSplit:
         t = torch.tensor(idx, dtype=torch.int64)
         return SpeechSplit(
-            self.samples, self.offsets[t], self.lengths[t], [self.texts[i] for i in idx], [self.names[i] for i in idx]
+            self.samples,
+            self.offsets[t],
+            self.lengths[t],
+            [self.texts[i] for i in idx],
+            [self.names[i] for i in idx],
+            None if self.power is None else self.power[t],
         )
 
     @classmethod
@@ -336,7 +346,10 @@ class SpeechLoader:
         self.seed, self.hop, self.mel_channels = seed, hop_length, mel_channels
         self.spec_augment = spec_augment if train and spec_augment is not None and spec_augment.on else None
         self.noise = noise if train and noise is not None and noise.prob > 0 else None
-        self.power = clip_power(split.samples, split.offsets, split.lengths) if self.noise is not None else None
+        self.power = None
+        if self.noise is not None:  # what SNRs are measured against: stored in a prepared folder, else computed
+            stored = split.power
+            self.power = stored if stored is not None else clip_power(split.samples, split.offsets, split.lengths)
         self.device = torch.device(device)
         self.plan = SamplingPlan(
             "length_buckets" if train else "sequential",
@@ -368,8 +381,12 @@ class SpeechLoader:
         lengths = self.split.lengths[ids]
         S = int(lengths.max()) if len(ids) else 1
         pos = torch.arange(S).unsqueeze(0)
-        flat = (self.split.offsets[ids].unsqueeze(1) + pos).clamp(max=max(len(self.split.samples) - 1, 0))
-        wave = torch.where(pos < lengths.unsqueeze(1), self.split.samples[flat], torch.zeros(()))
+        if isinstance(self.split.samples, torch.Tensor):
+            flat = (self.split.offsets[ids].unsqueeze(1) + pos).clamp(max=max(len(self.split.samples) - 1, 0))
+            wave = torch.where(pos < lengths.unsqueeze(1), self.split.samples[flat], torch.zeros(()))
+        else:  # on disk (`data/speechshards.py`): each clip read into its zero-padded row
+            starts = self.split.offsets[ids].numpy()
+            wave = self.split.samples.spans(starts, lengths.numpy(), np.zeros(len(ids), dtype=np.int64), S)
         tg = [self.targets[j] for j in ids.tolist()]
         targets = torch.zeros((len(tg), max((len(t) for t in tg), default=0)), dtype=torch.int64)
         for k, t in enumerate(tg):  # padded with 0, the blank, which no transcript holds

@@ -72,7 +72,7 @@ class CharNgramLM:
                     seen[h[1:]].add((h[0], c))
             level: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
             for h, pairs in seen.items():
-                for _, c in pairs:
+                for _, c in sorted(pairs):  # a set's order changes with the process's hash seed; the counts' must not
                     level[h][c] += 1
             counts[k] = {h: dict(nx) for h, nx in level.items()}
         vocab = sorted({c for t in texts for c in t}) + [EOS]
@@ -134,7 +134,7 @@ class CharNgramLM:
 
     def save(self, folder: Path) -> None:
         tmp = folder / f".{LM_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.to_dict(), separators=(",", ":")), encoding="utf-8")
+        tmp.write_text(json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True), encoding="utf-8")
         os.replace(tmp, folder / LM_FILE)
 
     @classmethod

@@ -175,7 +175,7 @@ class TaskSpec(ABC):
         """`bigmodel data prepare`: write the recipe's splits as shards under `out`; returns the index."""
         raise UserError(
             f"task {self.name!r}: data prepare writes image_classification, text_classification, "
-            "audio_classification and language_modeling data so far"
+            "audio_classification, speech_recognition and language_modeling data so far"
         )
 
     def evaluate_extra(self, art: Any, data: Any, split: str, **options: Any) -> dict[str, Any]:

@@ -163,28 +163,58 @@ class SpeechRecognition(TaskSpec):
             raise ValueError("train.early_stopping needs a validation split; set data.val_fraction > 0")
 
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
+        fresh = pre is None
+        if recipe.data.source == "shards":  # clips and transcripts on disk (`bigmodel data prepare`)
+            from bigmodel.data.speechshards import load_speech_shards
+
+            data, pre = load_speech_shards(recipe, pre)
+        else:
+            data = self.load_source(recipe, pre)
+            pre = pre or self.speech_preprocess(recipe, data)
+        lm_cfg = getattr(recipe.model.build_config(), "lm", None)
+        if fresh and lm_cfg is not None:  # a character LM from the training transcripts, saved with the model
+            from bigmodel.models.charlm import CharNgramLM
+
+            pre.lm = CharNgramLM.fit(data.train.texts, lm_cfg)
+        return data, pre
+
+    @staticmethod
+    def load_source(recipe: Any, pre: Any | None) -> Any:
+        """The recipe's own source, decoded (the model's alphabet when `pre` is given)."""
         from bigmodel.data.speech import load_speech
-        from bigmodel.runs import Preprocess
 
         cfg = recipe.data
         if pre is not None and int(pre.input_shape["sample_rate"]) != cfg.sample_rate:
             raise UserError(
                 f"data.sample_rate {cfg.sample_rate}: the model was trained at {pre.input_shape['sample_rate']} Hz"
             )
-        data = load_speech(cfg, recipe.seed, alphabet=pre.labels if pre is not None else None)
-        if pre is None:
-            features = cfg.features.spec()
-            features["mean"] = features["std"] = None
-            shape = {"kind": "speech", "sample_rate": cfg.sample_rate, "features": features}
-            if cfg.features.normalize:
-                features["mean"], features["std"] = frontend_stats(shape, data.train)
-            pre = Preprocess(data.labels, None, None, shape, kind="speech")
-            lm_cfg = getattr(recipe.model.build_config(), "lm", None)
-            if lm_cfg is not None:  # a character LM from the training transcripts, saved with the model
-                from bigmodel.models.charlm import CharNgramLM
+        return load_speech(cfg, recipe.seed, alphabet=pre.labels if pre is not None else None)
 
-                pre.lm = CharNgramLM.fit(data.train.texts, lm_cfg)
-        return data, pre
+    @staticmethod
+    def speech_preprocess(recipe: Any, data: Any) -> Any:
+        """The input description: rate, log-mel settings and their normalisation statistics over the training clips;
+        the alphabet."""
+        from bigmodel.runs import Preprocess
+
+        cfg = recipe.data
+        features = cfg.features.spec()
+        features["mean"] = features["std"] = None
+        shape = {"kind": "speech", "sample_rate": cfg.sample_rate, "features": features}
+        if cfg.features.normalize:
+            features["mean"], features["std"] = frontend_stats(shape, data.train)
+        return Preprocess(data.labels, None, None, shape, kind="speech")
+
+    def write_shards(self, recipe: Any, out: Any, shard_size: int) -> dict[str, Any]:
+        """Each split's decoded clips as one float32 stream with offsets, clip powers, names and transcripts, and the
+        normalisation statistics (`data/speechshards.py`); `shard_size` does not apply."""
+        from bigmodel.data.speechshards import write_speech_shards
+
+        if recipe.data.source == "shards":
+            raise UserError("data.source 'shards': this recipe reads a prepared folder already")
+        if Path(out).exists() and any(Path(out).iterdir()):  # before the audio is decoded
+            raise UserError(f"--out {out}: the folder exists and is not empty (choose a new one)")
+        data = self.load_source(recipe, None)
+        return write_speech_shards(data, self.speech_preprocess(recipe, data), recipe, out)
 
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.speech import SpeechLoader
