@@ -13,7 +13,7 @@ from bigmodel.config import ScheduleConfig, validate_recipe
 from bigmodel.errors import TrainingDiverged
 from bigmodel.training.optim import lr_factor
 from bigmodel.training.trainer import Trainer
-from conftest import tiny_recipe
+from conftest import run_cli, tiny_recipe
 
 
 def make_trainer(run_dir=None, **over) -> Trainer:
@@ -169,6 +169,41 @@ def test_epochs_auto_plans_whole_epochs_that_reach_min_steps():
     t2 = make_trainer(**{"train.epochs": "auto", "train.min_steps": 2 * s + 1})
     assert t2.epochs == 3 and t2.total_steps == 3 * s
     assert t2.fit().epoch == 3 and t.epochs == -(-5 // s)
+
+
+def test_a_step_budget_per_precision_follows_the_precision_the_run_trains_in(tmp_path, write_recipe):
+    """`min_steps: {fp32: N, bf16: M}`: a run in bf16 autocast plans M steps, in fp32 N (a missing bf16 budget takes
+    fp32's); the summary names the precision; a mapping without fp32 is a one-line error."""
+    import pydantic
+
+    from bigmodel.config import TrainConfig
+    from bigmodel.training.trainer import planned_epochs
+
+    both = TrainConfig(epochs="auto", min_steps={"fp32": 100, "bf16": 250})
+    assert planned_epochs(both, 50) == 2 and planned_epochs(both, 50, torch.bfloat16) == 5
+    assert planned_epochs(TrainConfig(epochs="auto", min_steps={"fp32": 100}), 50, torch.bfloat16) == 2
+    with pytest.raises(pydantic.ValidationError, match="needs 'fp32'"):
+        TrainConfig(epochs="auto", min_steps={"bf16": 100})
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        over = {"train.epochs": "auto", "train.min_steps": {"fp32": 3, "bf16": 6}, "train.precision": precision}
+        t = make_trainer(**over)
+        runs[precision] = t.epochs
+        assert t.epochs == -(-{"fp32": 3, "bf16": 6}[precision] // t.steps_per_epoch)
+    assert runs["bf16"] >= runs["fp32"]
+    r = run_cli(
+        "train",
+        str(write_recipe(tiny_recipe(**{"train.epochs": "auto", "train.min_steps": {"fp32": 2, "bf16": 4}}))),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "train.precision=fp32",
+        check=True,
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["precision"] == "fp32" and summary["epochs_planned"] >= 1, r.stdout
+    bad = run_cli("train", str(write_recipe(tiny_recipe(**{"train.min_steps": {"bf16": 4}}))), "--no-progress")
+    assert bad.returncode == 2 and "train.min_steps" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):

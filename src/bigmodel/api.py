@@ -124,12 +124,12 @@ class Experiment:
         """DP-SGD over this experiment's training split: the sampling rate and planned steps fix the noise."""
         import bigmodel.privacy.dp  # noqa: F401  (registers the `dp-sgd` strategy)
         from bigmodel.training.strategy import get_strategy
-        from bigmodel.training.trainer import planned_epochs
+        from bigmodel.training.trainer import planned_epochs, resolve_precision
 
         cfg = self.recipe.train
         loader = self.loader("train", train=True)
         steps_per_epoch = len(loader)
-        total = steps_per_epoch * planned_epochs(cfg, steps_per_epoch)
+        total = steps_per_epoch * planned_epochs(cfg, steps_per_epoch, resolve_precision(cfg.precision, self.device))
         if cfg.max_steps is not None:
             total = min(total, cfg.max_steps)
         return get_strategy(
@@ -538,6 +538,7 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
             "steps": state.step,
             "epochs_done": state.epoch,
             "epochs_planned": trainer.epochs,
+            "precision": {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(trainer.autocast_dtype), "fp32"),
             "stopped_early": state.stopped_early,
             "best": {"monitor": recipe.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
         }

@@ -510,8 +510,12 @@ class TrainConfig(Strict):
     """Passes over the training split. `auto`: the fewest whole passes that reach `min_steps` optimizer steps (at
     least 1, at most `max_epochs`), so one recipe trains long enough on 1,000 examples and makes a single pass over
     300,000; with `early_stopping`, validation decides the end within that budget."""
-    min_steps: Annotated[int, Field(ge=1)] = 1000
-    """`epochs: auto`: the optimizer steps the run is sized to reach (whole epochs, rounded up)."""
+    min_steps: Annotated[int, Field(ge=1)] | dict[Literal["fp32", "bf16", "fp16"], Annotated[int, Field(ge=1)]] = 1000
+    """`epochs: auto`: the optimizer steps the run is sized to reach (whole epochs, rounded up). Or one budget per
+    precision the run trains in, e.g. `{fp32: 1600, bf16: 4000}`: where bf16 autocast runs natively (CPUs with
+    AVX-512 BF16 / AMX, GPUs) the same minutes buy ~2.5x the steps of fp32, so a recipe can train longer there and
+    still fit its time on an AVX2-only CPU. `fp32` is required; a missing `bf16` / `fp16` takes `fp32`'s. Which
+    one applied is in the run's log (the planned epochs) and is a function of the machine, not of timing."""
     max_epochs: Annotated[int, Field(ge=1, le=100_000)] = 100
     """`epochs: auto`: never more passes than this, however small the data."""
     batch_size: Annotated[int, Field(ge=1)] = 128
@@ -602,10 +606,19 @@ class TrainConfig(Strict):
             raise ValueError(f"unknown metric {v!r}; expected one of: {', '.join(allowed)}")
         return v
 
+    def steps_budget(self, autocast: Any = None) -> int:
+        """`min_steps` for a run whose autocast dtype is `autocast` (None: fp32)."""
+        if isinstance(self.min_steps, int):
+            return self.min_steps
+        key = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(autocast), "fp32")
+        return self.min_steps.get(key, self.min_steps["fp32"])
+
     @model_validator(mode="after")
     def _cross(self) -> TrainConfig:
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("train.precision 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
+        if isinstance(self.min_steps, dict) and "fp32" not in self.min_steps:
+            raise ValueError("train.min_steps: a budget per precision needs 'fp32' (the one every machine can run)")
         return self
 
 

@@ -139,13 +139,14 @@ class TrainState:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
-def planned_epochs(cfg: TrainConfig, steps_per_epoch: int) -> int:
+def planned_epochs(cfg: TrainConfig, steps_per_epoch: int, autocast: torch.dtype | None = None) -> int:
     """The run's length in epochs: `train.epochs`, or for `auto` the fewest whole epochs that reach
-    `train.min_steps` optimizer steps, within [1, `train.max_epochs`]. A function of the data size only, so a resumed
-    run plans the same length."""
+    `train.min_steps` optimizer steps (its budget for the run's precision, `autocast`), within [1,
+    `train.max_epochs`]. A function of the data size and the machine's precision only, so a resumed run plans the
+    same length."""
     if cfg.epochs != "auto":
         return int(cfg.epochs)
-    return max(1, min(cfg.max_epochs, math.ceil(cfg.min_steps / max(1, steps_per_epoch))))
+    return max(1, min(cfg.max_epochs, math.ceil(cfg.steps_budget(autocast) / max(1, steps_per_epoch))))
 
 
 # -------------------------------------------------------------------------------------------------------- trainer
@@ -198,7 +199,7 @@ class Trainer:
             )
         self.steps_per_epoch = len(train_loader) // self.accum
         self.solved = isinstance(self.model, SolvedClassifier)  # fitted by its solver in one pass, not by steps
-        self.epochs = 1 if self.solved else planned_epochs(cfg, self.steps_per_epoch)
+        self.epochs = 1 if self.solved else planned_epochs(cfg, self.steps_per_epoch, self.autocast_dtype)
         self.total_steps = 0 if self.solved else self.steps_per_epoch * self.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
