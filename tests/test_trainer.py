@@ -206,6 +206,30 @@ def test_a_step_budget_per_precision_follows_the_precision_the_run_trains_in(tmp
     assert bad.returncode == 2 and "train.min_steps" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_a_run_planned_in_bf16_does_not_resume_silently_as_fp32(tmp_path, write_recipe):
+    """A per-precision budget makes the plan a function of the machine: a run started where bf16 is native and resumed
+    where it is not (here: the same CPU capped at AVX2) would train another number of epochs; it is refused in one
+    line naming both plans."""
+    import signal
+
+    from bigmodel.training.trainer import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("needs a CPU with native bf16 (the first run must train in bf16)")
+    r = tiny_recipe(**{"train.epochs": "auto", "train.min_steps": {"fp32": 2, "bf16": 40}, "train.checkpoint_every": 2})
+    recipe = write_recipe(r)
+    run = tmp_path / "run"
+    killed = run_cli(
+        "train", str(recipe), "--out", str(run), "--no-progress", env={"BIGMODEL_FAULT": "kill_after_step:3"}
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    p = run_cli("train", "--resume", str(run), "--no-progress", env=avx2)
+    assert p.returncode == 2 and "training in bf16" in p.stderr and "in fp32 for" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    run_cli("train", "--resume", str(run), "--no-progress", check=True)  # on a machine like the first: fine
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
     t = make_trainer(
         run_dir=tmp_path,

@@ -529,6 +529,8 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
 
         baseline = fit_baseline(recipe, exp.data, exp.preprocess, split)
     if is_main_process():
+        from bigmodel.training.trainer import precision_name
+
         trainer.log({"split": split, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
         summary = {
             "run_dir": str(run_dir),
@@ -538,7 +540,7 @@ def _fit_and_finish(recipe: Recipe, exp: Experiment, trainer: Any, run_dir: Path
             "steps": state.step,
             "epochs_done": state.epoch,
             "epochs_planned": trainer.epochs,
-            "precision": {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(trainer.autocast_dtype), "fp32"),
+            "precision": precision_name(trainer.autocast_dtype),
             "stopped_early": state.stopped_early,
             "best": {"monitor": recipe.train.monitor, "value": state.best_value, "epoch": state.best_epoch},
         }

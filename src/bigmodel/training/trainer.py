@@ -92,6 +92,11 @@ def cpu_has_native_bf16() -> bool:
     return cap in _ONEDNN_BF16_ISAS
 
 
+def precision_name(autocast: torch.dtype | None) -> str:
+    """ "bf16", "fp16" or "fp32" for an autocast dtype (None: plain fp32)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(autocast, "fp32")  # type: ignore[arg-type]
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device`, or None for plain fp32."""
     if precision == "fp32":
@@ -494,6 +499,7 @@ class Trainer:
             "elapsed_s": time.perf_counter() - self._t_start,
             "strategy": strategy_meta,
             "has_best": self.best_weights is not None,
+            "plan": {"epochs": self.epochs, "precision": precision_name(self.autocast_dtype)},
         }
         if sharded:
             shards = {"model": get_model_state_dict(self.model), "optim": opt_shards}
@@ -516,6 +522,13 @@ class Trainer:
     def resume(self, folder: Path) -> None:
         """Restore everything from a checkpoint folder; `fit()` then continues exactly where it stopped."""
         model_state, extra, state = ckpt.load_checkpoint(folder)
+        plan = state.get("plan") or {}
+        if plan.get("epochs", self.epochs) != self.epochs:  # `min_steps` per precision, on a machine of another kind
+            raise UserError(
+                f"{folder}: the run was planned for {plan['epochs']} epochs training in {plan.get('precision')}; here "
+                f"it would train in {precision_name(self.autocast_dtype)} for {self.epochs} (train.min_steps per "
+                f"precision): resume it on a machine like the first, or with train.precision={plan.get('precision')}"
+            )
         best: dict[str, torch.Tensor] = {}
         if ckpt.is_sharded(folder):  # written by N ranks under FSDP2: read back on any number, FSDP2 or not
             best = self._load_sharded(folder, state)
