@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from bigmodel.config import validate_recipe
 from bigmodel.data.shards import DiskImages, ShardIndex
+from bigmodel.errors import UserError
 from conftest import run_cli, tiny_recipe
 
 SOURCE = tiny_recipe(
@@ -208,6 +209,13 @@ def test_bad_input_is_one_line(prepared, tmp_path, write_recipe):
     recipe, folder = prepared
     again = run_cli("data", "prepare", str(recipe), "--out", str(folder))
     assert again.returncode != 0 and "not empty" in again.stderr and "Traceback" not in again.stderr
+    from bigmodel.api import prepare_shards  # the Python API checks the same, before reading the source
+
+    with pytest.raises(UserError, match="not empty"):
+        prepare_shards(validate_recipe(SOURCE), folder)
+    with pytest.raises(UserError, match="reads a prepared folder already"):
+        prepare_shards(validate_recipe(on_disk(folder)), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
     missing = tmp_path / "missing.yaml"
     missing.write_text(yaml.safe_dump(on_disk(tmp_path / "nowhere")))
     r = run_cli("train", str(missing), "--out", str(tmp_path / "r1"), "--no-progress")

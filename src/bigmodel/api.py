@@ -255,6 +255,19 @@ def prepare_data(recipe: Recipe, pre: Preprocess | None = None) -> tuple[Any, Pr
     return get_task(recipe.task).prepare(recipe, pre)
 
 
+def prepare_shards(recipe: Recipe, out: str | Path, shard_size: int = 10_000) -> dict[str, Any]:
+    """`bigmodel data prepare`: write the recipe's splits (carved with its seed) into the new folder `out` in the
+    task's on-disk format, for `data.source: shards`; returns the folder's index. Nothing is read before `out` and
+    the recipe are checked, and nothing is left half-written."""
+    from bigmodel.data.shards import check_prepare
+    from bigmodel.tasks import get_task
+
+    if recipe.data is None:
+        raise UserError(f"recipe {recipe.name or ''}: no data block, so nothing to prepare")
+    check_prepare(recipe, Path(out))
+    return get_task(recipe.task).write_shards(recipe, Path(out), shard_size)
+
+
 def init_from_artifact(recipe: Recipe) -> Any:
     """The pretrained run named by `model.init_from` (a run directory or a run name in the index), or None."""
     ref = recipe.model.init_from

@@ -996,22 +996,12 @@ def data_prepare(
     float32 samples with its feature statistics (and transcripts, for speech recognition). Train on them with
     `data.source=shards data.path=OUT`; data larger than `data.in_memory_limit_mb` is then read from disk a batch at a
     time."""
+    from bigmodel.api import prepare_shards
     from bigmodel.config import load_recipe
-    from bigmodel.tasks import get_task
+    from bigmodel.data.shards import prepared_summary
 
     recipe = load_recipe(recipe_path, overrides or [])
-    index = get_task(recipe.task).write_shards(recipe, out, shard_size)
-    fmt = index["format"]
-    if fmt.startswith("bigmodel-textids"):
-        sizes = ", ".join(f"{k} {v['count']:,} texts ({v['tokens']:,} tokens)" for k, v in index["splits"].items())
-    elif fmt.startswith(("bigmodel-audio", "bigmodel-speech")):
-        rate = index["sample_rate"]
-        sizes = ", ".join(
-            f"{k} {v['count']:,} clips ({v['samples_total'] / rate:,.1f} s)" for k, v in index["splits"].items()
-        )
-    else:
-        unit = "tokens" if fmt.startswith("bigmodel-tokens") else "images"
-        sizes = ", ".join(f"{k} {v['count']:,} {unit} in {len(v['shards'])} shards" for k, v in index["splits"].items())
+    sizes = prepared_summary(prepare_shards(recipe, out, shard_size))
     typer.echo(f"{out}: {sizes}; train with data.source=shards data.path={out}", err=True)
     typer.echo(str(out))
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -143,6 +144,40 @@ def read_stream(root: Path, name: str, entry: dict[str, Any]) -> tuple[DiskSampl
     return DiskSamples(root / entry["samples"], int(offsets[-1])), offsets, power, names
 
 
+class StoredSplit(NamedTuple):
+    """One split of a prepared clip folder, as `read_streams` returns it."""
+
+    samples: torch.Tensor | DiskSamples  # the whole stream, in memory or on disk
+    starts: torch.Tensor  # (N,) first sample of each clip
+    lengths: torch.Tensor  # (N,)
+    power: torch.Tensor  # (N,) each clip's mean power
+    names: list
+    extra: Any  # what the task stores beside the clips (labels, transcripts)
+
+
+def read_streams(
+    root: Path, meta: dict[str, Any], limit_mb: float, read_extra: Callable[[str, dict[str, Any], int], Any]
+) -> tuple[dict[str, StoredSplit], bool]:
+    """Every split of a folder written by `write_stream` (audio classification, speech recognition) → ({split:
+    StoredSplit}, in memory?). The streams are read into memory when together they fit `limit_mb` (the recipe's
+    `data.in_memory_limit_mb`), else left on disk. `read_extra(split, entry, clips)` reads and checks the task's own
+    file of the split."""
+    streams: dict[str, DiskSamples] = {}
+    parts: dict[str, Any] = {}
+    for name in SPLITS:
+        if name not in meta["splits"]:
+            continue
+        entry = meta["splits"][name]
+        streams[name], offsets, power, names = read_stream(root, name, entry)
+        parts[name] = (offsets, power, names, read_extra(name, entry, len(names)))
+    in_memory = sum(len(s) for s in streams.values()) * F32.itemsize <= limit_mb * 2**20
+    out = {}
+    for name, (offsets, power, names, extra) in parts.items():
+        samples = streams[name].materialize() if in_memory else streams[name]
+        out[name] = StoredSplit(samples, offsets[:-1].clone(), offsets[1:] - offsets[:-1], power, names, extra)
+    return out, in_memory
+
+
 def read_index(root: Path) -> dict[str, Any]:
     from bigmodel.data.shards import read_prepared_index
 
@@ -173,26 +208,21 @@ def load_audio_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
         raise UserError(f"{root}: audio at {rate} Hz, the model was trained at {pre.input_shape['sample_rate']} Hz")
     if list(pre.labels) != labels:
         raise UserError(f"{root}: labels {labels}, the model's are {list(pre.labels)}")
-    streams: dict[str, DiskSamples] = {}
-    parts: dict[str, Any] = {}
-    for name in SPLITS:
-        if name not in meta["splits"]:
-            continue
-        entry = meta["splits"][name]
-        streams[name], offsets, power, names = read_stream(root, name, entry)
+
+    def read_labels(name: str, entry: dict[str, Any], count: int) -> torch.Tensor:
         try:
             y = torch.from_numpy(np.load(root / entry["labels"], allow_pickle=False).astype(np.int64))
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{root}: split {name!r}: cannot read its labels ({e})") from None
-        if len(y) != len(names):
-            raise UserError(f"{root}: split {name!r}: {len(y)} labels for {len(names)} clips (prepare again)")
-        parts[name] = (offsets, y, power, names)
-    in_memory = sum(len(s) for s in streams.values()) * F32.itemsize <= cfg.in_memory_limit_mb * 2**20
-    splits = {}
-    for name, (offsets, y, power, names) in parts.items():
-        samples = streams[name].materialize() if in_memory else streams[name]
-        lengths = offsets[1:] - offsets[:-1]
-        splits[name] = AudioSplit(samples, offsets[:-1].clone(), lengths, y, names, power)  # type: ignore[arg-type]
+        if len(y) != count:
+            raise UserError(f"{root}: split {name!r}: {len(y)} labels for {count} clips (prepare again)")
+        return y
+
+    streams, in_memory = read_streams(root, meta, cfg.in_memory_limit_mb, read_labels)
+    splits = {
+        name: AudioSplit(s.samples, s.starts, s.lengths, s.extra, s.names, s.power)  # type: ignore[arg-type]
+        for name, s in streams.items()
+    }
     train, val, test = finish_prepared(splits, labels, cfg, recipe.seed, meta, root)
     data = AudioDataset(train, val, test, labels, rate)
     data.on_disk = not in_memory

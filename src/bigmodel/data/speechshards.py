@@ -22,11 +22,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bigmodel.data.audioshards import F32, DiskSamples, check_front_end, read_stream, write_stream
+from bigmodel.data.audioshards import SPLITS, check_front_end, read_streams, write_stream
 from bigmodel.errors import UserError
 
 FORMAT = "bigmodel-speech/1"
-SPLITS = ("train", "val", "test")
 
 
 def applied(cfg: Any) -> dict[str, Any]:
@@ -86,26 +85,21 @@ def load_speech_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
         pre = Preprocess(list(meta["labels"]), None, None, dict(shape), kind="speech")
     elif int(pre.input_shape["sample_rate"]) != rate:
         raise UserError(f"{root}: audio at {rate} Hz, the model was trained at {pre.input_shape['sample_rate']} Hz")
-    streams: dict[str, DiskSamples] = {}
-    parts: dict[str, Any] = {}
-    for name in SPLITS:
-        if name not in meta["splits"]:
-            continue
-        entry = meta["splits"][name]
-        streams[name], offsets, power, names = read_stream(root, name, entry)
+
+    def read_texts(name: str, entry: dict[str, Any], count: int) -> list[str]:
         try:
             texts = json.loads((root / entry["texts"]).read_text(encoding="utf-8"))
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{root}: split {name!r}: cannot read its transcripts ({e})") from None
-        if not isinstance(texts, list) or len(texts) != len(names):
+        if not isinstance(texts, list) or len(texts) != count:
             raise UserError(f"{root}: split {name!r}: transcripts and clips disagree (prepare again)")
-        parts[name] = (offsets, power, texts, names)
-    in_memory = sum(len(s) for s in streams.values()) * F32.itemsize <= cfg.in_memory_limit_mb * 2**20
-    splits: dict[str, Any] = {}
-    for name, (offsets, power, texts, names) in parts.items():
-        samples = streams[name].materialize() if in_memory else streams[name]
-        lengths = offsets[1:] - offsets[:-1]
-        splits[name] = SpeechSplit(samples, offsets[:-1].clone(), lengths, texts, names, power)  # type: ignore[arg-type]
+        return texts
+
+    streams, in_memory = read_streams(root, meta, cfg.in_memory_limit_mb, read_texts)
+    splits = {
+        name: SpeechSplit(s.samples, s.starts, s.lengths, s.extra, s.names, s.power)  # type: ignore[arg-type]
+        for name, s in streams.items()
+    }
     data = SpeechDataset(splits["train"], splits.get("val"), splits.get("test"), list(pre.labels), rate)
     data.on_disk = not in_memory
     return data, pre

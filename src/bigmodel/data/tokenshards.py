@@ -185,8 +185,6 @@ def write_token_shards(recipe: Any, out: Path) -> dict[str, Any]:
     from bigmodel.data.shards import prepared_folder
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):  # before the corpus is read and the tokenizer trained
-        raise UserError(f"--out {out}: the folder exists and is not empty (choose a new one)")
     cfg = recipe.data
     corpus = load_corpus(cfg, recipe.seed)
     if recipe.model.name == "hf":

@@ -131,10 +131,6 @@ class AudioClassification(ClassificationSpec):
         from bigmodel.data.audio import load_audio
         from bigmodel.data.audioshards import write_audio_shards
 
-        if recipe.data.source == "shards":
-            raise UserError("data.source 'shards': this recipe reads a prepared folder already")
-        if Path(out).exists() and any(Path(out).iterdir()):  # before the audio is decoded
-            raise UserError(f"--out {out}: the folder exists and is not empty (choose a new one)")
         data = load_audio(recipe.data, recipe.seed)
         return write_audio_shards(data, self.audio_preprocess(recipe, data), recipe, out)
 

@@ -172,7 +172,8 @@ class TaskSpec(ABC):
         return None
 
     def write_shards(self, recipe: Any, out: Any, shard_size: int) -> dict[str, Any]:
-        """`bigmodel data prepare`: write the recipe's splits as shards under `out`; returns the index."""
+        """`bigmodel data prepare` (`api.prepare_shards`, which has checked the recipe and `out` already): write the
+        recipe's splits as shards under `out` (through `data.shards.prepared_folder`); returns the index."""
         raise UserError(
             f"task {self.name!r}: data prepare writes image_classification, text_classification, "
             "audio_classification, speech_recognition and language_modeling data so far"

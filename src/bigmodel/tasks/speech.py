@@ -209,10 +209,6 @@ class SpeechRecognition(TaskSpec):
         normalisation statistics (`data/speechshards.py`); `shard_size` does not apply."""
         from bigmodel.data.speechshards import write_speech_shards
 
-        if recipe.data.source == "shards":
-            raise UserError("data.source 'shards': this recipe reads a prepared folder already")
-        if Path(out).exists() and any(Path(out).iterdir()):  # before the audio is decoded
-            raise UserError(f"--out {out}: the folder exists and is not empty (choose a new one)")
         data = self.load_source(recipe, None)
         return write_speech_shards(data, self.speech_preprocess(recipe, data), recipe, out)
 

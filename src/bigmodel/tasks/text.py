@@ -89,8 +89,6 @@ class TextClassification(ClassificationSpec):
         from bigmodel.data.text import load_text
         from bigmodel.data.textshards import write_text_shards
 
-        if Path(out).exists() and any(Path(out).iterdir()):  # before the texts are read and the tokenizer trained
-            raise UserError(f"--out {out}: the folder exists and is not empty (choose a new one)")
         text = load_text(recipe.data, recipe.seed)
         return write_text_shards(text, self.text_preprocess(recipe, text), recipe, out)
 
