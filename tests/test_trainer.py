@@ -10,7 +10,7 @@ import torch
 
 from bigmodel.api import build_experiment
 from bigmodel.config import ScheduleConfig, validate_recipe
-from bigmodel.errors import TrainingDiverged
+from bigmodel.errors import TrainingDiverged, UserError
 from bigmodel.training.optim import lr_factor
 from bigmodel.training.trainer import Trainer
 from conftest import run_cli, tiny_recipe
@@ -206,11 +206,15 @@ def test_a_step_budget_per_precision_follows_the_precision_the_run_trains_in(tmp
     assert bad.returncode == 2 and "train.min_steps" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_a_run_planned_in_bf16_does_not_resume_silently_as_fp32(tmp_path, write_recipe):
-    """A per-precision budget makes the plan a function of the machine: a run started where bf16 is native and resumed
-    where it is not (here: the same CPU capped at AVX2) would train another number of epochs; it is refused in one
-    line naming both plans."""
+def test_a_resumed_run_keeps_the_precision_it_was_planned_in(tmp_path, write_recipe):
+    """`precision: auto` picks by machine, and a per-precision budget makes the plan a function of it: a run started
+    where bf16 is native and resumed where it is not (here: the same CPU capped at AVX2) continues in bf16 for the
+    epochs it planned, rather than switching to fp32 and another schedule. A Trainer built in another precision is
+    still refused in one line naming both plans."""
+    import os
     import signal
+    import subprocess
+    import sys
 
     from bigmodel.training.trainer import cpu_has_native_bf16
 
@@ -218,16 +222,29 @@ def test_a_run_planned_in_bf16_does_not_resume_silently_as_fp32(tmp_path, write_
         pytest.skip("needs a CPU with native bf16 (the first run must train in bf16)")
     r = tiny_recipe(**{"train.epochs": "auto", "train.min_steps": {"fp32": 2, "bf16": 40}, "train.checkpoint_every": 2})
     recipe = write_recipe(r)
+    ref = tmp_path / "ref"
+    run_cli("train", str(recipe), "--out", str(ref), "--no-progress", check=True)
     run = tmp_path / "run"
     killed = run_cli(
         "train", str(recipe), "--out", str(run), "--no-progress", env={"BIGMODEL_FAULT": "kill_after_step:3"}
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    p = run_cli("train", "--resume", str(run), "--no-progress", env=avx2)
-    assert p.returncode == 2 and "training in bf16" in p.stderr and "in fp32 for" in p.stderr, p.stderr
-    assert "Traceback" not in p.stderr
-    run_cli("train", "--resume", str(run), "--no-progress", check=True)  # on a machine like the first: fine
+    probe = "from bigmodel.training.trainer import cpu_has_native_bf16 as f; print(f())"
+    env = {**os.environ, **avx2}
+    fp32_here = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    run_cli("train", "--resume", str(run), "--no-progress", env=avx2, check=True)
+    planned, resumed = (json.loads((d / "summary.json").read_text()) for d in (ref, run))
+    assert resumed["precision"] == planned["precision"] == "bf16"
+    assert resumed["epochs_planned"] == planned["epochs_planned"] and resumed["steps"] == planned["steps"]
+    assert fp32_here.stdout.strip() == "False", fp32_here  # there, auto alone would have picked fp32
+
+    from bigmodel.training.checkpoint import latest_checkpoint
+
+    budget = {"train.epochs": "auto", "train.min_steps": {"fp32": 2, "bf16": 40}, "train.checkpoint_every": 2}
+    t = make_trainer(run_dir=tmp_path / "t", **budget)  # fp32
+    with pytest.raises(UserError, match=r"planned for \d+ epochs training in bf16; here it would train in fp32"):
+        t.resume(latest_checkpoint(run / "checkpoints"))
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):

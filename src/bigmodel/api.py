@@ -395,6 +395,25 @@ def index_running(run_dir: Path, recipe: Recipe, index: RunIndex | None = None) 
     )
 
 
+def _planned_precision(recipe: Recipe, run_dir: Path) -> Recipe:
+    """A resumed run trains in the precision its last checkpoint was planned in. `train.precision: auto` picks by
+    machine (bf16 where the CPU runs it natively, else fp32), so resuming elsewhere would switch precision mid-run and,
+    under a per-precision `train.min_steps`, the number of epochs: instead the recorded precision is kept (where bf16
+    is emulated it trains slower, but it continues the same plan). An explicit precision is the recipe's own."""
+    from bigmodel.training import checkpoint as ckpt
+
+    folder = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if recipe.train.precision != "auto" or folder is None:
+        return recipe
+    try:
+        planned = (json.loads((folder / "state.json").read_text(encoding="utf-8")).get("plan") or {}).get("precision")
+    except (OSError, ValueError):
+        return recipe  # the checkpoint's own reader names the problem
+    if planned not in ("fp32", "bf16", "fp16"):
+        return recipe  # a checkpoint from before plans were recorded
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": planned})})
+
+
 def train(
     recipe: Recipe | None = None,
     *,
@@ -417,7 +436,7 @@ def train(
             a, b = recipe.to_dict(), saved.to_dict()
             diff = sorted(_diff(a, b))
             raise UserError(f"--resume {run_dir}: the recipe differs from the run's recipe.yaml at {', '.join(diff)}")
-        recipe = saved
+        recipe = _planned_precision(saved, run_dir)
     elif recipe is None:
         raise UserError("nothing to train: give a recipe file or --resume RUN_DIR")
     assert recipe is not None

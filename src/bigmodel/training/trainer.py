@@ -523,11 +523,13 @@ class Trainer:
         """Restore everything from a checkpoint folder; `fit()` then continues exactly where it stopped."""
         model_state, extra, state = ckpt.load_checkpoint(folder)
         plan = state.get("plan") or {}
-        if plan.get("epochs", self.epochs) != self.epochs:  # `min_steps` per precision, on a machine of another kind
+        # `api.train` resumes in the planned precision, so the plan changes only if the data did (or a caller built
+        # this Trainer in another precision): refuse rather than train another schedule.
+        if plan.get("epochs", self.epochs) != self.epochs:
             raise UserError(
                 f"{folder}: the run was planned for {plan['epochs']} epochs training in {plan.get('precision')}; here "
-                f"it would train in {precision_name(self.autocast_dtype)} for {self.epochs} (train.min_steps per "
-                f"precision): resume it on a machine like the first, or with train.precision={plan.get('precision')}"
+                f"it would train in {precision_name(self.autocast_dtype)} for {self.epochs} (train.epochs auto sizes "
+                "the run by its data and precision): resume it with the data and precision it started with"
             )
         best: dict[str, torch.Tensor] = {}
         if ckpt.is_sharded(folder):  # written by N ranks under FSDP2: read back on any number, FSDP2 or not
