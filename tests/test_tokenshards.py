@@ -72,6 +72,61 @@ def test_prepare_writes_the_in_memory_token_ids_and_tokenizer(prepared):
     assert not mem.data.on_disk and torch.equal(mem.data.train.ids, exp.data.train.ids)
 
 
+def write_documents(folder, endings: bool) -> None:
+    """Documents of random lines (accented letters too). `endings`: every document's train part ends with a line
+    break (so the parts are joined with nothing); else some do not (joined with a line break): documents without a
+    final line break, an empty one, one line of 9,000 characters (no line break near its cuts)."""
+    import random
+
+    rng = random.Random(0)
+    folder.mkdir()
+    for i in range(6):
+        n = rng.randint(50, 300)
+        lines = ["".join(rng.choice("abc def\u00e9") for _ in range(rng.randint(0, 90))) for _ in range(n)]
+        text = "\n".join(lines) + "\n"
+        (folder / f"d{i}.txt").write_text(text if endings or i % 2 else text[:-1], encoding="utf-8")
+    if not endings:
+        (folder / "long.txt").write_text("x" * 9000, encoding="utf-8")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "empty.txt").write_text("", encoding="utf-8")
+
+
+@pytest.mark.parametrize("endings", [True, False], ids=["all-end-with-a-line-break", "some-do-not"])
+def test_a_corpus_of_documents_prepares_one_document_at_a_time(tmp_path, endings):
+    """`data prepare` reads a folder of documents one at a time (`DocumentCorpus`, memory: one document) and cuts each
+    split into exactly the pieces the in-memory split is cut into (documents joined with or without a line break,
+    pieces across document boundaries, explicit split files), so the prepared ids and tokenizer are the in-memory
+    path's."""
+    from bigmodel.api import build_experiment
+    from bigmodel.data.corpus import DocumentCorpus, _chunks, load_corpus
+
+    folder = tmp_path / "docs"
+    write_documents(folder, endings)
+    files = {"train_path": str(folder / "d1.txt"), "test_path": str(folder / "d3.txt")}
+    for over in ({}, {"val_fraction": 0.0, "test_fraction": 0.3}, {"path": None, **files}):
+        r = source_recipe(folder)
+        r["data"].update(over)
+        cfg = validate_recipe(r).data
+        corpus, docs = load_corpus(cfg, 0), DocumentCorpus(cfg)
+        if not over:
+            assert docs.sep == ("" if endings else "\n")
+        for name in ("train", "val", "test"):
+            text = getattr(corpus, name)
+            assert docs.has(name) == (text is not None), (over, name)
+            for size in (40, 700, 1 << 16):
+                if text is not None:
+                    assert list(docs.pieces(name, size)) == _chunks(text, size), (over, name, size)
+    recipe = tmp_path / "docs.yaml"
+    recipe.write_text(yaml.safe_dump(source_recipe(folder)))
+    run_cli("data", "prepare", str(recipe), "--out", str(tmp_path / "prep"), check=True)
+    exp = build_experiment(validate_recipe(source_recipe(folder)))
+    for split in ("train", "val", "test"):
+        ids = np.fromfile(tmp_path / "prep" / f"{split}.bin", dtype="<u2").astype(np.int64)
+        assert torch.equal(torch.from_numpy(ids), exp.data.split(split).ids)
+    disk = build_experiment(validate_recipe(on_disk(tmp_path / "prep")))
+    assert disk.preprocess.tokenizer.to_str() == exp.preprocess.tokenizer.to_str()
+
+
 def test_disk_tokens_index_like_a_tensor(prepared):
     _, folder = prepared
     n = json.loads((folder / "index.json").read_text())["splits"]["train"]["count"]

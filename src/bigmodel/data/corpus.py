@@ -15,10 +15,13 @@ is validation. Tokenisation is reversible (char or byte-level BPE) and trained o
 from __future__ import annotations
 
 import importlib.util
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bigmodel.config import LanguageModelDataConfig, TokenizerConfig
@@ -79,39 +82,116 @@ def shakespeare_files() -> list[Path]:
     return files
 
 
-def text_documents(cfg: LanguageModelDataConfig) -> list[tuple[Path, str]]:
-    """The documents of `data.path`: one file, or every `*.txt` under a folder (sorted)."""
+def _document_files(cfg: LanguageModelDataConfig) -> list[Path]:
+    """The files of `data.path`: one file, or every `*.txt` under a folder (sorted)."""
     path = cfg.path or cfg.train_path
     assert path is not None
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise UserError(f"data.path {path}: the folder holds no *.txt files")
-        return [(f, _read(f, cfg.encoding)) for f in files]
+        return files
     if not path.is_file():
         raise UserError(f"data.path {path}: file not found")
-    return [(path, _read(path, cfg.encoding))]
+    return [path]
+
+
+def text_documents(cfg: LanguageModelDataConfig) -> list[tuple[Path, str]]:
+    """The documents of `data.path`: one file, or every `*.txt` under a folder (sorted)."""
+    return [(f, _read(f, cfg.encoding)) for f in _document_files(cfg)]
+
+
+def _cut_points(text: str, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Where a document's train part ends and its test part begins: at a line break within 2,000 characters before
+    the fraction's position, where there is one."""
+
+    def cut(at: int) -> int:
+        nl = text.rfind("\n", 0, at)
+        return nl + 1 if nl >= 0 and at - nl < 2000 else at
+
+    n = len(text)
+    return cut(round(n * (1 - val_fraction - test_fraction))), cut(round(n * (1 - test_fraction)))
 
 
 def carve_documents(docs: list[str], val_fraction: float, test_fraction: float) -> TextCorpus:
     """Per document: the first part is train, then `val_fraction` validation, then `test_fraction` test. Cuts fall
-    on line breaks where there is one nearby, so no line is split between two splits."""
-
-    def cut(text: str, at: int) -> int:
-        nl = text.rfind("\n", 0, at)
-        return nl + 1 if nl >= 0 and at - nl < 2000 else at
-
+    on line breaks where there is one nearby, so no line is split between two splits. The parts of each split are
+    joined with nothing when every train part ends with a line break, else with one."""
     tr, va, te = [], [], []
     for text in docs:
-        n = len(text)
-        a = cut(text, round(n * (1 - val_fraction - test_fraction)))
-        b = cut(text, round(n * (1 - test_fraction)))
+        a, b = _cut_points(text, val_fraction, test_fraction)
         tr.append(text[:a])
         va.append(text[a:b])
         te.append(text[b:])
     join = "".join if all(d.endswith("\n") for d in tr) else "\n".join
     val, test = join(va), join(te)
     return TextCorpus(join(tr), val if val_fraction > 0 else None, test if test_fraction > 0 else None)
+
+
+class DocumentCorpus:
+    """A `text` or `shakespeare` corpus read one document at a time: each split's text as `load_corpus` makes it
+    (carved per document by `carve_documents`' rule, joined as it joins them), cut into the pieces `_chunks` cuts it
+    into, without ever holding a split: memory is the largest document, not the corpus. `bigmodel data prepare`
+    trains the tokenizer on, and tokenises, these pieces, so its ids are the in-memory path's (a test compares).
+    A first pass reads every document once for its cut points."""
+
+    def __init__(self, cfg: LanguageModelDataConfig) -> None:
+        self.segments: dict[str, list[tuple[Path, str, int, int | None]]] = {}  # split -> (file, encoding, a, b)
+        self.sep = ""
+        if cfg.source == "text" and cfg.train_path is not None and (cfg.val_path or cfg.test_path):
+            for name, path in (("train", cfg.train_path), ("val", cfg.val_path), ("test", cfg.test_path)):
+                if path is not None:
+                    self.segments[name] = [(path, cfg.encoding, 0, None)]
+            return
+        if cfg.source == "shakespeare":
+            files = [(f, "latin-1") for f in shakespeare_files()]
+        elif cfg.train_path is not None:
+            files = [(cfg.train_path, cfg.encoding)]
+        else:
+            files = [(f, cfg.encoding) for f in _document_files(cfg)]
+        tr, va, te = [], [], []
+        ends = True
+        for f, enc in files:
+            text = _read(f, enc)
+            a, b = _cut_points(text, cfg.val_fraction, cfg.test_fraction)
+            ends = ends and text[:a].endswith("\n")
+            tr.append((f, enc, 0, a))
+            va.append((f, enc, a, b))
+            te.append((f, enc, b, None))
+        self.sep = "" if ends else "\n"
+        self.segments["train"] = tr
+        if cfg.val_fraction > 0:
+            self.segments["val"] = va
+        if cfg.test_fraction > 0:
+            self.segments["test"] = te
+
+    def has(self, split: str) -> bool:
+        return split in self.segments
+
+    def _parts(self, split: str) -> Iterator[str]:
+        for i, (f, enc, a, b) in enumerate(self.segments[split]):
+            if i and self.sep:
+                yield self.sep
+            yield _read(f, enc)[a:b]
+
+    def pieces(self, split: str, size: int = 1 << 16) -> Iterator[str]:
+        """`_chunks(<the split's text>, size)`, piece for piece, from one document at a time."""
+        buf, pos = "", 0
+        for part in self._parts(split):
+            buf, pos = buf[pos:] + part, 0
+            while (j := buf.find("\n", pos + size)) >= 0:
+                yield buf[pos : j + 1]
+                pos = j + 1
+        if pos < len(buf):
+            yield buf[pos:]
+
+
+def document_corpus(cfg: LanguageModelDataConfig) -> DocumentCorpus | None:
+    """The corpus read one document at a time, for the sources that are documents on disk (`text`, `shakespeare`)
+    without PII masking (the masker sees a whole split); None: load it with `load_corpus`."""
+    if cfg.source not in ("text", "shakespeare") or cfg.mask_pii:
+        return None
+    return DocumentCorpus(cfg)
 
 
 def load_corpus(cfg: LanguageModelDataConfig, seed: int) -> TextCorpus:
@@ -163,9 +243,9 @@ def _chunks(text: str, size: int = 1 << 16) -> list[str]:
     return out
 
 
-def train_lm_tokenizer(cfg: TokenizerConfig, text: str) -> Any:
-    """A reversible tokenizer (char or byte-level BPE) trained on the training text; no truncation, no padding,
-    no `[CLS]`: a language model sees raw token streams."""
+def train_lm_tokenizer(cfg: TokenizerConfig, text: str | Iterable[str]) -> Any:
+    """A reversible tokenizer (char or byte-level BPE) trained on the training text (or its `_chunks` pieces, e.g.
+    from a `DocumentCorpus`); no truncation, no padding, no `[CLS]`: a language model sees raw token streams."""
     from tokenizers import decoders, pre_tokenizers
 
     from bigmodel.data.text import train_tokenizer
@@ -174,7 +254,7 @@ def train_lm_tokenizer(cfg: TokenizerConfig, text: str) -> Any:
         raise UserError(
             f"data.tokenizer.kind {cfg.kind!r}: generative models need a reversible tokenizer; expected char or bpe"
         )
-    tok = train_tokenizer(cfg.model_copy(update={"add_cls": False}), _chunks(text))
+    tok = train_tokenizer(cfg.model_copy(update={"add_cls": False}), _chunks(text) if isinstance(text, str) else text)
     if cfg.kind == "bpe":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -187,12 +267,18 @@ def plain(tok: Any) -> Any:
     return tok
 
 
+def encode_pieces(tok: Any, pieces: Iterable[str], dtype: Any = np.int64, batch: int = 16) -> Iterator[np.ndarray]:
+    """The token ids of `pieces` (`_chunks` of a text), `batch` pieces (~1 M characters) at a time: the tokenizer's
+    `Encoding` objects (offsets, token strings, masks: ~160 bytes a token) exist for one batch only, not the corpus."""
+    it = iter(pieces)
+    while group := list(itertools.islice(it, batch)):
+        yield from (np.asarray(enc.ids, dtype=dtype) for enc in tok.encode_batch(group, add_special_tokens=False))
+
+
 def encode_stream(tok: Any, text: str) -> TokenStream:
-    pieces = _chunks(text)
-    ids: list[int] = []
-    for enc in tok.encode_batch(pieces, add_special_tokens=False):
-        ids.extend(enc.ids)
-    return TokenStream(torch.tensor(ids, dtype=torch.int64))
+    parts = list(encode_pieces(tok, _chunks(text)))
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return TokenStream(torch.from_numpy(ids))
 
 
 def tokenize_corpus(corpus: TextCorpus, tok: Any) -> LMDataset:

@@ -15,6 +15,7 @@ import csv
 import importlib.util
 import json
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,8 +227,9 @@ def build_tokenizer(cfg: TokenizerConfig) -> Any:
     return tok
 
 
-def train_tokenizer(cfg: TokenizerConfig, texts: list[str]) -> Any:
-    """Train on `texts` (the training split), then set truncation, padding and the `[CLS]` template."""
+def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str]) -> Any:
+    """Train on `texts` (the training split; a list, or any iterable for the BPE, char and word kinds, read once),
+    then set truncation, padding and the `[CLS]` template."""
     from tokenizers import pre_tokenizers, processors, trainers
 
     if cfg.kind == "ngrams":
@@ -258,7 +260,7 @@ def train_tokenizer(cfg: TokenizerConfig, texts: list[str]) -> Any:
         trainer = trainers.WordPieceTrainer(**common, initial_alphabet=alphabet)
     else:
         trainer = trainers.WordLevelTrainer(**common)
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts) if isinstance(texts, list) else None)
     if cfg.kind == "wordpiece":
         from tokenizers import models
 
