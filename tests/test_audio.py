@@ -505,3 +505,44 @@ def test_prepared_audio_trains_as_the_source_in_memory_and_on_disk(tones_run, tm
         path.write_text(yaml.safe_dump(r))
         res = run_cli("train", str(path), "--out", str(tmp_path / f"bad-{name}"), "--no-progress")
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_prepare_decodes_a_chunk_at_a_time_and_stores_what_the_source_run_computes(tmp_path, monkeypatch):
+    """`data prepare` decodes the carved splits `STATS_CHUNK` clips at a time (here 5, so the 21 training clips take
+    five chunks, the last one short) and merges the training chunks' log-mel statistics; the folder holds the source
+    run's clips, labels, clip powers and statistics exactly, and only the clips the splits keep (`limit_train`)."""
+    import bigmodel.tasks.audio as audio_task
+    from bigmodel.api import build_experiment, prepare_shards
+    from bigmodel.config import validate_recipe
+    from bigmodel.data.audio import clip_power
+
+    monkeypatch.setattr(audio_task, "STATS_CHUNK", 5)
+    root = make_audio_folder(tmp_path / "tones")
+    for over in ({}, {"limit_train": 11}):
+        r = audio_recipe(root, val_fraction=0.25, **over)
+        out = tmp_path / f"prep{len(over)}"
+        index = prepare_shards(validate_recipe(r), out)
+        exp = build_experiment(validate_recipe(r))
+        assert index["input_shape"] == exp.preprocess.input_shape  # the statistics merged over chunks, equal
+        features = index["input_shape"]["features"]
+        assert features["mean"] is not None and min(features["std"]) > 1e-3
+        for split in ("train", "val", "test"):
+            a = exp.data.split(split)
+            entry = index["splits"][split]
+            samples = torch.from_numpy(np.fromfile(out / entry["samples"], dtype="<f4"))
+            offsets = torch.from_numpy(np.load(out / entry["offsets"]))
+            stored = [samples[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+            assert len(stored) == len(a) == entry["count"]
+            assert all(torch.equal(stored[i], torch.from_numpy(a.clip(i))) for i in range(len(a)))
+            assert torch.equal(torch.from_numpy(np.load(out / entry["labels"])), a.y)
+            power = torch.from_numpy(np.load(out / entry["power"]))
+            assert torch.equal(power, clip_power(a.samples, a.offsets, a.lengths))
+        if over:
+            assert index["splits"]["train"]["count"] == 11
+            assert index["splits"]["train"]["samples_total"] == int(exp.data.train.lengths.sum())
+    # the statistics do not depend on the chunk size beyond rounding
+    monkeypatch.setattr(audio_task, "STATS_CHUNK", 512)
+    whole = build_experiment(validate_recipe(audio_recipe(root, val_fraction=0.25))).preprocess.input_shape
+    chunked = json.loads((tmp_path / "prep0" / "index.json").read_text())["input_shape"]
+    for key in ("mean", "std"):
+        assert np.allclose(whole["features"][key], chunked["features"][key], rtol=1e-12, atol=1e-12)

@@ -133,9 +133,13 @@ class NoiseConfig(Strict):
 
 
 def clip_power(samples: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean power of each clip of a flat buffer (float64 running sums)."""
-    cs = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(samples.double().square(), 0)])
-    return ((cs[offsets + lengths] - cs[offsets]) / lengths.clamp(min=1)).to(torch.float32)
+    """Mean power of each clip of a flat buffer: a float64 sum over the clip alone, so the value does not depend on
+    where the clip lies in the buffer (a folder prepared a chunk of clips at a time stores what a run on the source
+    computes)."""
+    out = torch.empty(len(offsets), dtype=torch.float64)
+    for i, (o, n) in enumerate(zip(offsets.tolist(), lengths.tolist(), strict=True)):
+        out[i] = samples[o : o + n].double().square().sum() / max(n, 1)
+    return out.to(torch.float32)
 
 
 def noise_batch(
@@ -321,6 +325,27 @@ class AudioSplit:
         offsets = torch.cumsum(lengths, 0) - lengths
         flat = torch.from_numpy(np.concatenate(clips)) if clips else torch.zeros(0)
         return cls(flat, offsets, lengths, torch.tensor(y, dtype=torch.int64), list(names))
+
+
+@dataclass
+class FileSplit:
+    """A split's audio files and labels before decoding: what `finish_splits` carves (it needs `.y` and `.subset`),
+    so only the clips a run keeps are decoded, and `bigmodel data prepare` decodes them a chunk at a time."""
+
+    paths: list[Path]
+    y: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, idx: torch.Tensor) -> FileSplit:
+        return FileSplit([self.paths[i] for i in idx.tolist()], self.y[idx])
+
+    def decode(self, sample_rate: int, start: int = 0, stop: int | None = None) -> AudioSplit:
+        """Files [start, stop) decoded (in threads) into one AudioSplit."""
+        paths = self.paths[start:stop]
+        clips = read_many(paths, sample_rate)
+        return AudioSplit.from_clips(clips, self.y[start:stop].tolist(), [str(p) for p in paths])
 
 
 def cut(split: AudioSplit, idx: torch.Tensor | slice, samples: int, g: torch.Generator | None) -> torch.Tensor:
@@ -573,8 +598,9 @@ def _grouped(
     return splits
 
 
-def load_audio(cfg: AudioDataConfig, seed: int) -> AudioDataset:
-    """The recipe's audio at `cfg.sample_rate`, with train / val / test splits."""
+def audio_files(cfg: AudioDataConfig, seed: int) -> tuple[dict[str, FileSplit | None], list[str]]:
+    """The recipe's train / val / test files and labels, carved (seeded, stratified; `imbalance`, `limit_train`) but
+    not decoded, and the label names."""
     grouped = False
     if cfg.source == "audio_folder":
         files, labels = _folder(cfg)
@@ -598,16 +624,23 @@ def load_audio(cfg: AudioDataConfig, seed: int) -> AudioDataset:
                 f"data.min_clips {cfg.min_clips}: fewer than two speakers have that many clips in two or more levels"
             )
         files, grouped = _grouped(clips, cfg, labels), True
-    parts: dict[str, AudioSplit | None] = {}
+    parts: dict[str, FileSplit | None] = {}
     for name in ("train", "val", "test"):
         items = files.get(name)
         if items is None or (grouped and name == "val" and cfg.val_fraction == 0):
             parts[name] = None
             continue
-        clips_ = read_many([p for p, _ in items], cfg.sample_rate)
-        parts[name] = AudioSplit.from_clips(clips_, [y for _, y in items], [str(p) for p, _ in items])
+        parts[name] = FileSplit([p for p, _ in items], torch.tensor([y for _, y in items], dtype=torch.int64))
     train, val, test = finish_splits(parts["train"], parts["val"], parts["test"], labels, cfg, seed)
-    return AudioDataset(train, val, test, labels, cfg.sample_rate)
+    return {"train": train, "val": val, "test": test}, labels
+
+
+def load_audio(cfg: AudioDataConfig, seed: int) -> AudioDataset:
+    """The recipe's audio at `cfg.sample_rate`, with train / val / test splits (only the clips they keep decoded)."""
+    files, labels = audio_files(cfg, seed)
+    parts = {k: f.decode(cfg.sample_rate) if f is not None else None for k, f in files.items()}
+    assert parts["train"] is not None
+    return AudioDataset(parts["train"], parts["val"], parts["test"], labels, cfg.sample_rate)
 
 
 # ------------------------------------------------------------------------------------------------------- loader

@@ -15,8 +15,9 @@ split's clip and sample counts.
 read into memory; larger ones stay on disk as `DiskSamples`: each batch reads, for each clip, only the part of its
 window inside the clip (one `pread`), so resident memory holds batches, not the audio. Windows, noise and SpecAugment
 masks are the sampling plan's and the batch seed's either way: a run on the folder trains as the source recipe does,
-bit for bit, and resumes exactly. Preparing decodes the whole data set into memory once (as a run on the source
-does); training on the folder does not.
+bit for bit, and resumes exactly. Preparing decodes the clips the carved splits keep, `STATS_CHUNK` (512) at a time,
+appending each chunk to its stream and the training chunks to the statistics: its memory is one chunk, not the data
+set; training on the folder holds batches.
 """
 
 from __future__ import annotations
@@ -104,31 +105,50 @@ def check_front_end(cfg: Any, shape: dict[str, Any], rate: int, root: Path) -> N
         )
 
 
-def write_stream(tmp: Path, name: str, split: Any) -> dict[str, Any]:
-    """Split `name`'s clips as `<name>-samples.bin` (float32, one after the other), `<name>-offsets.npy` (N + 1),
-    `<name>-power.npy` (each clip's mean power, from the source's own buffer: what a run on the source adds noise
-    against) and `<name>-names.json`; returns the index entry for them."""
-    from bigmodel.data.audio import clip_power
+class StreamWriter:
+    """Split `name`'s clips, appended a chunk (an AudioSplit or SpeechSplit) at a time, as `<name>-samples.bin`
+    (float32, one after the other), `<name>-offsets.npy` (N + 1), `<name>-power.npy` (each clip's mean power:
+    what a run on the source adds noise against) and `<name>-names.json`; `close()` returns the index entry."""
 
-    power = clip_power(split.samples, split.offsets, split.lengths)
-    offsets = [0]
-    with open(tmp / f"{name}-samples.bin", "wb") as f:
+    def __init__(self, tmp: Path, name: str) -> None:
+        self.tmp, self.name = tmp, name
+        self.file = open(tmp / f"{name}-samples.bin", "wb")  # noqa: SIM115 (closed by close())
+        self.offsets, self.powers, self.names = [0], [], []
+
+    def add(self, split: Any) -> None:
+        from bigmodel.data.audio import clip_power
+
+        power = split.power if split.power is not None else clip_power(split.samples, split.offsets, split.lengths)
+        self.powers.append(power.numpy().astype(np.float32))
         for i in range(len(split)):
             clip = np.ascontiguousarray(split.clip(i), dtype=F32)
-            clip.tofile(f)
-            offsets.append(offsets[-1] + len(clip))
-    np.save(tmp / f"{name}-offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)
-    np.save(tmp / f"{name}-power.npy", power.numpy().astype(np.float32), allow_pickle=False)
-    names = list(split.names) if split.names else [f"{name}:{i}" for i in range(len(split))]
-    (tmp / f"{name}-names.json").write_text(json.dumps(names), encoding="utf-8")
-    return {
-        "count": len(split),
-        "samples_total": offsets[-1],
-        "samples": f"{name}-samples.bin",
-        "offsets": f"{name}-offsets.npy",
-        "power": f"{name}-power.npy",
-        "names": f"{name}-names.json",
-    }
+            clip.tofile(self.file)
+            self.offsets.append(self.offsets[-1] + len(clip))
+        start = len(self.names)
+        self.names += list(split.names) if split.names else [f"{self.name}:{start + i}" for i in range(len(split))]
+
+    def close(self) -> dict[str, Any]:
+        self.file.close()
+        name, tmp = self.name, self.tmp
+        np.save(tmp / f"{name}-offsets.npy", np.asarray(self.offsets, dtype=np.int64), allow_pickle=False)
+        power = np.concatenate(self.powers) if self.powers else np.zeros(0, dtype=np.float32)
+        np.save(tmp / f"{name}-power.npy", power, allow_pickle=False)
+        (tmp / f"{name}-names.json").write_text(json.dumps(self.names), encoding="utf-8")
+        return {
+            "count": len(self.names),
+            "samples_total": self.offsets[-1],
+            "samples": f"{name}-samples.bin",
+            "offsets": f"{name}-offsets.npy",
+            "power": f"{name}-power.npy",
+            "names": f"{name}-names.json",
+        }
+
+
+def write_stream(tmp: Path, name: str, split: Any) -> dict[str, Any]:
+    """A whole split through `StreamWriter`; returns its index entry."""
+    writer = StreamWriter(tmp, name)
+    writer.add(split)
+    return writer.close()
 
 
 def read_stream(root: Path, name: str, entry: dict[str, Any]) -> tuple[DiskSamples, torch.Tensor, torch.Tensor, list]:
@@ -229,25 +249,42 @@ def load_audio_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
     return data, pre
 
 
-def write_audio_shards(data: Any, pre: Any, recipe: Any, out: Path) -> dict[str, Any]:
-    """Write an `AudioDataset`'s splits (decoded, at the recipe's rate) into `out` (a temporary folder renamed when
-    complete); `pre`: its input description with the normalisation statistics. Returns the index."""
+def write_audio_shards(recipe: Any, out: Path) -> dict[str, Any]:
+    """Decode an audio-classification recipe's splits (carved, at its rate) into `out` (a temporary folder renamed
+    when complete), `STATS_CHUNK` clips at a time, adding the training chunks to the normalisation statistics:
+    memory is one chunk, not the data set. Returns the index."""
+    from bigmodel.data.audio import audio_files
     from bigmodel.data.shards import applied_carving, prepared_folder
+    from bigmodel.tasks.audio import STATS_CHUNK, FeatureStats, log_mels
 
+    cfg = recipe.data
+    files, labels = audio_files(cfg, recipe.seed)
+    features = cfg.features.spec()
+    features["mean"] = features["std"] = None
+    shape = {"kind": "audio", "sample_rate": cfg.sample_rate, "samples": cfg.samples, "features": features}
+    stats = FeatureStats() if cfg.features.normalize else None
     with prepared_folder(Path(out)) as tmp:
         splits: dict[str, Any] = {}
         for name in SPLITS:
-            split = getattr(data, name)
+            split = files[name]
             if split is None:
                 continue
+            writer = StreamWriter(tmp, name)
+            for a in range(0, len(split), STATS_CHUNK):
+                part = split.decode(cfg.sample_rate, a, a + STATS_CHUNK)
+                writer.add(part)
+                if name == "train" and stats is not None:
+                    stats.add(log_mels(shape, part.windows(cfg.samples)))
             np.save(tmp / f"{name}-labels.npy", split.y.numpy().astype(np.int64), allow_pickle=False)
-            splits[name] = {**write_stream(tmp, name, split), "labels": f"{name}-labels.npy"}
+            splits[name] = {**writer.close(), "labels": f"{name}-labels.npy"}
+        if stats is not None:
+            features["mean"], features["std"] = stats.result()
         index = {
             "format": FORMAT,
-            "labels": list(data.labels),
-            "sample_rate": int(data.sample_rate),
-            "input_shape": dict(pre.input_shape),
-            "applied": applied_carving(recipe.data),
+            "labels": list(labels),
+            "sample_rate": int(cfg.sample_rate),
+            "input_shape": shape,
+            "applied": applied_carving(cfg),
             "splits": splits,
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")

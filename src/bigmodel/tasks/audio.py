@@ -49,6 +49,42 @@ def log_mels(shape: dict[str, Any], waves: torch.Tensor, stats: bool = False, ch
         return torch.cat([fe(waves[i : i + chunk]) for i in range(0, len(waves), chunk)]) if len(waves) else waves
 
 
+STATS_CHUNK = 512  # clips per chunk of the normalisation statistics (and of `data prepare`'s decoding)
+
+
+class FeatureStats:
+    """Per mel channel mean and (unbiased) std over every frame of the training clips' evaluation windows, added a
+    chunk of clips at a time (float64; chunks merged with Chan et al.'s pairwise update): the memory is one chunk's
+    log-mels, not the training set's, and a run on the source and `data prepare` (which decodes a chunk at a time)
+    add the same chunks, so they store the same statistics."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, feats: torch.Tensor) -> None:
+        """`feats`: (B, n_mels, frames) log-mels."""
+        f = feats.double()
+        n = f.shape[0] * f.shape[2]
+        if n == 0:
+            return
+        mean = f.mean(dim=(0, 2))
+        m2 = (f - mean[None, :, None]).square().sum(dim=(0, 2))
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
+        self.n = total
+
+    def result(self) -> tuple[list[float], list[float]]:
+        assert self.mean is not None and self.m2 is not None and self.n > 1, "no training frames"
+        return self.mean.tolist(), (self.m2 / (self.n - 1)).sqrt().clamp(min=1e-5).tolist()
+
+
 def served_waveform(art: Any, i: int, x: Any) -> np.ndarray:
     """`inputs[i]` of a request: `{"audio_base64": WAV/FLAC/Ogg/MP3 bytes}` (any rate, any channels) or `{"array":
     mono samples at the model's rate, -1..1}` → mono float32 samples at the model's rate (`InputError` if bad)."""
@@ -119,20 +155,20 @@ class AudioClassification(ClassificationSpec):
         features = cfg.features.spec()
         features["mean"] = features["std"] = None
         if cfg.features.normalize:
-            # Per mel channel over every frame of the training clips' evaluation windows (float64 sums).
-            feats = log_mels({**shape, "features": features}, data.train.windows(cfg.samples)).double()
-            features["mean"] = feats.mean(dim=(0, 2)).tolist()
-            features["std"] = feats.std(dim=(0, 2)).clamp(min=1e-5).tolist()
+            stats, train = FeatureStats(), data.train
+            for a in range(0, len(train), STATS_CHUNK):
+                idx = torch.arange(a, min(a + STATS_CHUNK, len(train)))
+                stats.add(log_mels({**shape, "features": features}, train.windows(cfg.samples, idx)))
+            features["mean"], features["std"] = stats.result()
         return Preprocess(data.labels, None, None, {**shape, "features": features}, kind="audio")
 
     def write_shards(self, recipe: Any, out: Any, shard_size: int) -> dict[str, Any]:
         """Each split's decoded clips as one float32 stream, with offsets, labels, clip powers and names, and the
-        normalisation statistics (`data/audioshards.py`); `shard_size` does not apply."""
-        from bigmodel.data.audio import load_audio
+        normalisation statistics (`data/audioshards.py`), decoded `STATS_CHUNK` clips at a time; `shard_size` does
+        not apply."""
         from bigmodel.data.audioshards import write_audio_shards
 
-        data = load_audio(recipe.data, recipe.seed)
-        return write_audio_shards(data, self.audio_preprocess(recipe, data), recipe, out)
+        return write_audio_shards(recipe, out)
 
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.audio import AudioLoader
