@@ -496,3 +496,49 @@ def test_serve_transcribes_uploads_and_refuses_what_it_cannot(tones_asr_run):
         assert predict.status_code == 422 and "/v1/predict" in predict.text
         page = c.get("/")
         assert page.status_code == 200 and '"kind": "speech"' in page.text
+
+
+def test_prepare_decodes_a_chunk_at_a_time_and_stores_what_the_source_run_keeps(tones_asr_run, tmp_path, monkeypatch):
+    """Speech `data prepare` decodes `CHUNK` clips at a time (here 7): the training clips no longer than
+    `max_seconds` go to a scratch stream, then those `limit_train` keeps into the folder, adding each to the
+    statistics. The folder holds exactly the source run's clips, transcripts, clip powers, alphabet and statistics,
+    and no scratch stream."""
+    import yaml
+
+    import bigmodel.data.speechshards as speechshards
+    from bigmodel.api import build_experiment, prepare_shards
+    from bigmodel.config import validate_recipe
+    from bigmodel.data.audio import clip_power
+
+    monkeypatch.setattr(speechshards, "CHUNK", 7)
+    r = yaml.safe_load((tones_asr_run / "recipe.yaml").read_text())
+    r["data"] |= {"max_seconds": 0.6, "limit_train": 40}
+    out = tmp_path / "prep"
+    index = prepare_shards(validate_recipe(r), out)
+    exp = build_experiment(validate_recipe(r))
+    assert index["input_shape"] == exp.preprocess.input_shape and index["labels"] == exp.preprocess.labels
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == []
+    rows = len(list(csv_rows(tones_asr_run / "clips.csv", "train")))
+    for split in ("train", "val", "test"):
+        a = exp.data.split(split)
+        entry = index["splits"][split]
+        samples = torch.from_numpy(np.fromfile(out / entry["samples"], dtype="<f4"))
+        offsets = np.load(out / entry["offsets"])
+        assert entry["count"] == len(a) and len(offsets) == len(a) + 1
+        assert all(
+            torch.equal(samples[offsets[i] : offsets[i + 1]], torch.from_numpy(a.clip(i))) for i in range(len(a))
+        )
+        assert json.loads((out / entry["texts"]).read_text()) == a.texts
+        power = torch.from_numpy(np.load(out / entry["power"]))
+        assert torch.equal(power, clip_power(a.samples, a.offsets, a.lengths))
+    r["data"]["limit_train"] = None
+    short = len(build_experiment(validate_recipe(r)).data.train)
+    assert len(exp.data.train) == 40 < short < rows  # max_seconds dropped some rows, then limit_train chose 40
+    assert int(exp.data.train.lengths.max()) <= 0.6 * 8000
+
+
+def csv_rows(path, split):
+    import csv
+
+    with open(path, newline="") as f:
+        yield from (r for r in csv.DictReader(f) if r["split"] == split)

@@ -288,14 +288,31 @@ def speech_csv(cfg: SpeechDataConfig, seed: int) -> dict[str, list[tuple[Path, s
     return out
 
 
+def speech_items(cfg: SpeechDataConfig, seed: int) -> dict[str, list[tuple[Path, str, str]]]:
+    """The recipe's (file, normalised transcript, group) rows per split, before decoding."""
+    if cfg.source == "spoken_sentences":
+        return spoken_sentences(cfg)
+    if cfg.source == "fillets_transcripts":
+        return fillets_transcripts(cfg)
+    return speech_csv(cfg, seed)
+
+
+def limit_train_rows(cfg: SpeechDataConfig, seed: int, n: int) -> list[int]:
+    """Which of the `n` training clips `data.limit_train` keeps (seeded, in their order)."""
+    if cfg.limit_train is None or cfg.limit_train >= n:
+        return list(range(n))
+    g = np.random.default_rng(mix_seed(seed, 3))
+    return sorted(g.permutation(n)[: cfg.limit_train].tolist())
+
+
+def fit_alphabet(texts: list[str]) -> list[str]:
+    """The CTC blank, then every character of the training transcripts, sorted."""
+    return [BLANK, *sorted({c for t in texts for c in t})]
+
+
 def load_speech(cfg: SpeechDataConfig, seed: int, alphabet: list[str] | None = None) -> SpeechDataset:
     """The recipe's clips at `cfg.sample_rate` with normalised transcripts; the alphabet fitted on train (or given)."""
-    if cfg.source == "spoken_sentences":
-        items = spoken_sentences(cfg)
-    elif cfg.source == "fillets_transcripts":
-        items = fillets_transcripts(cfg)
-    else:
-        items = speech_csv(cfg, seed)
+    items = speech_items(cfg, seed)
     parts: dict[str, SpeechSplit | None] = {}
     for name in ("train", "val", "test"):
         rows = items.get(name) or []
@@ -310,11 +327,11 @@ def load_speech(cfg: SpeechDataConfig, seed: int, alphabet: list[str] | None = N
     train = parts["train"]
     if train is None or len(train) == 0:
         raise UserError(f"data.max_seconds {cfg.max_seconds:g}: no training clip is that short")
-    if cfg.limit_train is not None and cfg.limit_train < len(train):
-        g = np.random.default_rng(mix_seed(seed, 3))
-        train = train.subset(sorted(g.permutation(len(train))[: cfg.limit_train].tolist()))
+    keep = limit_train_rows(cfg, seed, len(train))
+    if len(keep) < len(train):
+        train = train.subset(keep)
     if alphabet is None:
-        alphabet = [BLANK, *sorted({c for t in train.texts for c in t})]
+        alphabet = fit_alphabet(train.texts)
     return SpeechDataset(train, parts["val"], parts["test"], alphabet, cfg.sample_rate)
 
 

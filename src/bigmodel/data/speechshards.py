@@ -12,8 +12,8 @@ split's clip and sample counts.
 `data.source: shards` with `data.path: FOLDER` trains on it. Streams that fit `data.in_memory_limit_mb` together are
 read into memory; larger ones stay on disk as `DiskSamples`, and each batch reads its clips (one `pread` each): a run
 on the folder trains as the source recipe does, bit for bit, and resumes exactly. A recipe with `model.lm` fits its
-character LM on the stored training transcripts. Preparing decodes the whole data set into memory once (as a run on
-the source does); training on the folder does not.
+character LM on the stored training transcripts. Preparing decodes `CHUNK` clips at a time (`write_speech_shards`):
+its memory is one chunk, not the data set.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bigmodel.data.audioshards import SPLITS, check_front_end, read_streams, write_stream
+from bigmodel.data.audioshards import StreamWriter, check_front_end, read_stream, read_streams
 from bigmodel.errors import UserError
 
 FORMAT = "bigmodel-speech/1"
@@ -34,25 +34,87 @@ def applied(cfg: Any) -> dict[str, Any]:
     return {"max_seconds": cfg.max_seconds, "limit_train": cfg.limit_train}
 
 
-def write_speech_shards(data: Any, pre: Any, recipe: Any, out: Path) -> dict[str, Any]:
-    """Write a `SpeechDataset`'s splits (decoded, at the recipe's rate, with transcripts) into `out` (a temporary
-    folder renamed when complete); `pre`: its input description with the normalisation statistics."""
+CHUNK = 256  # clips decoded (and held) at a time
+
+
+def write_speech_shards(recipe: Any, out: Path) -> dict[str, Any]:
+    """Decode a speech-recognition recipe's splits (at its rate, with transcripts) into `out` (a temporary folder
+    renamed when complete), `CHUNK` clips at a time. The training split takes two passes, as `load_speech` decides
+    which clips it keeps only once they are decoded: the clips no longer than `data.max_seconds` go to a scratch
+    stream, then those `data.limit_train` keeps are copied from it into the split's stream, each added to the
+    normalisation statistics on the way. Memory is one chunk, not the data set. Returns the index."""
+    import shutil
+
+    from bigmodel.data.audio import read_many
     from bigmodel.data.shards import prepared_folder
+    from bigmodel.data.speech import SpeechSplit, fit_alphabet, limit_train_rows, speech_items
+    from bigmodel.tasks.speech import FrontendStats
+
+    cfg = recipe.data
+    rate = cfg.sample_rate
+    items = speech_items(cfg, recipe.seed)
+    features = cfg.features.spec()
+    features["mean"] = features["std"] = None
+    shape = {"kind": "speech", "sample_rate": rate, "features": features}
+
+    def decoded(rows: list[tuple[Path, str, str]], train: bool) -> Any:  # SpeechSplit per chunk of rows
+        for a in range(0, len(rows), CHUNK):
+            chunk = rows[a : a + CHUNK]
+            clips = read_many([p for p, _, _ in chunk], rate)
+            keep = [i for i, c in enumerate(clips) if not train or len(c) <= cfg.max_seconds * rate]
+            yield SpeechSplit.from_clips(
+                [clips[i] for i in keep], [chunk[i][1] for i in keep], [str(chunk[i][0]) for i in keep]
+            )
+
+    def save_texts(tmp: Path, name: str, texts: list[str]) -> str:
+        (tmp / f"{name}-texts.json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+        return f"{name}-texts.json"
 
     with prepared_folder(Path(out)) as tmp:
         splits: dict[str, Any] = {}
-        for name in SPLITS:
-            split = getattr(data, name)
-            if split is None:
+        scratch = tmp / "scratch"
+        scratch.mkdir()
+        writer, texts = StreamWriter(scratch, "train"), []
+        for part in decoded(items.get("train") or [], train=True):
+            writer.add(part)
+            texts += part.texts
+        entry = writer.close()
+        if not texts:
+            raise UserError(f"data.max_seconds {cfg.max_seconds:g}: no training clip is that short")
+        samples, offsets, power, names = read_stream(scratch, "train", entry)
+        keep = limit_train_rows(cfg, recipe.seed, len(texts))
+        stats = FrontendStats(shape) if cfg.features.normalize else None
+        writer = StreamWriter(tmp, "train")
+        for a in range(0, len(keep), CHUNK):
+            ids = keep[a : a + CHUNK]
+            clips = [samples[int(offsets[i]) : int(offsets[i + 1])].numpy() for i in ids]
+            part = SpeechSplit.from_clips(clips, [texts[i] for i in ids], [names[i] for i in ids])
+            part.power = power[ids]  # each clip's own sum: what the source run computes for it
+            writer.add(part)
+            if stats is not None:
+                for clip in clips:
+                    stats.add(clip)
+        kept = [texts[i] for i in keep]
+        splits["train"] = {**writer.close(), "texts": save_texts(tmp, "train", kept)}
+        del samples
+        shutil.rmtree(scratch)
+        for name in ("val", "test"):
+            rows = items.get(name) or []
+            if not rows:
                 continue
-            (tmp / f"{name}-texts.json").write_text(json.dumps(list(split.texts), ensure_ascii=False), encoding="utf-8")
-            splits[name] = {**write_stream(tmp, name, split), "texts": f"{name}-texts.json"}
+            writer, texts = StreamWriter(tmp, name), []
+            for part in decoded(rows, train=False):
+                writer.add(part)
+                texts += part.texts
+            splits[name] = {**writer.close(), "texts": save_texts(tmp, name, texts)}
+        if stats is not None:
+            features["mean"], features["std"] = stats.result()
         index = {
             "format": FORMAT,
-            "labels": list(data.labels),
-            "sample_rate": int(data.sample_rate),
-            "input_shape": dict(pre.input_shape),
-            "applied": applied(recipe.data),
+            "labels": fit_alphabet(kept),
+            "sample_rate": int(rate),
+            "input_shape": shape,
+            "applied": applied(cfg),
             "splits": splits,
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

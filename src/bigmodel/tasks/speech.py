@@ -129,23 +129,37 @@ class SpeechExport(nn.Module):
         return self.model(waveform, lengths)
 
 
-def frontend_stats(shape: dict[str, Any], split: Any) -> tuple[list[float], list[float]]:
-    """Per mel channel mean and std over every frame of the training clips (float64 sums)."""
-    from bigmodel.tasks.audio import feature_frontend
+class FrontendStats:
+    """Per mel channel mean and std over every frame of the training clips (float64 sums), a clip at a time: the
+    source run adds its clips in order, `data prepare` adds each as it writes it, so both store the same numbers."""
 
-    fe = feature_frontend(shape, stats=False)
-    total = torch.zeros(fe.n_mels, dtype=torch.float64)
-    sq = torch.zeros(fe.n_mels, dtype=torch.float64)
-    n = 0
-    with torch.inference_mode():
-        for i in range(len(split)):
-            f = fe(torch.from_numpy(split.clip(i))[None])[0].double()  # (M, T)
-            total += f.sum(dim=1)
-            sq += f.square().sum(dim=1)
-            n += f.shape[1]
-    mean = total / n
-    std = (sq / n - mean.square()).clamp(min=1e-10).sqrt().clamp(min=1e-5)
-    return mean.tolist(), std.tolist()
+    def __init__(self, shape: dict[str, Any]) -> None:
+        from bigmodel.tasks.audio import feature_frontend
+
+        self.fe = feature_frontend(shape, stats=False)
+        self.total = torch.zeros(self.fe.n_mels, dtype=torch.float64)
+        self.sq = torch.zeros(self.fe.n_mels, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, clip: np.ndarray) -> None:
+        with torch.inference_mode():
+            f = self.fe(torch.from_numpy(clip)[None])[0].double()  # (M, T)
+        self.total += f.sum(dim=1)
+        self.sq += f.square().sum(dim=1)
+        self.n += f.shape[1]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        mean = self.total / self.n
+        std = (self.sq / self.n - mean.square()).clamp(min=1e-10).sqrt().clamp(min=1e-5)
+        return mean.tolist(), std.tolist()
+
+
+def frontend_stats(shape: dict[str, Any], split: Any) -> tuple[list[float], list[float]]:
+    """Per mel channel mean and std over every frame of the training clips (`FrontendStats`)."""
+    stats = FrontendStats(shape)
+    for i in range(len(split)):
+        stats.add(split.clip(i))
+    return stats.result()
 
 
 class SpeechRecognition(TaskSpec):
@@ -206,11 +220,11 @@ class SpeechRecognition(TaskSpec):
 
     def write_shards(self, recipe: Any, out: Any, shard_size: int) -> dict[str, Any]:
         """Each split's decoded clips as one float32 stream with offsets, clip powers, names and transcripts, and the
-        normalisation statistics (`data/speechshards.py`); `shard_size` does not apply."""
+        normalisation statistics (`data/speechshards.py`), decoded a chunk of clips at a time; `shard_size` does not
+        apply."""
         from bigmodel.data.speechshards import write_speech_shards
 
-        data = self.load_source(recipe, None)
-        return write_speech_shards(data, self.speech_preprocess(recipe, data), recipe, out)
+        return write_speech_shards(recipe, out)
 
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.speech import SpeechLoader
