@@ -213,3 +213,22 @@ def test_federated_benchmark_json(tmp_path):
     assert plain["bytes_per_round"] > 0 and plain["accuracy_vs_central_ratio"] > 0
     assert secure["secure_aggregation"] and not plain["secure_aggregation"]
     assert secure["bytes_per_round"] > plain["bytes_per_round"]  # masked integers and the key exchange
+
+
+@pytest.mark.skipif(importlib.util.find_spec("soundfile") is None, reason="the audio extra is not installed")
+def test_prepare_benchmark_json():
+    out = run_bench(
+        "benchmarks/prepare.py",
+        "--lm-mb",
+        "0.2",
+        "--audio-clips",
+        "12",
+        "--speech-clips",
+        "8",
+        "--growth",
+        "2",
+        "--json",
+    )
+    for kind in ("lm", "audio", "speech"):
+        assert out[f"{kind}_prepare_vs_whole_rss_ratio"] > 0 and out[f"{kind}_prepare_growth_ratio"] > 0
+        assert out[f"{kind}_1_data_mb"] > out[f"{kind}_0_data_mb"] > 0
