@@ -182,3 +182,140 @@ def test_a_folder_made_otherwise_is_a_one_line_error(prepared, tmp_path):
         assert r.returncode == 2 and "val-ids.bin" in r.stderr and "Traceback" not in r.stderr
     finally:
         ids.write_bytes(data)
+
+
+# ------------------------------------------------------------------------------------ the source read a row at a time
+def _text_sources(root) -> dict:
+    """A source of each reader, with quoted line breaks, commas, unicode and a lone surrogate (a JSON escape)."""
+    from bigmodel.config import TextDataConfig
+
+    rng = random.Random(1)
+    words = ["good", "bad", "so-so", "café", "naïve", "plot", "acting", "sehr", "gut"]
+
+    def text(i: int) -> str:
+        t = " ".join(rng.choice(words) for _ in range(rng.randrange(1, 7)))
+        return t + (",\nmore on a second line" if i % 11 == 0 else "")
+
+    labels = ["pos", "neg", "meh", "odd"]
+    rows = [(text(i), labels[i % 4] if i % 13 else "pos") for i in range(160)]
+    with (root / "t.csv").open("w", newline="", encoding="utf-8") as f:
+        import csv
+
+        w = csv.writer(f)
+        w.writerow(["label", "body"])
+        w.writerows((y, t) for t, y in rows)
+    for name, part in (("train", rows[:100]), ("val", rows[100:130]), ("test", rows[130:])):
+        lines = [json.dumps({"text": t + ("\ud800" if i == 3 else ""), "y": y}) for i, (t, y) in enumerate(part)]
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    for split, part in (("train", rows[:120]), ("test", rows[120:])):
+        for i, (t, y) in enumerate(part):
+            folder = root / "imdb" / split / ("pos" if y in ("pos", "meh") else "neg")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i}_7.txt").write_text(t.replace("\n", "<br />"), encoding="utf-8")
+    tweets = ["sentiment,text"] + [f'{y},"{t.replace(chr(10), " ")} \xe9\x9f"' for t, y in rows[:90]]
+    (root / "tweets.csv").write_bytes("\n".join(tweets).encode("latin-1", "surrogateescape"))
+    csv_ = {"source": "csv", "path": root / "t.csv", "text_column": "body", "val_fraction": 0.1, "test_fraction": 0.2}
+    return {
+        "csv": TextDataConfig(**csv_),
+        "csv-imbalanced-limited": TextDataConfig(**csv_, imbalance={"classes": ["odd"], "keep": 0.3}, limit_train=40),
+        "jsonl-files": TextDataConfig(
+            source="jsonl",
+            train_path=root / "train.jsonl",
+            val_path=root / "val.jsonl",
+            test_path=root / "test.jsonl",
+            label_column="y",
+        ),
+        "aclimdb": TextDataConfig(source="aclimdb", path=root / "imdb", val_fraction=0.2),
+        "tweets": TextDataConfig(source="tweets", path=root / "tweets.csv", val_fraction=0.1, test_fraction=0.1),
+    }
+
+
+def _streamed(cfg, seed, scratch):
+    from bigmodel.data.textstream import StreamedText
+
+    scratch.mkdir()
+    s = StreamedText(cfg, seed, scratch)
+    try:
+        return s.labels, {n: (list(s.texts(n)), s.splits[n].y) for n in s.splits}, s.pii_masked
+    finally:
+        s.close()
+
+
+def test_each_source_read_a_row_at_a_time_gives_load_texts_splits(tmp_path):
+    """`StreamedText` (what `data prepare` reads) carves the splits `load_text` (what a run on the source reads)
+    carves, texts and labels in the same order, and refuses what it refuses with the same line."""
+    from bigmodel.data.text import load_text
+    from bigmodel.errors import UserError
+
+    sources = _text_sources(tmp_path)
+    for name, cfg in sources.items():
+        for seed in (0, 5):
+            data = load_text(cfg, seed)
+            labels, splits, masked = _streamed(cfg, seed, tmp_path / f"scratch-{name}-{seed}")
+            assert labels == data.labels and masked is None, name
+            assert set(splits) == {n for n in ("train", "val", "test") if data.split(n) is not None}, name
+            for n, (texts, y) in splits.items():
+                assert texts == data.split(n).texts and torch.equal(y, data.split(n).y), (name, n)
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "fine", "y": "pos"}) + "\n" + '{"text": "x", "y": "new"}')
+    cfg = sources["jsonl-files"]
+    with pytest.raises(UserError) as want:
+        load_text(cfg, 0)
+    with pytest.raises(UserError) as got:
+        _streamed(cfg, 0, tmp_path / "scratch-bad")
+    assert str(got.value) == str(want.value) and "line 2: label 'new'" in str(got.value)
+
+
+def test_tokenizers_trained_on_the_streamed_texts_are_the_in_memory_ones(tmp_path):
+    from bigmodel.config import TokenizerConfig
+    from bigmodel.data.text import load_text, train_tokenizer
+    from bigmodel.data.textstream import StreamedText
+
+    cfg = _text_sources(tmp_path)["csv"]
+    data = load_text(cfg, 0)
+    (tmp_path / "scratch").mkdir()
+    s = StreamedText(cfg, 0, tmp_path / "scratch")
+    try:
+        for kind in ("bpe", "wordpiece", "word", "char", "ngrams"):
+            tc = TokenizerConfig(kind=kind, vocab_size=60, min_frequency=1)
+            want = train_tokenizer(tc, data.train.texts).to_str()
+            assert train_tokenizer(tc, s.train_texts()).to_str() == want, kind
+    finally:
+        s.close()
+
+
+def test_prepare_encodes_a_chunk_at_a_time(prepared, tmp_path):
+    """Encoding 7 texts at a time writes the files 4,096 at a time (the CLI's) writes; the scratch files are gone."""
+    from bigmodel.data.textshards import write_text_shards
+    from bigmodel.tasks import get_task
+
+    recipe_path, folder = prepared
+    recipe = validate_recipe(yaml.safe_load(recipe_path.read_text()))
+    task = get_task(recipe.task)
+    write_text_shards(recipe, tmp_path / "prep", lambda y, t: task.text_preprocess(recipe, y, t), chunk=7)
+    names = sorted(p.name for p in folder.iterdir())
+    assert sorted(p.name for p in (tmp_path / "prep").iterdir()) == names and "scratch" not in names
+    for n in names:
+        assert (tmp_path / "prep" / n).read_bytes() == (folder / n).read_bytes(), n
+
+
+def test_prepare_masks_pii_as_the_source_run_does(tmp_path):
+    pytest.importorskip("presidio_analyzer", reason="the privacy extra (Presidio) is not installed")
+    from bigmodel.config import TextDataConfig
+    from bigmodel.data.text import load_text
+
+    rows = ["text,label"] + [
+        f'"write to ann{i}@example.com{" or call +44 20 7946 0958" if i % 3 == 0 else ""} now",{"ab"[i % 2]}'
+        for i in range(40)
+    ]
+    (tmp_path / "pii.csv").write_text("\n".join(rows) + "\n")
+    cfg = TextDataConfig(
+        source="csv", path=tmp_path / "pii.csv", mask_pii=["email", "phone"], limit_train=20, test_fraction=0.25
+    )
+    data = load_text(cfg, 3)
+    labels, splits, masked = _streamed(cfg, 3, tmp_path / "scratch")
+    kept = sum(len(y) for _, y in splits.values())  # every kept text has one address; the 20 kept of the training
+    assert masked == data.pii_masked and masked["email"] == kept and len(splits["train"][1]) == 20
+    assert masked["phone"] > 0
+    for n, (texts, y) in splits.items():
+        assert texts == data.split(n).texts and torch.equal(y, data.split(n).y)
+        assert all("<EMAIL>" in t and "@" not in t for t in texts)

