@@ -261,3 +261,37 @@ def test_canary_is_reproduced_without_masking_and_never_with(canary_corpus, tmp_
         assert r["exposure"] < 4  # of log2(301) = 8.23: the number is no likelier than most random ones
     else:
         assert r["reproduced"] and r["rank"] == 1 and r["exposure"] == r["max_exposure"], r
+
+
+def test_masking_a_stream_of_parts_masks_the_pieces_of_the_whole(masker, monkeypatch):
+    """`mask_stream` (how `data prepare` masks a corpus split it never holds) sends the analyzer the pieces `_pieces`
+    cuts the whole text into, however the text arrives, and returns the whole text masked."""
+    import random
+    from collections import Counter
+
+    from bigmodel.privacy import pii
+
+    monkeypatch.setattr(pii, "_CHUNK", 60)
+    rng = random.Random(4)
+    lines = []
+    for i in range(40):
+        words = [rng.choice(["see", "mail", "x" * rng.randrange(1, 70), "to"]) for _ in range(rng.randrange(0, 6))]
+        lines.append(" ".join(words + ([f"bob{i}@example.org"] if i % 3 == 0 else [])))
+    text = "\n".join(lines)
+    whole = [p for _, p in pii._pieces(text)]
+    assert len(whole) > 10 and any("\n" not in p and len(p) == 60 for p in whole)  # cut at a break, and without one
+    want: Counter[str] = Counter()
+    masked = "".join(masker._mask_piece(p, want) for p in whole)
+    seen: list[str] = []
+    cut = masker._mask_piece
+    monkeypatch.setattr(masker, "_mask_piece", lambda p, c: seen.append(p) or cut(p, c))
+    for sizes in ([len(text)], [1] * len(text), [rng.randrange(1, 150) for _ in range(len(text))]):
+        parts, i = [], 0
+        for n in sizes:
+            parts.append(text[i : i + n])
+            i += n
+        seen.clear()
+        counts: Counter[str] = Counter()
+        assert "".join(masker.mask_stream(iter(parts), counts)) == masked and seen == whole
+        assert counts == want and want["email"] >= 12
+    assert masker.mask(text) == (masked, want)

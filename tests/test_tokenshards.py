@@ -75,7 +75,8 @@ def test_prepare_writes_the_in_memory_token_ids_and_tokenizer(prepared):
 def write_documents(folder, endings: bool) -> None:
     """Documents of random lines (accented letters too). `endings`: every document's train part ends with a line
     break (so the parts are joined with nothing); else some do not (joined with a line break): documents without a
-    final line break, an empty one, one line of 9,000 characters (no line break near its cuts)."""
+    final line break, an empty one, one line of 9,000 characters (no line break near its cuts), one with line breaks
+    just within and just beyond the distance the cut rule looks back."""
     import random
 
     rng = random.Random(0)
@@ -87,35 +88,45 @@ def write_documents(folder, endings: bool) -> None:
         (folder / f"d{i}.txt").write_text(text if endings or i % 2 else text[:-1], encoding="utf-8")
     if not endings:
         (folder / "long.txt").write_text("x" * 9000, encoding="utf-8")
+        # 10,000 characters, the train part cut at 7,000: a line break 1,999 characters before (taken), 2,000 (not)
+        for at in (5001, 5000):
+            (folder / f"edge{at}.txt").write_text("y" * at + "\n" + "y" * (9999 - at), encoding="utf-8")
         (folder / "sub").mkdir()
         (folder / "sub" / "empty.txt").write_text("", encoding="utf-8")
 
 
 @pytest.mark.parametrize("endings", [True, False], ids=["all-end-with-a-line-break", "some-do-not"])
-def test_a_corpus_of_documents_prepares_one_document_at_a_time(tmp_path, endings):
-    """`data prepare` reads a folder of documents one at a time (`DocumentCorpus`, memory: one document) and cuts each
-    split into exactly the pieces the in-memory split is cut into (documents joined with or without a line break,
-    pieces across document boundaries, explicit split files), so the prepared ids and tokenizer are the in-memory
-    path's."""
+def test_a_corpus_of_documents_prepares_a_block_at_a_time(tmp_path, monkeypatch, endings):
+    """`data prepare` reads a folder of documents a block at a time (`DocumentCorpus`, memory: a block), finds the
+    cuts the whole documents have, and cuts each split into exactly the pieces the in-memory split is cut into
+    (documents joined with or without a line break, pieces across blocks and documents, explicit split files), so the
+    prepared ids and tokenizer are the in-memory path's."""
+    import itertools
+
     from bigmodel.api import build_experiment
+    from bigmodel.data import corpus
     from bigmodel.data.corpus import DocumentCorpus, _chunks, load_corpus
 
     folder = tmp_path / "docs"
     write_documents(folder, endings)
     files = {"train_path": str(folder / "d1.txt"), "test_path": str(folder / "d3.txt")}
-    for over in ({}, {"val_fraction": 0.0, "test_fraction": 0.3}, {"path": None, **files}):
+    for block, over in itertools.product(
+        (7, 1000, corpus.BLOCK), ({}, {"val_fraction": 0.0, "test_fraction": 0.3}, {"path": None, **files})
+    ):
+        monkeypatch.setattr(corpus, "BLOCK", block)  # documents read this many characters at a time
         r = source_recipe(folder)
         r["data"].update(over)
         cfg = validate_recipe(r).data
-        corpus, docs = load_corpus(cfg, 0), DocumentCorpus(cfg)
+        whole, docs = load_corpus(cfg, 0), DocumentCorpus(cfg)
         if not over:
             assert docs.sep == ("" if endings else "\n")
         for name in ("train", "val", "test"):
-            text = getattr(corpus, name)
+            text = getattr(whole, name)
             assert docs.has(name) == (text is not None), (over, name)
             for size in (40, 700, 1 << 16):
                 if text is not None:
-                    assert list(docs.pieces(name, size)) == _chunks(text, size), (over, name, size)
+                    assert list(docs.pieces(name, size)) == _chunks(text, size), (block, over, name, size)
+    monkeypatch.undo()
     recipe = tmp_path / "docs.yaml"
     recipe.write_text(yaml.safe_dump(source_recipe(folder)))
     run_cli("data", "prepare", str(recipe), "--out", str(tmp_path / "prep"), check=True)
@@ -125,6 +136,21 @@ def test_a_corpus_of_documents_prepares_one_document_at_a_time(tmp_path, endings
         assert torch.equal(torch.from_numpy(ids), exp.data.split(split).ids)
     disk = build_experiment(validate_recipe(on_disk(tmp_path / "prep")))
     assert disk.preprocess.tokenizer.to_str() == exp.preprocess.tokenizer.to_str()
+
+
+def test_a_document_that_is_not_its_encoding_names_the_byte(tmp_path, monkeypatch):
+    from bigmodel.data import corpus
+    from bigmodel.errors import UserError
+
+    (tmp_path / "bad.txt").write_bytes("é\n".encode() * 3000 + b"ab\xff" + b"cd\n" * 10)
+    cfg = validate_recipe(source_recipe(tmp_path / "bad.txt")).data
+    with pytest.raises(UserError) as whole:
+        corpus.load_corpus(cfg, 0)
+    for block in (5, 4096, corpus.BLOCK):
+        monkeypatch.setattr(corpus, "BLOCK", block)
+        with pytest.raises(UserError) as got:
+            corpus.DocumentCorpus(cfg)
+        assert str(got.value) == str(whole.value) and "at byte 9002;" in str(got.value)
 
 
 def test_disk_tokens_index_like_a_tensor(prepared):
@@ -196,3 +222,48 @@ def test_a_folder_made_otherwise_is_a_one_line_error(prepared, tmp_path):
         assert r.returncode == 2 and "val.bin" in r.stderr and "Traceback" not in r.stderr
     finally:
         (folder / "val.moved").rename(folder / "val.bin")
+
+
+def _prepared_equals_the_source_run(recipe: dict, tmp_path) -> dict:
+    """`data prepare` on `recipe` writes the token ids and tokenizer a run on the source builds; returns the index."""
+    from bigmodel.api import build_experiment
+
+    path = tmp_path / "src.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_cli("data", "prepare", str(path), "--out", str(tmp_path / "prep"), check=True)
+    exp = build_experiment(validate_recipe(recipe))
+    index = json.loads((tmp_path / "prep" / "index.json").read_text())
+    assert sorted(index["splits"]) == sorted(n for n in ("train", "val", "test") if exp.data.split(n) is not None)
+    for split in index["splits"]:
+        ids = np.fromfile(tmp_path / "prep" / f"{split}.bin", dtype="<u2").astype(np.int64)
+        assert torch.equal(torch.from_numpy(ids), exp.data.split(split).ids), split
+    disk = build_experiment(validate_recipe(on_disk(tmp_path / "prep")))
+    assert disk.preprocess.tokenizer.to_str() == exp.preprocess.tokenizer.to_str()
+    assert index["pii_masked"] == getattr(exp.data, "pii_masked", None)
+    return index
+
+
+def test_a_classification_source_prepares_a_row_at_a_time(tmp_path):
+    """A language model on a classifier's CSV: its texts carved as the classifier carves them, each followed by a
+    line break, read a row at a time (`RowsCorpus`) into the ids the in-memory path makes."""
+    import csv
+
+    rows = [(f"row {i} says " + "abc déf "[i % 5 :] * (i % 7 + 1), "ab"[i % 2]) for i in range(120)]
+    with (tmp_path / "t.csv").open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    r = source_recipe(tmp_path / "t.csv")
+    r["data"] |= {"source": "csv", "val_fraction": 0.1, "test_fraction": 0.2, "limit_train": 70}
+    _prepared_equals_the_source_run(r, tmp_path)
+
+
+def test_a_masked_corpus_of_documents_prepares_a_piece_at_a_time(tmp_path, monkeypatch):
+    """`data.mask_pii` on documents: each split masked as a whole split is (`mask_stream`), into a scratch file read
+    back in blocks, so the ids and the masked counts are the in-memory path's."""
+    pytest.importorskip("presidio_analyzer", reason="the privacy extra (Presidio) is not installed")
+    folder = tmp_path / "docs"
+    write_documents(folder, False)
+    (folder / "mail.txt").write_text("".join(f"line {i}: write to ann{i}@example.com\n" for i in range(900)))
+    r = source_recipe(folder)
+    r["data"]["mask_pii"] = ["email"]
+    index = _prepared_equals_the_source_run(r, tmp_path)
+    assert index["pii_masked"]["email"] == 900

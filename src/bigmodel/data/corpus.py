@@ -113,6 +113,64 @@ def _cut_points(text: str, val_fraction: float, test_fraction: float) -> tuple[i
     return cut(round(n * (1 - val_fraction - test_fraction))), cut(round(n * (1 - test_fraction)))
 
 
+BLOCK = 1 << 22  # characters a document is read in (`DocumentCorpus`)
+
+
+def text_blocks(path: Path, encoding: str) -> Iterator[str]:
+    """The text `_read` reads (universal newlines), `BLOCK` characters at a time."""
+    try:
+        with path.open(encoding=encoding) as f:
+            while block := f.read(BLOCK):
+                yield block
+    except UnicodeDecodeError:
+        at = _bad_byte(path, encoding)
+        raise UserError(
+            f"{path}: not valid {encoding} at byte {at}; set data.encoding (e.g. latin-1) to the file's encoding"
+        ) from None
+    except OSError as e:
+        raise UserError(f"{path}: unreadable ({e.strerror or e})") from None
+
+
+def _bad_byte(path: Path, encoding: str) -> int:
+    """The offset of the first byte `encoding` cannot decode (-1: none), read in blocks."""
+    import codecs
+
+    dec, pos = codecs.getincrementaldecoder(encoding)(), 0
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            held = len(dec.getstate()[0])
+            try:
+                dec.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                return pos - held + e.start
+            if not chunk:
+                return -1
+            pos += len(chunk)
+
+
+def _cut_points_of(path: Path, encoding: str, val_fraction: float, test_fraction: float) -> tuple[int, int, bool]:
+    """`_cut_points` of a document read in blocks (its length first, then the 1,999 characters before each cut's
+    position, where the rule looks for a line break), and whether its train part ends with one."""
+    n = sum(len(block) for block in text_blocks(path, encoding))
+    ats = (round(n * (1 - val_fraction - test_fraction)), round(n * (1 - test_fraction)))
+    before = ["", ""]
+    pos = 0
+    for block in text_blocks(path, encoding):
+        for k, at in enumerate(ats):
+            lo, hi = max(at - 1999 - pos, 0), min(at - pos, len(block))
+            if lo < hi:
+                before[k] += block[lo:hi]
+        pos += len(block)
+        if pos >= ats[1]:
+            break
+    cuts = []
+    for at, text in zip(ats, before, strict=True):
+        nl = text.rfind("\n")  # the rule's `at - nl < 2000`: a line break among these characters
+        cuts.append(at - len(text) + nl + 1 if nl >= 0 else at)
+    return cuts[0], cuts[1], "\n" in before[0]
+
+
 def carve_documents(docs: list[str], val_fraction: float, test_fraction: float) -> TextCorpus:
     """Per document: the first part is train, then `val_fraction` validation, then `test_fraction` test. Cuts fall
     on line breaks where there is one nearby, so no line is split between two splits. The parts of each split are
@@ -129,11 +187,13 @@ def carve_documents(docs: list[str], val_fraction: float, test_fraction: float) 
 
 
 class DocumentCorpus:
-    """A `text` or `shakespeare` corpus read one document at a time: each split's text as `load_corpus` makes it
-    (carved per document by `carve_documents`' rule, joined as it joins them), cut into the pieces `_chunks` cuts it
-    into, without ever holding a split: memory is the largest document, not the corpus. `bigmodel data prepare`
-    trains the tokenizer on, and tokenises, these pieces, so its ids are the in-memory path's (a test compares).
-    A first pass reads every document once for its cut points."""
+    """A `text` or `shakespeare` corpus read a block of a document at a time: each split's text as `load_corpus` makes
+    it (carved per document by `carve_documents`' rule, joined as it joins them), cut into the pieces `_chunks` cuts
+    it into, without ever holding a document: memory is a block (`BLOCK` characters) and a piece, not the corpus.
+    `bigmodel data prepare` trains the tokenizer on, and tokenises, these pieces, so its ids are the in-memory path's
+    (a test compares). A first pass reads every document twice: for its length, then for the text before its cuts."""
+
+    pii_masked = None
 
     def __init__(self, cfg: LanguageModelDataConfig) -> None:
         self.segments: dict[str, list[tuple[Path, str, int, int | None]]] = {}  # split -> (file, encoding, a, b)
@@ -152,9 +212,8 @@ class DocumentCorpus:
         tr, va, te = [], [], []
         ends = True
         for f, enc in files:
-            text = _read(f, enc)
-            a, b = _cut_points(text, cfg.val_fraction, cfg.test_fraction)
-            ends = ends and text[:a].endswith("\n")
+            a, b, train_ends = _cut_points_of(f, enc, cfg.val_fraction, cfg.test_fraction)
+            ends = ends and train_ends
             tr.append((f, enc, 0, a))
             va.append((f, enc, a, b))
             te.append((f, enc, b, None))
@@ -172,26 +231,101 @@ class DocumentCorpus:
         for i, (f, enc, a, b) in enumerate(self.segments[split]):
             if i and self.sep:
                 yield self.sep
-            yield _read(f, enc)[a:b]
+            pos = 0
+            for block in text_blocks(f, enc):
+                lo, hi = max(a - pos, 0), len(block) if b is None else min(b - pos, len(block))
+                if lo < hi:
+                    yield block[lo:hi]
+                pos += len(block)
+                if b is not None and pos >= b:
+                    break
 
     def pieces(self, split: str, size: int = 1 << 16) -> Iterator[str]:
         """`_chunks(<the split's text>, size)`, piece for piece, from one document at a time."""
-        buf, pos = "", 0
-        for part in self._parts(split):
-            buf, pos = buf[pos:] + part, 0
-            while (j := buf.find("\n", pos + size)) >= 0:
-                yield buf[pos : j + 1]
-                pos = j + 1
-        if pos < len(buf):
-            yield buf[pos:]
+        return rechunk(self._parts(split), size)
+
+    def close(self) -> None:
+        pass
 
 
-def document_corpus(cfg: LanguageModelDataConfig) -> DocumentCorpus | None:
-    """The corpus read one document at a time, for the sources that are documents on disk (`text`, `shakespeare`)
-    without PII masking (the masker sees a whole split); None: load it with `load_corpus`."""
-    if cfg.source not in ("text", "shakespeare") or cfg.mask_pii:
-        return None
-    return DocumentCorpus(cfg)
+def rechunk(parts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
+    """`_chunks("".join(parts), size)`, piece for piece, holding one piece and one part at a time."""
+    buf, pos = "", 0
+    for part in parts:
+        buf, pos = buf[pos:] + part, 0
+        while (j := buf.find("\n", pos + size)) >= 0:
+            yield buf[pos : j + 1]
+            pos = j + 1
+    if pos < len(buf):
+        yield buf[pos:]
+
+
+def _blocks(path: Path, size: int = 1 << 20) -> Iterator[str]:
+    with path.open(encoding="utf-8", newline="") as f:
+        while block := f.read(size):
+            yield block
+
+
+class MaskedCorpus:
+    """A `DocumentCorpus` with `data.mask_pii` applied as `mask_splits` applies it to a whole split (the same pieces,
+    `PIIMasker.mask_stream`), each split masked once into a scratch file under `scratch` and read back in blocks:
+    the tokenizer's training and the encoding read it without masking it twice."""
+
+    def __init__(self, docs: DocumentCorpus, masker: Any, scratch: Path) -> None:
+        from collections import Counter
+
+        counts: Counter[str] = Counter()
+        self.files: dict[str, Path] = {}
+        for name in ("train", "val", "test"):
+            if docs.has(name):
+                path = self.files[name] = Path(scratch) / f"{name}.txt"
+                with path.open("w", encoding="utf-8", newline="") as f:
+                    for piece in masker.mask_stream(docs._parts(name), counts):
+                        f.write(piece)
+        self.pii_masked = {t: counts.get(t, 0) for t in masker.types}
+
+    def has(self, split: str) -> bool:
+        return split in self.files
+
+    def pieces(self, split: str, size: int = 1 << 16) -> Iterator[str]:
+        return rechunk(_blocks(self.files[split]), size)
+
+    def close(self) -> None:
+        pass
+
+
+class RowsCorpus:
+    """A classification source's texts, each followed by a line break (`_load_corpus`'s joining), carved and masked
+    as the classifier's (`StreamedText`, its texts in scratch files under `scratch`); an empty held-out split is
+    none, as there."""
+
+    def __init__(self, cfg: LanguageModelDataConfig, seed: int, scratch: Path) -> None:
+        from bigmodel.data.textstream import StreamedText
+
+        self.text = StreamedText(cfg.as_text(), seed, scratch)
+        self.pii_masked = self.text.pii_masked
+
+    def has(self, split: str) -> bool:
+        return self.text.has(split) and (split == "train" or len(self.text.splits[split]) > 0)
+
+    def pieces(self, split: str, size: int = 1 << 16) -> Iterator[str]:
+        return rechunk((t + "\n" for t in self.text.texts(split)), size)
+
+    def close(self) -> None:
+        self.text.close()
+
+
+def corpus_pieces(cfg: LanguageModelDataConfig, seed: int, scratch: Path) -> DocumentCorpus | MaskedCorpus | RowsCorpus:
+    """The corpus `load_corpus` reads, as each split's `_chunks` pieces, without holding a split: documents on disk
+    (`text`, `shakespeare`) one at a time, masked into scratch files under `scratch` when `data.mask_pii` asks;
+    a classification source a row at a time. `close()` when done."""
+    from bigmodel.privacy.pii import masker_for
+
+    if cfg.source not in ("text", "shakespeare"):
+        return RowsCorpus(cfg, seed, scratch)
+    docs = DocumentCorpus(cfg)
+    m = masker_for(cfg)
+    return docs if m is None else MaskedCorpus(docs, m, scratch)
 
 
 def load_corpus(cfg: LanguageModelDataConfig, seed: int) -> TextCorpus:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,49 +180,47 @@ def load_token_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------------------------------------- writing
 def write_token_shards(recipe: Any, out: Path) -> dict[str, Any]:
     """Tokenise a language-modelling recipe's corpus (its splits, its tokenizer trained on the training text) into
-    `out` (written into a temporary folder, renamed when complete). Returns the index. A corpus of documents on disk
-    (`text`, `shakespeare`, without PII masking) is read a document at a time (`DocumentCorpus`): preparing it holds
-    the largest document and the tokenizer, not the corpus; other sources are loaded whole, as a run on them is."""
-    from bigmodel.data.corpus import _chunks, document_corpus, encode_pieces, load_corpus, train_lm_tokenizer
+    `out` (written into a temporary folder, renamed when complete), without holding a split (`corpus_pieces`):
+    documents are read one at a time (masked into scratch files first when `data.mask_pii` asks), a classification
+    source a row at a time; the pieces are encoded ~1 M characters at a time. Memory is the largest document (or the
+    rows' labels and offsets) and the tokenizer. Returns the index."""
+    import shutil
+
+    from bigmodel.data.corpus import corpus_pieces, encode_pieces, train_lm_tokenizer
     from bigmodel.data.shards import prepared_folder
 
-    out = Path(out)
     cfg = recipe.data
-    docs = document_corpus(cfg)
-    corpus = load_corpus(cfg, recipe.seed) if docs is None else None
+    with prepared_folder(Path(out)) as tmp:
+        scratch = tmp / "scratch"
+        scratch.mkdir()
+        corpus = corpus_pieces(cfg, recipe.seed, scratch)
+        try:
+            if recipe.model.name == "hf":
+                from bigmodel.api import hf_lm_preprocess
 
-    def pieces(name: str) -> Iterator[str] | None:  # the split as `_chunks` pieces; None: the recipe has no such split
-        if docs is not None:
-            return docs.pieces(name) if docs.has(name) else None
-        text = getattr(corpus, name)
-        return iter(_chunks(text)) if text else None
-
-    if recipe.model.name == "hf":
-        from bigmodel.api import hf_lm_preprocess
-
-        tok, kind, tok_cfg = hf_lm_preprocess(recipe).tokenizer, "hf", None
-    else:
-        train = pieces("train")
-        tok = train_lm_tokenizer(cfg.tokenizer, train if train is not None else "")
-        kind, tok_cfg = cfg.tokenizer.kind, cfg.tokenizer
-    vocab = tok.get_vocab_size()
-    dtype_name = "uint16" if vocab <= 1 << 16 else "uint32"
-    dtype = DTYPES[dtype_name]
-    with prepared_folder(out) as tmp:
-        splits: dict[str, Any] = {}
-        for name in SPLITS:
-            stream = pieces(name)
-            if stream is None:
-                continue
-            count = 0
-            with open(tmp / f"{name}.bin", "wb") as f:
-                for ids in encode_pieces(tok, stream, dtype):
-                    ids.tofile(f)
-                    count += len(ids)
-            if count == 0:  # an empty split (e.g. a document too short to carve): as the in-memory path, none
-                (tmp / f"{name}.bin").unlink()
-                continue
-            splits[name] = {"count": count, "shards": [{"file": f"{name}.bin", "count": count}]}
+                tok, kind, tok_cfg = hf_lm_preprocess(recipe).tokenizer, "hf", None
+            else:
+                tok = train_lm_tokenizer(cfg.tokenizer, corpus.pieces("train"))
+                kind, tok_cfg = cfg.tokenizer.kind, cfg.tokenizer
+            vocab = tok.get_vocab_size()
+            dtype_name = "uint16" if vocab <= 1 << 16 else "uint32"
+            dtype = DTYPES[dtype_name]
+            splits: dict[str, Any] = {}
+            for name in SPLITS:
+                if not corpus.has(name):
+                    continue
+                count = 0
+                with open(tmp / f"{name}.bin", "wb") as f:
+                    for ids in encode_pieces(tok, corpus.pieces(name), dtype):
+                        ids.tofile(f)
+                        count += len(ids)
+                if count == 0:  # an empty split (e.g. a document too short to carve): as the in-memory path, none
+                    (tmp / f"{name}.bin").unlink()
+                    continue
+                splits[name] = {"count": count, "shards": [{"file": f"{name}.bin", "count": count}]}
+        finally:
+            corpus.close()
+            shutil.rmtree(scratch)
         tok.save(str(tmp / "tokenizer.json"))
         index = {
             "format": FORMAT,
@@ -233,7 +230,7 @@ def write_token_shards(recipe: Any, out: Path) -> dict[str, Any]:
             "tokenizer_config": tok_cfg.model_dump(mode="json") if tok_cfg is not None else None,
             "tokenizer_sha256": tokenizer_digest(tok),
             "mask_pii": list(cfg.mask_pii),
-            "pii_masked": getattr(corpus, "pii_masked", None) if corpus is not None else None,
+            "pii_masked": corpus.pii_masked,
             "splits": splits,
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,16 +240,29 @@ class PIIMasker:
     def mask(self, text: str) -> tuple[str, Counter[str]]:
         """`text` with every PII value replaced, and how many of each type were replaced."""
         counts: Counter[str] = Counter()
-        parts = []
-        for _, piece in _pieces(text):
-            found = self._analyze(piece)
-            if not found:
-                parts.append(piece)
-                continue
-            res = self._anonymizer.anonymize(piece, found, self._ops)
-            counts.update(_NAME[i.entity_type] for i in res.items)
-            parts.append(res.text)
-        return "".join(parts), counts
+        return "".join(self.mask_stream([text], counts)), counts
+
+    def mask_stream(self, parts: Iterable[str], counts: Counter[str]) -> Iterator[str]:
+        """`mask("".join(parts))`, a piece at a time (the pieces `_pieces` cuts the whole into: ≤ ~_CHUNK characters
+        ending at line breaks), adding to `counts`: a split of a corpus is masked without being held."""
+        buf, pos = "", 0
+        for part in parts:
+            buf, pos = buf[pos:] + part, 0
+            while len(buf) - pos > _CHUNK:
+                j = buf.rfind("\n", pos, pos + _CHUNK)
+                j = j + 1 if j > pos else pos + _CHUNK
+                yield self._mask_piece(buf[pos:j], counts)
+                pos = j
+        if pos < len(buf):
+            yield self._mask_piece(buf[pos:], counts)
+
+    def _mask_piece(self, piece: str, counts: Counter[str]) -> str:
+        found = self._analyze(piece)
+        if not found:
+            return piece
+        res = self._anonymizer.anonymize(piece, found, self._ops)
+        counts.update(_NAME[i.entity_type] for i in res.items)
+        return res.text
 
     def mask_all(self, texts: list[str]) -> tuple[list[str], Counter[str]]:
         counts: Counter[str] = Counter()
