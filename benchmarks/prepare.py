@@ -1,16 +1,18 @@
 """Memory of `bigmodel data prepare` against reading the same data whole, on generated data of two sizes.
 
-    python benchmarks/prepare.py [--kinds lm audio speech] [--lm-mb 40] [--audio-clips 1500] [--speech-clips 2000]
-                                 [--growth 4] [--json]
+    python benchmarks/prepare.py [--kinds lm text audio speech] [--lm-mb 40] [--text-mb 40] [--audio-clips 1500]
+                                 [--speech-clips 2000] [--growth 4] [--json]
 
 For each kind, two data sets are generated in a temporary folder, the second `--growth` times the first:
 - `lm`: a folder of 10 MB text documents of random words (the last one shorter), `--lm-mb` MB in all, for a
   `language_modeling` recipe with a char tokenizer;
+- `text`: a CSV of labelled texts of 20-120 random words (3 classes), `--text-mb` MB, for a `text_classification`
+  recipe with a word tokenizer;
 - `audio`: 1-second 16 kHz WAV clips of four tones plus noise, `--audio-clips` of them (`audio_folder`, 4 classes);
 - `speech`: 16 kHz WAV "words" of 6-13 tones (2.5-4.5 s) with their letters as transcripts (`audio_csv`).
 Each is then read twice, each time in its own process, which reports its own peak resident memory (getrusage):
-- `prepare`: `bigmodel.api.prepare_shards`, what `bigmodel data prepare` runs (documents one at a time, clips a chunk
-  at a time);
+- `prepare`: `bigmodel.api.prepare_shards`, what `bigmodel data prepare` runs (documents one at a time, labelled
+  texts a row at a time, clips a chunk at a time);
 - `whole`: `bigmodel.api.prepare_data`, what a training run on the source does first (the baseline, in this job).
 `<kind>_prepare_vs_whole_rss_ratio`: prepare's peak / the whole read's, at the larger size;
 `<kind>_prepare_growth_ratio`: prepare's peak at the larger size / at the smaller (1.0: memory does not grow with the
@@ -71,6 +73,35 @@ def make_lm(root: Path, mb: float, seed: int) -> dict[str, Any]:
         "data": {"source": "text", "path": str(root), "context_length": 64, "tokenizer": {"kind": "char"}},
         "model": {"name": "gpt", "dim": 16, "num_heads": 2, "num_layers": 1},
         "train": {"epochs": 1, "batch_size": 8},
+    }
+
+
+def make_text(root: Path, mb: float, seed: int) -> dict[str, Any]:
+    import csv
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10))) for _ in range(5000)]
+    root.mkdir(parents=True)
+    left = int(mb * 1e6)
+    with (root / "texts.csv").open("w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["text", "label"])
+        while left > 0:
+            text = " ".join(words[j] for j in rng.integers(0, len(words), size=rng.integers(20, 120)))
+            out.writerow([text, "abc"[len(text) % 3]])
+            left -= len(text) + 3
+    return {
+        "name": "prepare_text",
+        "task": "text_classification",
+        "data": {
+            "source": "csv",
+            "path": str(root / "texts.csv"),
+            "tokenizer": {"kind": "word", "vocab_size": 4000, "max_length": 128},
+        },
+        "model": {"name": "transformer-classifier", "dim": 16, "num_heads": 2, "num_layers": 1, "ff_dim": 32},
+        "train": {"epochs": 1, "batch_size": 32},
     }
 
 
@@ -137,8 +168,11 @@ def measure(mode: str, recipe: Path, out: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kinds", nargs="+", default=["lm", "audio", "speech"], choices=["lm", "audio", "speech"])
+    ap.add_argument(
+        "--kinds", nargs="+", default=["lm", "text", "audio", "speech"], choices=["lm", "text", "audio", "speech"]
+    )
     ap.add_argument("--lm-mb", type=float, default=40.0, help="MB of text at the smaller size")
+    ap.add_argument("--text-mb", type=float, default=40.0, help="MB of labelled texts at the smaller size")
     ap.add_argument("--audio-clips", type=int, default=1500, help="audio clips at the smaller size")
     ap.add_argument("--speech-clips", type=int, default=2000, help="speech clips at the smaller size")
     ap.add_argument("--growth", type=int, default=4, help="the larger size / the smaller")
@@ -149,6 +183,7 @@ def main() -> None:
         print_env(env)
     makers = {
         "lm": (make_lm, args.lm_mb),
+        "text": (make_text, args.text_mb),
         "audio": (make_audio, args.audio_clips),
         "speech": (make_speech, args.speech_clips),
     }

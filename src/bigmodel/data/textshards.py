@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import os
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,7 @@ def write_text_shards(recipe: Any, out: Path, make_preprocess: Any, chunk: int =
             for name in SPLITS:
                 if not text.has(name):
                     continue
-                offsets, total, longest = [0], 0, 0
+                offsets, total, longest = array("q", [0]), 0, 0  # 8 bytes a text, not a Python int
                 stream = text.texts(name)
                 with open(tmp / f"{name}-ids.bin", "wb") as f:
                     while group := list(itertools.islice(stream, chunk)):
@@ -205,7 +206,7 @@ def write_text_shards(recipe: Any, out: Path, make_preprocess: Any, chunk: int =
                             longest = max(longest, n)
                             offsets.append(total)
                 split = text.splits[name]
-                np.save(tmp / f"{name}-offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)
+                np.save(tmp / f"{name}-offsets.npy", np.frombuffer(offsets, dtype=np.int64), allow_pickle=False)
                 np.save(tmp / f"{name}-labels.npy", split.y.numpy().astype(np.int64), allow_pickle=False)
                 splits[name] = {
                     "count": len(split),

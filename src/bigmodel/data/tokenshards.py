@@ -181,8 +181,8 @@ def load_token_shards(recipe: Any, pre: Any | None) -> tuple[Any, Any]:
 def write_token_shards(recipe: Any, out: Path) -> dict[str, Any]:
     """Tokenise a language-modelling recipe's corpus (its splits, its tokenizer trained on the training text) into
     `out` (written into a temporary folder, renamed when complete), without holding a split (`corpus_pieces`):
-    documents are read one at a time (masked into scratch files first when `data.mask_pii` asks), a classification
-    source a row at a time; the pieces are encoded ~1 M characters at a time. Memory is the largest document (or the
+    documents are read a block at a time (masked into scratch files first when `data.mask_pii` asks), a classification
+    source a row at a time; the pieces are encoded ~1 M characters at a time. Memory is a block of a document (or the
     rows' labels and offsets) and the tokenizer. Returns the index."""
     import shutil
 
