@@ -126,11 +126,12 @@ def test_lime_weights_samples_like_lime_image():
 
 def assert_surrogates_are_captums(run, items, monkeypatch):
     """LIME and KernelSHAP as bigmodel runs them (`Surrogate`: per-batch perturbed inputs) give Captum's own
-    attributions, bit for bit: the same samples drawn in the same order, the same perturbed inputs, the same fits."""
+    attributions with the same sampler, bit for bit: the same samples drawn in the same order, the same perturbed
+    inputs, the same fits."""
     import captum.attr as A
 
     from bigmodel.explain import explain_items, explainer_for
-    from bigmodel.explain.core import Explainer, lime_kernel
+    from bigmodel.explain.core import Explainer, kernel_shap_samples, lime_kernel, lime_samples
     from bigmodel.runs import load_artifact
 
     art = load_artifact(run)
@@ -146,18 +147,63 @@ def assert_surrogates_are_captums(run, items, monkeypatch):
         for per_eval in (1, 25):
             ours = attributions(perturbations_per_eval=per_eval)
             with monkeypatch.context() as m:  # Captum's Lime / KernelShap called on the batch as they are
-                m.setattr(
-                    Explainer,
-                    "surrogate",
-                    lambda self, meth: (
-                        A.Lime(self.forward, similarity_func=lime_kernel)
-                        if meth == "lime"
-                        else A.KernelShap(self.forward)
-                    ),
-                )
+
+                def captums(self, meth):
+                    if meth == "lime":
+                        return A.Lime(self.forward, similarity_func=lime_kernel, perturb_func=lime_samples)
+                    ks = A.KernelShap(self.forward)
+                    ks.perturb_func = kernel_shap_samples
+                    return ks
+
+                m.setattr(Explainer, "surrogate", captums)
                 theirs = attributions(perturbations_per_eval=per_eval)
             assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (method, per_eval)
             assert np.abs(ours).sum() > 0
+
+
+def test_block_samplers_draw_captums_distributions():
+    """`kernel_shap_samples` draws Captum's KernelSHAP distribution (all, none, then k ~ the Shapley kernel's
+    distribution, the k features uniform), `lime_samples` LIME's (each feature kept with probability 1/2); KernelSHAP
+    with the block sampler recovers a linear model's Shapley values exactly."""
+    import captum.attr as A
+    from torch.distributions import Categorical
+
+    from bigmodel.explain.core import kernel_shap_samples, lime_samples
+
+    torch.manual_seed(0)
+    n, draws = 12, 20_000
+    idx = torch.arange(n, dtype=torch.float)
+    probs = torch.tensor(float(n - 1)) / (idx * (n - idx))
+    probs[0] = 0.0
+    dist = Categorical(probs)
+    it = kernel_shap_samples(torch.zeros(3), num_interp_features=n, num_select_distribution=dist)
+    assert next(it).tolist() == [[1] * n] and next(it).tolist() == [[0] * n]
+    z = torch.cat([next(it) for _ in range(draws)])
+    assert z.shape == (draws, n) and z.dtype == torch.long
+    k = z.sum(dim=1)
+    assert int(k.min()) >= 1 and int(k.max()) <= n - 1
+    freq = torch.bincount(k, minlength=n).float() / draws
+    assert torch.allclose(freq, dist.probs, atol=0.012), (freq, dist.probs)
+    for size in (2, 6, 10):  # given k, every feature equally likely to be among the k
+        pos = z[k == size].float().mean(dim=0)
+        assert torch.allclose(pos, torch.full((n,), size / n), atol=0.06), (size, pos)
+    lime = lime_samples(torch.zeros(3), num_interp_features=n)
+    z = torch.cat([next(lime) for _ in range(draws)])
+    assert set(z.unique().tolist()) == {0, 1} and torch.allclose(z.float().mean(0), torch.full((n,), 0.5), atol=0.02)
+
+    w = torch.randn(8)
+    x, base = torch.randn(1, 8), torch.randn(1, 8)
+    mask = torch.tensor([[0, 0, 1, 2, 2, 3, 4, 5]])
+    ks = A.KernelShap(lambda v: (v * w).sum(dim=1, keepdim=True))
+    ks.perturb_func = kernel_shap_samples
+    attr = ks.attribute(x, baselines=base, target=0, feature_mask=mask, n_samples=300, perturbations_per_eval=50)
+    assert torch.allclose(
+        attr,
+        (w * (x - base))
+        .view(1, -1)
+        .new_tensor([[float((w * (x - base))[0, mask[0] == g].sum()) for g in mask[0].tolist()]]),
+        atol=1e-4,
+    )
 
 
 def test_lime_and_kernel_shap_are_captums_for_images_and_text(image_run, text_run, monkeypatch):

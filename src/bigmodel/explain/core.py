@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,10 +125,45 @@ def _identity_transform(sample: torch.Tensor, _inputs: Any, **_: Any) -> torch.T
     return sample
 
 
+SAMPLE_BLOCK = 256  # interpretable samples drawn per call to torch's generator (`lime_samples`, `kernel_shap_samples`)
+
+
+def _device(original_inp: Any) -> torch.device:
+    return (original_inp if isinstance(original_inp, torch.Tensor) else original_inp[0]).device
+
+
+def lime_samples(original_inp: Any, **kwargs: Any) -> Iterator[torch.Tensor]:
+    """Captum's LIME sampler (`default_perturb_func`: each interpretable feature kept with probability 1/2), drawn
+    `SAMPLE_BLOCK` samples at a time instead of one: Captum draws and casts each sample on its own (~10 µs)."""
+    n, device = int(kwargs["num_interp_features"]), _device(original_inp)
+    half = torch.full((SAMPLE_BLOCK, n), 0.5)
+    while True:
+        yield from torch.bernoulli(half).long().to(device).split(1)
+
+
+def kernel_shap_samples(original_inp: Any, **kwargs: Any) -> Iterator[torch.Tensor]:
+    """Captum's KernelSHAP sampler (`kernel_shap_perturb_generator`: every feature, then none, then k features with k
+    drawn from the Shapley kernel's distribution and the k chosen uniformly — the k largest of n normal draws), drawn
+    `SAMPLE_BLOCK` samples at a time: Captum's per-sample categorical draw, normal draw and k-th value took ~40 µs, a
+    fifth to a third of batched KernelSHAP's time on Fashion-MNIST convnets. Same distribution, another random stream
+    (a test checks the distribution, and that KernelSHAP with it recovers a linear model's Shapley values)."""
+    n, device = int(kwargs["num_interp_features"]), _device(original_inp)
+    probs = kwargs["num_select_distribution"].probs
+    yield torch.ones(1, n, device=device, dtype=torch.long)
+    yield torch.zeros(1, n, device=device, dtype=torch.long)
+    rows = torch.arange(SAMPLE_BLOCK)
+    while True:
+        k = torch.multinomial(probs, SAMPLE_BLOCK, replacement=True)
+        values = torch.randn(SAMPLE_BLOCK, n)
+        threshold = values.sort(dim=1).values[rows, n - k - 1]  # the (n - k)-th smallest: k values lie above it
+        yield from (values > threshold[:, None]).long().to(device).split(1)
+
+
 class Surrogate:
     """LIME (weighted by `lime_kernel`) or KernelSHAP through Captum, one example at a time (as Captum's own batch
-    loop does, drawing the same samples in the same order) with the perturbed inputs built per batch of samples by
-    `MaskedForward`. `attribute` takes Captum's arguments.
+    loop does, drawing the same samples in the same order), the samples drawn a block at a time (`lime_samples`,
+    `kernel_shap_samples`) and the perturbed inputs built per batch of samples by `MaskedForward`. `attribute` takes
+    Captum's arguments.
 
     The surrogate fits (scikit-learn's Lasso, SciPy's lstsq; small, 200 x 49) run with one BLAS thread: they woke
     OpenBLAS's thread pool, whose threads then spun through the model's forward passes in torch's own pool (on 2
@@ -138,7 +174,11 @@ class Surrogate:
 
     def _captum(self, forward: Any) -> Any:
         A = self.captum
-        m = A.Lime(forward, similarity_func=lime_kernel) if self.method == "lime" else A.KernelShap(forward)
+        if self.method == "lime":
+            m = A.Lime(forward, similarity_func=lime_kernel, perturb_func=lime_samples)
+        else:
+            m = A.KernelShap(forward)
+            m.perturb_func = kernel_shap_samples  # LimeBase's sampler (KernelShap's constructor passes its own)
         # LimeBase's own constructor argument: with perturb_interpretable_space (Lime's and KernelShap's setting) the
         # "model input" of each sample is what this returns; MaskedForward builds the real inputs from it.
         assert m.perturb_interpretable_space
