@@ -1,13 +1,15 @@
 """Memory of `bigmodel data prepare` against reading the same data whole, on generated data of two sizes.
 
-    python benchmarks/prepare.py [--kinds lm text audio speech] [--lm-mb 40] [--text-mb 40] [--audio-clips 1500]
-                                 [--speech-clips 2000] [--growth 4] [--json]
+    python benchmarks/prepare.py [--kinds lm text pairs audio speech] [--lm-mb 40] [--text-mb 40] [--pairs-mb 20]
+                                 [--audio-clips 1500] [--speech-clips 2000] [--growth 4] [--json]
 
 For each kind, two data sets are generated in a temporary folder, the second `--growth` times the first:
 - `lm`: a folder of 10 MB text documents of random words (the last one shorter), `--lm-mb` MB in all, for a
   `language_modeling` recipe with a char tokenizer;
 - `text`: a CSV of labelled texts of 20-120 random words (3 classes), `--text-mb` MB, for a `text_classification`
   recipe with a word tokenizer;
+- `pairs`: a TSV of sentence pairs (4-30 random words, the target each word reversed), `--pairs-mb` MB, for a
+  `translation` recipe with a byte-level BPE tokenizer;
 - `audio`: 1-second 16 kHz WAV clips of four tones plus noise, `--audio-clips` of them (`audio_folder`, 4 classes);
 - `speech`: 16 kHz WAV "words" of 6-13 tones (2.5-4.5 s) with their letters as transcripts (`audio_csv`).
 Each is then read twice, each time in its own process, which reports its own peak resident memory (getrusage):
@@ -105,6 +107,32 @@ def make_text(root: Path, mb: float, seed: int) -> dict[str, Any]:
     }
 
 
+def make_pairs(root: Path, mb: float, seed: int) -> dict[str, Any]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10))) for _ in range(3000)]
+    root.mkdir(parents=True)
+    left = int(mb * 1e6)
+    with (root / "pairs.tsv").open("w", encoding="utf-8") as f:
+        while left > 0:
+            src = [words[j] for j in rng.integers(0, len(words), size=rng.integers(4, 30))]
+            line = " ".join(src) + "\t" + " ".join(w[::-1] for w in src) + "\n"
+            f.write(line)
+            left -= len(line)
+    return {
+        "name": "prepare_pairs",
+        "task": "translation",
+        "data": {
+            "source": "tsv",
+            "path": str(root / "pairs.tsv"),
+            "tokenizer": {"kind": "bpe", "vocab_size": 2000, "max_length": 96},
+        },
+        "model": {"name": "transformer-seq2seq", "dim": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1},
+        "train": {"epochs": 1, "batch_size": 32},
+    }
+
+
 def make_audio(root: Path, clips: int, seed: int) -> dict[str, Any]:
     import numpy as np
     import soundfile as sf
@@ -169,10 +197,14 @@ def measure(mode: str, recipe: Path, out: Path) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--kinds", nargs="+", default=["lm", "text", "audio", "speech"], choices=["lm", "text", "audio", "speech"]
+        "--kinds",
+        nargs="+",
+        default=["lm", "text", "pairs", "audio", "speech"],
+        choices=["lm", "text", "pairs", "audio", "speech"],
     )
     ap.add_argument("--lm-mb", type=float, default=40.0, help="MB of text at the smaller size")
     ap.add_argument("--text-mb", type=float, default=40.0, help="MB of labelled texts at the smaller size")
+    ap.add_argument("--pairs-mb", type=float, default=20.0, help="MB of sentence pairs at the smaller size")
     ap.add_argument("--audio-clips", type=int, default=1500, help="audio clips at the smaller size")
     ap.add_argument("--speech-clips", type=int, default=2000, help="speech clips at the smaller size")
     ap.add_argument("--growth", type=int, default=4, help="the larger size / the smaller")
@@ -184,6 +216,7 @@ def main() -> None:
     makers = {
         "lm": (make_lm, args.lm_mb),
         "text": (make_text, args.text_mb),
+        "pairs": (make_pairs, args.pairs_mb),
         "audio": (make_audio, args.audio_clips),
         "speech": (make_speech, args.speech_clips),
     }

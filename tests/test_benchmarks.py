@@ -223,6 +223,8 @@ def test_prepare_benchmark_json():
         "0.2",
         "--text-mb",
         "0.2",
+        "--pairs-mb",
+        "0.1",
         "--audio-clips",
         "12",
         "--speech-clips",
@@ -231,6 +233,6 @@ def test_prepare_benchmark_json():
         "2",
         "--json",
     )
-    for kind in ("lm", "text", "audio", "speech"):
+    for kind in ("lm", "text", "pairs", "audio", "speech"):
         assert out[f"{kind}_prepare_vs_whole_rss_ratio"] > 0 and out[f"{kind}_prepare_growth_ratio"] > 0
         assert out[f"{kind}_1_data_mb"] > out[f"{kind}_0_data_mb"] > 0

@@ -369,11 +369,15 @@ class TranslationDataConfig(_Files, _Text):
     """`data` of `task: translation`."""
 
     TASK: ClassVar[str] = "translation"
-    SOURCES: ClassVar[tuple[str, ...]] = TRANSLATION_SOURCES
+    SOURCES: ClassVar[tuple[str, ...]] = (*TRANSLATION_SOURCES, "shards")
 
     source: str
     """`tsv` (`source<TAB>target` per line), `aligned_files` (`data.source_file` + `data.target_file`, one sentence
-    per line), `bible` (English-Spanish, Debian `sword-text-kjv` + `sword-text-sparv`)."""
+    per line), `bible` (English-Spanish, Debian `sword-text-kjv` + `sword-text-sparv`), or `shards` (token ids made by
+    `bigmodel data prepare`, with their tokenizers)."""
+    in_memory_limit_mb: Annotated[float, Field(gt=0)] = 2048
+    """`shards`: read the prepared splits into memory when their padded id matrices (int64) are together at most this
+    many MiB; larger ones stay on disk and each batch's pairs are read when needed."""
     source_file: Path | None = None
     """`aligned_files`: the source-language file (one sentence per line, aligned with `target_file`)."""
     target_file: Path | None = None
@@ -385,6 +389,8 @@ class TranslationDataConfig(_Files, _Text):
 
     @model_validator(mode="after")
     def _cross(self) -> TranslationDataConfig:
+        if self.source == "shards" and self.path is None:
+            raise ValueError("data.path is required when data.source is 'shards' (a folder from bigmodel data prepare)")
         if self.source == "aligned_files":
             if self.source_file is None or self.target_file is None:
                 raise ValueError("data.source 'aligned_files' needs data.source_file and data.target_file")

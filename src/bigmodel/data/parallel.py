@@ -16,12 +16,14 @@ kept (their sources truncated), so scores are over the whole held-out set.
 
 from __future__ import annotations
 
+import functools
 import html
+import itertools
 import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,71 +129,100 @@ def bible_pairs(root: Path | None = None) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------------- readers
-def _lines(path: Path, encoding: str) -> list[str]:
+Pair = tuple[str, str]
+
+
+def _iter_lines(path: Path, encoding: str) -> Iterator[str]:
+    """The lines of a text file (universal newlines, no line ends), read a line at a time."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
+    n = 0
     try:
-        return path.read_text(encoding=encoding).splitlines()
+        with path.open(encoding=encoding) as f:
+            for n, line in enumerate(f, 1):  # noqa: B007 (n: the last line read, for the error)
+                yield line.rstrip("\n")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid {encoding} at byte {e.start}; set data.encoding") from None
+        raise UserError(f"{path}: not valid {encoding} after line {n} ({e.reason}); set data.encoding") from None
 
 
-def read_tsv_pairs(path: Path, encoding: str = "utf-8") -> list[tuple[str, str]]:
-    pairs = []
-    for n, line in enumerate(_lines(path, encoding), 1):
+def iter_tsv_pairs(path: Path, encoding: str = "utf-8") -> Iterator[Pair]:
+    """`source<TAB>target` pairs of a file, a line at a time (blank lines skipped)."""
+    empty = True
+    for n, line in enumerate(_iter_lines(path, encoding), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
         if len(parts) < 2 or not parts[0].strip() or not parts[1].strip():
             raise UserError(f"{path}: line {n}: expected 'source<TAB>target' with both sides non-empty")
-        pairs.append((parts[0].strip(), parts[1].strip()))
-    if not pairs:
+        empty = False
+        yield parts[0].strip(), parts[1].strip()
+    if empty:
         raise UserError(f"{path}: no sentence pairs")
-    return pairs
 
 
-def read_aligned(source: Path, target: Path, encoding: str = "utf-8") -> list[tuple[str, str]]:
-    a, b = _lines(source, encoding), _lines(target, encoding)
-    if len(a) != len(b):
-        raise UserError(f"{source} has {len(a)} lines but {target} has {len(b)}; aligned files need the same count")
-    pairs = [(s.strip(), t.strip()) for s, t in zip(a, b, strict=True)]
-    for n, (s, t) in enumerate(pairs, 1):
+def read_tsv_pairs(path: Path, encoding: str = "utf-8") -> list[Pair]:
+    return list(iter_tsv_pairs(path, encoding))
+
+
+def iter_aligned(source: Path, target: Path, encoding: str = "utf-8") -> Iterator[Pair]:
+    """Line i of `source` with line i of `target`, a line at a time (pairs empty on both sides skipped)."""
+    a, b = _iter_lines(source, encoding), _iter_lines(target, encoding)
+    n, empty = 0, True
+    for n, (s, t) in enumerate(itertools.zip_longest(a, b), 1):  # noqa: B007
+        if s is None or t is None:
+            na = n - 1 + (s is not None) + sum(1 for _ in a)
+            nb = n - 1 + (t is not None) + sum(1 for _ in b)
+            raise UserError(f"{source} has {na} lines but {target} has {nb}; aligned files need the same count")
+        s, t = s.strip(), t.strip()
         if bool(s) != bool(t):
             raise UserError(f"{source if not s else target}: line {n} is empty but its counterpart is not")
-    pairs = [(s, t) for s, t in pairs if s]
-    if not pairs:
+        if s:
+            empty = False
+            yield s, t
+    if empty:
         raise UserError(f"{source}: no sentence pairs")
-    return pairs
 
 
-def _carve(pairs: list[tuple[str, str]], val: float, test: float, seed: int) -> dict[str, list[tuple[str, str]]]:
+def read_aligned(source: Path, target: Path, encoding: str = "utf-8") -> list[Pair]:
+    return list(iter_aligned(source, target, encoding))
+
+
+def carve_indices(n: int, val: float, test: float, seed: int) -> dict[str, list[int]]:
+    """The pairs (by index, in corpus order) of each carved split: a seeded permutation, test first, then val."""
     g = torch.Generator().manual_seed(mix_seed(seed, 0x7A1))
-    perm = torch.randperm(len(pairs), generator=g).tolist()
-    n_test, n_val = round(len(pairs) * test), round(len(pairs) * val)
-    take = lambda idx: [pairs[i] for i in sorted(idx)]  # noqa: E731  (keep the corpus order inside a split)
+    perm = torch.randperm(n, generator=g).tolist()
+    n_test, n_val = round(n * test), round(n * val)
     return {
-        "test": take(perm[:n_test]),
-        "val": take(perm[n_test : n_test + n_val]),
-        "train": take(perm[n_test + n_val :]),
+        "test": sorted(perm[:n_test]),
+        "val": sorted(perm[n_test : n_test + n_val]),
+        "train": sorted(perm[n_test + n_val :]),
     }
 
 
-def load_pairs(cfg: TranslationDataConfig, seed: int) -> PairCorpus:
-    files: dict[str, list[tuple[str, str]]] = {}
+def _carve(pairs: list[Pair], val: float, test: float, seed: int) -> dict[str, list[Pair]]:
+    return {k: [pairs[i] for i in idx] for k, idx in carve_indices(len(pairs), val, test, seed).items()}
+
+
+def pair_files(cfg: TranslationDataConfig) -> tuple[bool, list[tuple[str, Callable[[], Iterator[Pair]]]]]:
+    """(carved: one corpus to carve into splits, its pairs) or (False, each split file's pairs), read when iterated."""
     if cfg.source == "bible":
-        files = _carve(bible_pairs(cfg.path), cfg.val_fraction, cfg.test_fraction, seed)
-    elif cfg.source == "aligned_files":
+        return True, [("train", lambda: iter(bible_pairs(cfg.path)))]
+    if cfg.source == "aligned_files":
         assert cfg.source_file is not None and cfg.target_file is not None
-        files = _carve(
-            read_aligned(cfg.source_file, cfg.target_file, cfg.encoding), cfg.val_fraction, cfg.test_fraction, seed
-        )
-    elif cfg.train_path is not None:
-        for split, p in (("train", cfg.train_path), ("val", cfg.val_path), ("test", cfg.test_path)):
-            if p is not None:
-                files[split] = read_tsv_pairs(p, cfg.encoding)
-    else:
-        assert cfg.path is not None
-        files = _carve(read_tsv_pairs(cfg.path, cfg.encoding), cfg.val_fraction, cfg.test_fraction, seed)
+        src, tgt = cfg.source_file, cfg.target_file
+        return True, [("train", lambda: iter_aligned(src, tgt, cfg.encoding))]
+    if cfg.train_path is not None:
+        files = (("train", cfg.train_path), ("val", cfg.val_path), ("test", cfg.test_path))
+        return False, [(k, functools.partial(iter_tsv_pairs, p, cfg.encoding)) for k, p in files if p is not None]
+    assert cfg.path is not None
+    return True, [("train", functools.partial(iter_tsv_pairs, cfg.path, cfg.encoding))]
+
+
+def load_pairs(cfg: TranslationDataConfig, seed: int) -> PairCorpus:
+    carved, sources = pair_files(cfg)
+    files = {k: list(rows()) for k, rows in sources}
+    if carved:
+        files = _carve(files["train"], cfg.val_fraction, cfg.test_fraction, seed)
     if cfg.limit_train is not None:
         files["train"] = files["train"][: cfg.limit_train]
 
@@ -212,15 +243,29 @@ def load_pairs(cfg: TranslationDataConfig, seed: int) -> PairCorpus:
 
 
 # ------------------------------------------------------------------------------------------------ tokenization
-def train_pair_tokenizers(cfg: TranslationDataConfig, train: PairSplit) -> tuple[Any, Any | None]:
-    """One tokenizer for both sides (`data.shared_vocab`), or (source, target) tokenizers; trained on train."""
+class _Both:
+    """The sources, then the targets; iterable as often as a tokenizer trainer needs."""
+
+    def __init__(self, source: Iterable[str], target: Iterable[str]) -> None:
+        self.source, self.target = source, target
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.chain(self.source, self.target)
+
+
+def train_pair_tokenizers(
+    cfg: TranslationDataConfig, source: Iterable[str], target: Iterable[str]
+) -> tuple[Any, Any | None]:
+    """One tokenizer for both sides (`data.shared_vocab`), or (source, target) tokenizers; trained on the training
+    split's sources and targets (lists, or iterables that can be read more than once)."""
     from bigmodel.data.corpus import plain
     from bigmodel.data.text import train_tokenizer
 
     tcfg = cfg.tokenizer.model_copy(update={"add_cls": False})
     if cfg.shared_vocab:
-        return plain(train_tokenizer(tcfg, train.source + train.target)), None
-    return plain(train_tokenizer(tcfg, train.source)), plain(train_tokenizer(tcfg, train.target))
+        both = source + target if isinstance(source, list) and isinstance(target, list) else _Both(source, target)
+        return plain(train_tokenizer(tcfg, both)), None
+    return plain(train_tokenizer(tcfg, source)), plain(train_tokenizer(tcfg, target))
 
 
 @dataclass
@@ -331,8 +376,8 @@ class PairLoader:
                 idx = torch.arange(len(self.p))[idx]
             S = int(self.p.src_lengths[idx].max())
             T = int(self.p.tgt_lengths[idx].max())
-            src = self.p.src[idx, :S]
-            tgt = self.p.tgt[idx, :T]
+            src = self.p.src[idx][:, :S]  # rows first: ids on disk (`DiskRows`) are read by row
+            tgt = self.p.tgt[idx][:, :T]
             tgt_in = tgt[:, :-1]
             tgt_out = tgt[:, 1:].clone()
             tgt_out[tgt_out == 0] = -100

@@ -314,6 +314,7 @@ PREPARED = {  # what each format of `bigmodel data prepare` holds (for the error
     "bigmodel-shards": "images",
     "bigmodel-tokens": "a language model's token stream",
     "bigmodel-textids": "labelled texts as token ids",
+    "bigmodel-pairids": "sentence pairs as token ids",
     "bigmodel-audio": "decoded audio clips",
     "bigmodel-speech": "decoded audio clips with transcripts",
 }
@@ -335,6 +336,9 @@ def prepared_summary(index: dict[str, Any]) -> str:
     fmt, splits = index["format"], index["splits"].items()
     if fmt.startswith("bigmodel-textids"):
         return ", ".join(f"{k} {v['count']:,} texts ({v['tokens']:,} tokens)" for k, v in splits)
+    if fmt.startswith("bigmodel-pairids"):
+        line = ", ".join(f"{k} {v['count']:,} pairs ({v['src_tokens'] + v['tgt_tokens']:,} tokens)" for k, v in splits)
+        return line + (f"; {index['dropped']:,} training pairs over max_length dropped" if index.get("dropped") else "")
     if fmt.startswith(("bigmodel-audio", "bigmodel-speech")):
         rate = index["sample_rate"]
         return ", ".join(f"{k} {v['count']:,} clips ({v['samples_total'] / rate:,.1f} s)" for k, v in splits)

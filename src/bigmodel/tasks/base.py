@@ -176,7 +176,7 @@ class TaskSpec(ABC):
         recipe's splits as shards under `out` (through `data.shards.prepared_folder`); returns the index."""
         raise UserError(
             f"task {self.name!r}: data prepare writes image_classification, text_classification, "
-            "audio_classification, speech_recognition and language_modeling data so far"
+            "audio_classification, speech_recognition, language_modeling and translation data so far"
         )
 
     def evaluate_extra(self, art: Any, data: Any, split: str, **options: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@ length-bucketed training batches, teacher-forced loss; BLEU / chrF of beam-searc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,34 +21,51 @@ class Translation(TaskSpec):
     generative = True
 
     def prepare(self, recipe: Any, pre: Any | None = None) -> tuple[Any, Any]:
-        from bigmodel.data.parallel import load_pairs, tokenize_pairs, train_pair_tokenizers
-        from bigmodel.runs import Preprocess
+        from bigmodel.data.parallel import load_pairs, tokenize_pairs
 
         cfg = recipe.data
+        if cfg.source == "shards":  # token ids on disk (`bigmodel data prepare`), with their tokenizers
+            from bigmodel.data.pairshards import load_pair_shards
+
+            return load_pair_shards(recipe, pre)
         pairs = load_pairs(cfg, recipe.seed)
-        if pre is None:
-            src_tok, tgt_tok = train_pair_tokenizers(cfg, pairs.train)
-            spec = {
-                "kind": "translation",
-                "src_vocab_size": src_tok.get_vocab_size(),
-                "tgt_vocab_size": (tgt_tok or src_tok).get_vocab_size(),
-                "shared_vocab": tgt_tok is None,
-                "max_length": cfg.tokenizer.max_length,
-                "tokenizer": cfg.tokenizer.kind,
-            }
-            pre = Preprocess(
-                labels=[],
-                mean=None,
-                std=None,
-                input_shape=spec,
-                kind="translation",
-                tokenizer=src_tok,
-                target_tokenizer=tgt_tok,
-            )
+        pre = pre or self.pair_preprocess(recipe, pairs.train.source, pairs.train.target)
         tgt = pre.target_tokenizer or pre.tokenizer
         data = tokenize_pairs(pairs, pre.tokenizer, tgt, cfg.tokenizer.max_length)
         data.pii_masked = pairs.pii_masked
         return data, pre
+
+    def pair_preprocess(self, recipe: Any, source: Iterable[str], target: Iterable[str]) -> Any:
+        """The tokenizers (one shared, or one per side) trained on the training pairs, and the input description."""
+        from bigmodel.data.parallel import train_pair_tokenizers
+        from bigmodel.runs import Preprocess
+
+        cfg = recipe.data
+        src_tok, tgt_tok = train_pair_tokenizers(cfg, source, target)
+        spec = {
+            "kind": "translation",
+            "src_vocab_size": src_tok.get_vocab_size(),
+            "tgt_vocab_size": (tgt_tok or src_tok).get_vocab_size(),
+            "shared_vocab": tgt_tok is None,
+            "max_length": cfg.tokenizer.max_length,
+            "tokenizer": cfg.tokenizer.kind,
+        }
+        return Preprocess(
+            labels=[],
+            mean=None,
+            std=None,
+            input_shape=spec,
+            kind="translation",
+            tokenizer=src_tok,
+            target_tokenizer=tgt_tok,
+        )
+
+    def write_shards(self, recipe: Any, out: Any, shard_size: int) -> dict[str, Any]:
+        """Each split's source and target ids with their offsets and raw texts, and the tokenizers
+        (`data/pairshards.py`), the source read a pair at a time; `shard_size` does not apply."""
+        from bigmodel.data.pairshards import write_pair_shards
+
+        return write_pair_shards(recipe, out, lambda src, tgt: self.pair_preprocess(recipe, src, tgt))
 
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.parallel import PairLoader
