@@ -39,7 +39,7 @@ def source_recipe(tsv, **data) -> dict:
             "path": str(tsv),
             "val_fraction": 0.1,
             "test_fraction": 0.1,
-            "tokenizer": {"vocab_size": 200, "max_length": 16, "min_frequency": 1},
+            "tokenizer": {"vocab_size": 400, "max_length": 16, "min_frequency": 1},
             **data,
         },
         "model": {"name": "transformer-seq2seq", "dim": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1},
@@ -161,8 +161,9 @@ def test_training_on_disk_equals_the_source_recipe_and_resumes_exactly(tmp_path)
     run_cli("train", "--resume", str(run), "--no-progress", env=one, check=True)
     c = load_file(str(run / "model" / "model.safetensors"))
     assert all(torch.equal(a[k], c[k]) for k in a)
-    out = run_cli("translate", str(tmp_path / "disk"), "red dog", check=True)
-    assert out.stdout.strip()
+    # the run translates raw text with the folder's tokenizer (saved in its artifact) as the source run does
+    outs = [run_cli("translate", str(tmp_path / r), "red dog", "big cat", check=True).stdout for r in ("mem", "disk")]
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == 2
 
 
 def test_a_folder_made_otherwise_is_a_one_line_error(tmp_path):

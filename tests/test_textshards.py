@@ -198,12 +198,13 @@ def _text_sources(root) -> dict:
 
     labels = ["pos", "neg", "meh", "odd"]
     rows = [(text(i), labels[i % 4] if i % 13 else "pos") for i in range(160)]
-    with (root / "t.csv").open("w", newline="", encoding="utf-8") as f:
-        import csv
+    import csv
 
-        w = csv.writer(f)
-        w.writerow(["label", "body"])
-        w.writerows((y, t) for t, y in rows)
+    for name, delimiter in (("t.csv", ","), ("t.tsv", "\t")):
+        with (root / name).open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, delimiter=delimiter)
+            w.writerow(["label", "body"])
+            w.writerows((y, t) for t, y in rows)
     for name, part in (("train", rows[:100]), ("val", rows[100:130]), ("test", rows[130:])):
         lines = [json.dumps({"text": t + ("\ud800" if i == 3 else ""), "y": y}) for i, (t, y) in enumerate(part)]
         (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
@@ -218,6 +219,7 @@ def _text_sources(root) -> dict:
     return {
         "csv": TextDataConfig(**csv_),
         "csv-imbalanced-limited": TextDataConfig(**csv_, imbalance={"classes": ["odd"], "keep": 0.3}, limit_train=40),
+        "tsv": TextDataConfig(**(csv_ | {"source": "tsv", "path": root / "t.tsv"})),
         "jsonl-files": TextDataConfig(
             source="jsonl",
             train_path=root / "train.jsonl",

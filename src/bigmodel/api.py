@@ -405,10 +405,7 @@ def _planned_precision(recipe: Recipe, run_dir: Path) -> Recipe:
     folder = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if recipe.train.precision != "auto" or folder is None:
         return recipe
-    try:
-        planned = (json.loads((folder / "state.json").read_text(encoding="utf-8")).get("plan") or {}).get("precision")
-    except (OSError, ValueError):
-        return recipe  # the checkpoint's own reader names the problem
+    planned = (ckpt.read_state(folder).get("plan") or {}).get("precision")
     if planned not in ("fp32", "bf16", "fp16"):
         return recipe  # a checkpoint from before plans were recorded
     return recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": planned})})

@@ -154,14 +154,22 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return folder
 
 
+def read_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's `state.json` (step, epoch, plan, ...) without its tensors."""
+    try:
+        return json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: unreadable checkpoint ({e})") from None
+
+
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """(weights, other tensors, state) of a checkpoint; the weights are empty for a sharded one (`load_sharded`)."""
     try:
         model_state = {} if is_sharded(folder) else load_file(str(folder / "model.safetensors"))
         extra = load_file(str(folder / "state.safetensors"))
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{folder}: unreadable checkpoint ({e})") from None
+    state = read_state(folder)
     if state.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{folder}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}")
     return model_state, extra, state
