@@ -54,11 +54,16 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_mb": peak_mb}))
 """
 
 
+def vocabulary(rng: Any, n: int) -> list[str]:
+    """`n` random lower-case "words" of 2-9 letters, the generated data's vocabulary."""
+    return ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10))) for _ in range(n)]
+
+
 def make_lm(root: Path, mb: float, seed: int) -> dict[str, Any]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10))) for _ in range(5000)]
+    words = vocabulary(rng, 5000)
     root.mkdir(parents=True)
     left, i = int(mb * 1e6), 0
     while left > 0:
@@ -84,7 +89,7 @@ def make_text(root: Path, mb: float, seed: int) -> dict[str, Any]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10))) for _ in range(5000)]
+    words = vocabulary(rng, 5000)
     root.mkdir(parents=True)
     left = int(mb * 1e6)
     with (root / "texts.csv").open("w", newline="", encoding="utf-8") as f:
@@ -111,7 +116,7 @@ def make_pairs(root: Path, mb: float, seed: int) -> dict[str, Any]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10))) for _ in range(3000)]
+    words = vocabulary(rng, 3000)
     root.mkdir(parents=True)
     left = int(mb * 1e6)
     with (root / "pairs.tsv").open("w", encoding="utf-8") as f:

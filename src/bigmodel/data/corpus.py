@@ -260,12 +260,6 @@ def rechunk(parts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
         yield buf[pos:]
 
 
-def _blocks(path: Path, size: int = 1 << 20) -> Iterator[str]:
-    with path.open(encoding="utf-8", newline="") as f:
-        while block := f.read(size):
-            yield block
-
-
 class MaskedCorpus:
     """A `DocumentCorpus` with `data.mask_pii` applied as `mask_splits` applies it to a whole split (the same pieces,
     `PIIMasker.mask_stream`), each split masked once into a scratch file under `scratch` and read back in blocks:
@@ -288,7 +282,8 @@ class MaskedCorpus:
         return split in self.files
 
     def pieces(self, split: str, size: int = 1 << 16) -> Iterator[str]:
-        return rechunk(_blocks(self.files[split]), size)
+        # the masked text came from universal-newline reads, so it holds no "\r" for a second read to translate
+        return rechunk(text_blocks(self.files[split], "utf-8"), size)
 
     def close(self) -> None:
         pass
@@ -317,7 +312,7 @@ class RowsCorpus:
 
 def corpus_pieces(cfg: LanguageModelDataConfig, seed: int, scratch: Path) -> DocumentCorpus | MaskedCorpus | RowsCorpus:
     """The corpus `load_corpus` reads, as each split's `_chunks` pieces, without holding a split: documents on disk
-    (`text`, `shakespeare`) one at a time, masked into scratch files under `scratch` when `data.mask_pii` asks;
+    (`text`, `shakespeare`) a block at a time, masked into scratch files under `scratch` when `data.mask_pii` asks;
     a classification source a row at a time. `close()` when done."""
     from bigmodel.privacy.pii import masker_for
 
