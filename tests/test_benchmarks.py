@@ -75,6 +75,17 @@ def test_explain_quick_json():
     assert 0 <= out["integrated_gradients_deletion_auc"] <= 1
 
 
+@pytest.mark.skipif(importlib.util.find_spec("captum") is None, reason="captum is not installed (the explain extra)")
+def test_explain_checks_quick_json():
+    out = run_bench("benchmarks/explain_checks.py", "--quick", "--json")
+    (run,) = out["runs"]
+    rules = ("gausslegendre", "sweep")
+    assert set(run["ig"]) == {f"{b}_{r}_within_5_percent" for b in ("black", "grey") for r in rules}
+    assert all(0 <= v <= run["images"] == 16 for v in run["ig"].values())
+    assert all(v >= 1 for v in run["path_variation_ratio"].values())  # total variation >= net change
+    assert -1 <= run["gradcam_cell_spearman"] <= 1 and run["gradcam_cells"] == [2, 2]
+
+
 @pytest.mark.slow
 def test_distributed_json():
     out = run_bench(

@@ -107,6 +107,30 @@ def test_every_image_method_writes_its_pictures_and_leaves_the_model_untouched(i
     assert {r["target"]["label"] for r in res} == {"3"}
 
 
+def test_image_saliency_is_the_signed_gradient_of_the_target_logit(image_run, image_files):
+    """Image saliency keeps the gradient's sign (every pixel lies on one side of black, what deletion puts in its
+    place), summed over channels per pixel; its picture uses the diverging colours of signed methods."""
+    from bigmodel.explain import explain_items, render
+    from bigmodel.explain.core import Batch, explainer_for
+    from bigmodel.runs import load_artifact
+
+    art = load_artifact(image_run)
+    names, items = art.spec.explain_items(art, image_files, None)
+    x = art.spec.model_inputs(art, items)[0].float()
+    ex = explainer_for(art)
+    t = ex.probabilities((x,)).argmax(dim=1)
+    attr = ex.attribute("saliency", Batch((x,), t)).detach()
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(ex.model(xg)[torch.arange(len(t)), t].sum(), xg)
+    torch.testing.assert_close(attr, grad, rtol=1e-5, atol=1e-7)
+    assert (attr < 0).any() and (attr > 0).any()
+    torch.testing.assert_close(ex.unit_scores("saliency", attr), grad.sum(dim=1).reshape(len(x), -1))
+    res = explain_items(art, names, items, "saliency", pictures=False)
+    assert min(min(row) for r in res for row in r["regions"]) < 0  # the 7 x 7 region sums keep the sign
+    signed = render.colour(np.array([[-1.0, 0.0, 1.0]]), "saliency")
+    assert signed[0, 0, 2] > signed[0, 0, 0] and signed[0, 2, 0] > signed[0, 2, 2]  # blue against, red for
+
+
 def test_lime_weights_samples_like_lime_image():
     """LIME's kernel: lime_image's sqrt(exp(-d^2 / 0.25^2)) with d the cosine distance (scikit-learn's) between a
     sample's binary patch vector and the all-ones vector of the input itself."""

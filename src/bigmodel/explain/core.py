@@ -40,7 +40,7 @@ from bigmodel.errors import UserError
 METHODS = ("saliency", "integrated_gradients", "gradcam", "occlusion", "lime", "kernel_shap")
 ALL_METHODS = (*METHODS, "activations")
 LABELS = {
-    "saliency": "saliency (|gradient|)",
+    "saliency": "saliency (gradient; images signed, other inputs |gradient|)",
     "integrated_gradients": "integrated gradients",
     "gradcam": "Grad-CAM",
     "occlusion": "occlusion",
@@ -489,7 +489,10 @@ class ImageExplainer(Explainer):
         B, C, H, W = x.shape
         base = self.baseline(x)
         if method == "saliency":
-            return A.Saliency(self.forward).attribute(x, target=t, abs=True)
+            # Signed: every pixel lies on one side of black (what deleting puts in its place), so the gradient's sign
+            # says whether removing the pixel lowers the explained score or raises it. |gradient| ranks both kinds
+            # together and was no better than random at finding the pixels whose removal lowers it (README).
+            return A.Saliency(self.forward).attribute(x, target=t, abs=False)
         if method == "integrated_gradients":
             return self.integrated_gradients(batch, x, base, None, **options)
         if method == "gradcam":
@@ -521,8 +524,8 @@ class ImageExplainer(Explainer):
         raise AssertionError(method)
 
     def pixel_scores(self, method: str, attr: torch.Tensor) -> torch.Tensor:
-        """(B, H, W): saliency the largest |gradient| over channels (Simonyan et al.); signed methods the sum."""
-        return attr.amax(dim=1) if method == "saliency" else attr.sum(dim=1)
+        """(B, H, W): the sum over channels (deleting a pixel blackens all of its channels at once)."""
+        return attr.sum(dim=1)
 
     def unit_scores(self, method: str, attr: torch.Tensor) -> torch.Tensor:
         return self.pixel_scores(method, attr).reshape(len(attr), -1)

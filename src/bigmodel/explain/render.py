@@ -1,6 +1,7 @@
 """Pictures of attributions: a heat map blended over an image (PNG), a time-step x feature heat map (PNG), tokens
 coloured by their score (HTML and the terminal). Colours: signed methods use a diverging map (red = evidence for
-the target, blue = against, scaled by the largest |score|); unsigned ones (saliency, Grad-CAM) a sequential one.
+the target, blue = against, scaled by the largest |score|); unsigned ones (Grad-CAM; the |gradient| saliency of
+sequences and tokens) a sequential one.
 Files are written to a temporary name and renamed into place."""
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def colour(scores: np.ndarray, method: str) -> np.ndarray:
     import matplotlib
 
     s = np.nan_to_num(np.asarray(scores, dtype=np.float64))
-    if method in UNSIGNED:
+    if method in UNSIGNED and not (s < 0).any():  # image saliency is the signed gradient
         top = s.max() if s.size and s.max() > 0 else 1.0
         rgba = matplotlib.colormaps["inferno"](np.clip(s / top, 0, 1))
     else:
