@@ -330,3 +330,28 @@ def test_an_imbalance_applied_at_prepare_time_is_not_applied_again(tmp_path):
     other.write_text(yaml.safe_dump(disk))
     r = run_cli("train", str(other), "--out", str(tmp_path / "run"), "--no-progress")
     assert r.returncode == 2 and "data.imbalance" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_each_task_says_what_its_prepared_folder_holds_in_its_own_units():
+    """`data prepare`'s one line comes from the task spec (`TaskSpec.prepared_summary`), not from a branch on the
+    folder's format name: images and tokens in shards, texts and pairs with their tokens, clips with their seconds."""
+    from bigmodel.tasks import get_task
+
+    def index(**split):
+        return {"splits": {"train": split, "test": split}}
+
+    shards = index(count=1200, shards=["a", "b"])
+    assert (
+        get_task("image_classification").prepared_summary(shards)
+        == "train 1,200 images in 2 shards, test 1,200 images in 2 shards"
+    )
+    assert get_task("language_modeling").prepared_summary(shards).startswith("train 1,200 tokens in 2 shards")
+    texts = index(count=3, tokens=4500)
+    assert get_task("text_classification").prepared_summary(texts).startswith("train 3 texts (4,500 tokens)")
+    pairs = {**index(count=2, src_tokens=5, tgt_tokens=6), "dropped": 1}
+    assert get_task("translation").prepared_summary(pairs) == (
+        "train 2 pairs (11 tokens), test 2 pairs (11 tokens); 1 training pairs over max_length dropped"
+    )
+    clips = {**index(count=4, samples_total=24000), "sample_rate": 8000}
+    for task in ("audio_classification", "speech_recognition"):
+        assert get_task(task).prepared_summary(clips) == "train 4 clips (3.0 s), test 4 clips (3.0 s)"

@@ -998,10 +998,10 @@ def data_prepare(
     time."""
     from bigmodel.api import prepare_shards
     from bigmodel.config import load_recipe
-    from bigmodel.data.shards import prepared_summary
+    from bigmodel.tasks import get_task
 
     recipe = load_recipe(recipe_path, overrides or [])
-    sizes = prepared_summary(prepare_shards(recipe, out, shard_size))
+    sizes = get_task(recipe.task).prepared_summary(prepare_shards(recipe, out, shard_size))
     typer.echo(f"{out}: {sizes}; train with data.source=shards data.path={out}", err=True)
     typer.echo(str(out))
 

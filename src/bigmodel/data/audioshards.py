@@ -144,6 +144,12 @@ class StreamWriter:
         }
 
 
+def clips_summary(index: dict[str, Any]) -> str:
+    """`data prepare`'s line for a folder of clips (audio classification, speech recognition): clips and seconds."""
+    rate, splits = index["sample_rate"], index["splits"].items()
+    return ", ".join(f"{k} {v['count']:,} clips ({v['samples_total'] / rate:,.1f} s)" for k, v in splits)
+
+
 def write_stream(tmp: Path, name: str, split: Any) -> dict[str, Any]:
     """A whole split through `StreamWriter`; returns its index entry."""
     writer = StreamWriter(tmp, name)

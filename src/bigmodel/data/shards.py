@@ -331,21 +331,6 @@ def check_prepare(recipe: Any, out: Path) -> None:
         raise UserError(f"--out {out}: the folder exists and is not empty (choose a new one)")
 
 
-def prepared_summary(index: dict[str, Any]) -> str:
-    """One line of what a prepared folder holds, per split, in its own units (images, texts, tokens, clips)."""
-    fmt, splits = index["format"], index["splits"].items()
-    if fmt.startswith("bigmodel-textids"):
-        return ", ".join(f"{k} {v['count']:,} texts ({v['tokens']:,} tokens)" for k, v in splits)
-    if fmt.startswith("bigmodel-pairids"):
-        line = ", ".join(f"{k} {v['count']:,} pairs ({v['src_tokens'] + v['tgt_tokens']:,} tokens)" for k, v in splits)
-        return line + (f"; {index['dropped']:,} training pairs over max_length dropped" if index.get("dropped") else "")
-    if fmt.startswith(("bigmodel-audio", "bigmodel-speech")):
-        rate = index["sample_rate"]
-        return ", ".join(f"{k} {v['count']:,} clips ({v['samples_total'] / rate:,.1f} s)" for k, v in splits)
-    unit = "tokens" if fmt.startswith("bigmodel-tokens") else "images"
-    return ", ".join(f"{k} {v['count']:,} {unit} in {len(v['shards'])} shards" for k, v in splits)
-
-
 def read_prepared_index(root: Path, expected: str, dtypes: Any = None) -> dict[str, Any]:
     """`root/index.json` of a prepared folder of format `expected` (one-line errors for a missing folder or index, bad
     JSON, a folder prepared for another task, no train split, or a `dtype` not among `dtypes` when given)."""

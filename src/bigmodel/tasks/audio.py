@@ -170,6 +170,11 @@ class AudioClassification(ClassificationSpec):
 
         return write_audio_shards(recipe, out)
 
+    def prepared_summary(self, index: dict[str, Any]) -> str:
+        from bigmodel.data.audioshards import clips_summary
+
+        return clips_summary(index)
+
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.audio import AudioLoader
 

@@ -179,6 +179,11 @@ class TaskSpec(ABC):
             "audio_classification, speech_recognition, language_modeling and translation data so far"
         )
 
+    def prepared_summary(self, index: dict[str, Any]) -> str:
+        """One line of what `write_shards`'s folder holds (its index), per split, in the task's own units: what
+        `bigmodel data prepare` prints. Default: the `count` of each split."""
+        return ", ".join(f"{k} {v['count']:,} examples" for k, v in index["splits"].items())
+
     def evaluate_extra(self, art: Any, data: Any, split: str, **options: Any) -> dict[str, Any]:
         """Metrics beyond the streaming ones (translation: BLEU / chrF of decoded text). Default: none."""
         return {}

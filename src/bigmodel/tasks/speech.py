@@ -226,6 +226,11 @@ class SpeechRecognition(TaskSpec):
 
         return write_speech_shards(recipe, out)
 
+    def prepared_summary(self, index: dict[str, Any]) -> str:
+        from bigmodel.data.audioshards import clips_summary
+
+        return clips_summary(index)
+
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.speech import SpeechLoader
 

@@ -91,6 +91,9 @@ class TextClassification(ClassificationSpec):
 
         return write_text_shards(recipe, out, lambda labels, texts: self.text_preprocess(recipe, labels, texts))
 
+    def prepared_summary(self, index: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v['count']:,} texts ({v['tokens']:,} tokens)" for k, v in index["splits"].items())
+
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.loader import SequenceLoader
 

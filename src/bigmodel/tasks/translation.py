@@ -67,6 +67,11 @@ class Translation(TaskSpec):
 
         return write_pair_shards(recipe, out, lambda src, tgt: self.pair_preprocess(recipe, src, tgt))
 
+    def prepared_summary(self, index: dict[str, Any]) -> str:
+        splits = index["splits"].items()
+        line = ", ".join(f"{k} {v['count']:,} pairs ({v['src_tokens'] + v['tgt_tokens']:,} tokens)" for k, v in splits)
+        return line + (f"; {index['dropped']:,} training pairs over max_length dropped" if index.get("dropped") else "")
+
     def build_loader(self, recipe: Any, split: Any, pre: Any, opts: LoaderOptions) -> Any:
         from bigmodel.data.parallel import PairLoader
 
