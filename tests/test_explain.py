@@ -127,6 +127,7 @@ def test_image_saliency_is_the_signed_gradient_of_the_target_logit(image_run, im
     torch.testing.assert_close(ex.unit_scores("saliency", attr), grad.sum(dim=1).reshape(len(x), -1))
     res = explain_items(art, names, items, "saliency", pictures=False)
     assert min(min(row) for r in res for row in r["regions"]) < 0  # the 7 x 7 region sums keep the sign
+    assert {r["method_name"] for r in res} == {"saliency (signed gradient)"}
     signed = render.colour(np.array([[-1.0, 0.0, 1.0]]), "saliency")
     assert signed[0, 0, 2] > signed[0, 0, 0] and signed[0, 2, 0] > signed[0, 2, 2]  # blue against, red for
 

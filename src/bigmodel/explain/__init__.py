@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bigmodel.errors import UserError
-from bigmodel.explain.core import ALL_METHODS, LABELS, METHODS, Batch, Explainer, explainer_for
+from bigmodel.explain.core import ALL_METHODS, METHODS, Batch, Explainer, explainer_for
 
 __all__ = ["ALL_METHODS", "METHODS", "explain", "explain_items", "explainer_for", "evaluate"]
 
@@ -96,7 +96,7 @@ def explain_items(
         r: dict[str, Any] = {
             "input": name,
             "method": method,
-            "method_name": LABELS[method],
+            "method_name": ex.method_name(method),
             "prediction": {"label": art.labels[top], "index": top, "score": round(float(p[top]), 6)},
             "target": {"label": art.labels[k], "index": k, "score": round(float(p[k]), 6)},
         }
@@ -115,7 +115,7 @@ def _explain_prompt(
     from bigmodel.explain import render
 
     out = ex.explain_prompt(ex.art.prompt_ids(prompt), method, new_tokens=new_tokens, **options)
-    r: dict[str, Any] = {"input": name, "method": method, "method_name": LABELS[method], **out}
+    r: dict[str, Any] = {"input": name, "method": method, "method_name": ex.method_name(method), **out}
     files: dict[str, Any] = {}
     if pictures:
         ctx = out["prompt_tokens"] + out["generated_tokens"]
@@ -125,7 +125,7 @@ def _explain_prompt(
                 f"<p><b>→ {render.html.escape(tok)}</b> ({out['prompt_share'][j]:.0%} from the prompt): "
                 f"{render.token_html(ctx[: len(row)], row, method)}</p>"
             )
-        files["tokens.html"] = render.page(f"{LABELS[method]}: {name}", "".join(body))
+        files["tokens.html"] = render.page(f"{ex.method_name(method)}: {name}", "".join(body))
     r["_files"] = files
     return r
 

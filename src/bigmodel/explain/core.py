@@ -40,7 +40,7 @@ from bigmodel.errors import UserError
 METHODS = ("saliency", "integrated_gradients", "gradcam", "occlusion", "lime", "kernel_shap")
 ALL_METHODS = (*METHODS, "activations")
 LABELS = {
-    "saliency": "saliency (gradient; images signed, other inputs |gradient|)",
+    "saliency": "saliency (|gradient|)",
     "integrated_gradients": "integrated gradients",
     "gradcam": "Grad-CAM",
     "occlusion": "occlusion",
@@ -301,6 +301,10 @@ class Explainer:
         ]
         return torch.cat(outs)
 
+    def method_name(self, method: str) -> str:
+        """What the results call `method` (`method_name`): its label, with this kind's variant where it differs."""
+        return LABELS[method]
+
     def check_method(self, method: str) -> None:
         if method not in self.methods:
             raise UserError(
@@ -440,6 +444,9 @@ class ImageExplainer(Explainer):
 
     def baseline_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         return (self.baseline(batch.inputs[0]),)
+
+    def method_name(self, method: str) -> str:
+        return "saliency (signed gradient)" if method == "saliency" else LABELS[method]
 
     def describe(self, r, files, batch, i, units, attr, item, method, pictures) -> None:  # type: ignore[no-untyped-def]
         from bigmodel.explain import render
