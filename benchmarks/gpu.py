@@ -18,6 +18,9 @@ Without a CUDA device (and without `--device cpu`) it measures nothing: it print
    shape (random weights, nothing downloaded), batch 1 and 32: `kv_vs_hf_generate_b1_ratio`, `..._b32_ratio`.
 5. `minilm`: all-MiniLM-L6-v2 fine-tuning on the tweets through `recipes/tweets_minilm.yaml`:
    `minilm_train_samples_per_s` (needs the `hf` extra and the bundled weights; skipped with the reason otherwise).
+6. `resume`: the quickstart for 2 epochs through the CLI on the device, twice with the same seed, and once killed
+   (`kill -9`, `BIGMODEL_FAULT`) after step 500 then resumed: `same_seed_bit_identical`, `resume_bit_identical`
+   (every weight compared with `torch.equal`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit_json, environment, print_env, print_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("quickstart", "trainer", "gpt", "decode", "minilm")
+PARTS = ("quickstart", "trainer", "gpt", "decode", "minilm", "resume")
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -145,12 +148,48 @@ def part_minilm(device: str, quick: bool) -> dict[str, Any]:
     return train_ours(21 if quick else 201, [f"train.device={device}", *small])
 
 
+def part_resume(device: str, quick: bool) -> dict[str, Any]:
+    import os
+    import subprocess
+
+    import torch
+    from safetensors.torch import load_file
+
+    size = ["data.limit_train=1024", "train.epochs=1", "train.batch_size=64"] if quick else ["train.epochs=2"]
+    kill_at = 5 if quick else 500
+    recipe = [str(ROOT / "recipes" / "quickstart.yaml"), f"train.device={device}", "train.baseline=false", *size]
+
+    def cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, **({"BIGMODEL_FAULT": fault} if fault else {})}
+        cmd = [sys.executable, "-m", "bigmodel", *args, "--no-progress"]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("a", "b"):
+            p = cli("train", *recipe, "--out", f"{tmp}/{name}")
+            if p.returncode != 0:
+                raise RuntimeError(f"train {name}: {p.stderr.strip().splitlines()[-1:]}")
+        killed = cli("train", *recipe, "--out", f"{tmp}/killed", fault=f"kill_after_step:{kill_at}")
+        if killed.returncode != -9:
+            raise RuntimeError(f"the run to kill exited with {killed.returncode}, not -9 (SIGKILL)")
+        p = cli("train", "--resume", f"{tmp}/killed")
+        if p.returncode != 0:
+            raise RuntimeError(f"resume: {p.stderr.strip().splitlines()[-1:]}")
+        a, b, c = (load_file(f"{tmp}/{n}/model/model.safetensors") for n in ("a", "b", "killed"))
+    return {
+        "killed_after_step": kill_at,
+        "same_seed_bit_identical": all(torch.equal(a[k], b[k]) for k in a),
+        "resume_bit_identical": all(torch.equal(a[k], c[k]) for k in a),
+    }
+
+
 RUNNERS: dict[str, Callable[[str, bool], dict[str, Any]]] = {
     "quickstart": part_quickstart,
     "trainer": part_trainer,
     "gpt": part_gpt,
     "decode": part_decode,
     "minilm": part_minilm,
+    "resume": part_resume,
 }
 
 
@@ -204,12 +243,15 @@ def main() -> None:
             out[f"kv_vs_hf_generate_{b}_ratio"] = d[b]["kv_tok_s"] / d[b]["hf_tok_s"]
     if "samples_s" in out.get("minilm", {}):
         out["minilm_train_samples_per_s"] = out["minilm"]["samples_s"]
+    for key in ("same_seed_bit_identical", "resume_bit_identical"):
+        if key in out.get("resume", {}):
+            out[key] = out["resume"][key]
     out["failed_parts"] = failed
     if args.json:
         emit_json(out)
     else:
         print_env(env)
-        rows = [[k, v] for k, v in out.items() if isinstance(v, float)]
+        rows = [[k, v] for k, v in out.items() if isinstance(v, (float, bool))]
         print_table(["figure", "value"], rows)
     if failed:
         sys.exit(1)

@@ -143,6 +143,7 @@ def test_gpu_check_runs_its_code_on_cpu():
     assert out["decode"]["b32"]["same_tokens"]  # our KV-cached greedy decode = transformers' on the same weights
     assert 0 <= out["quickstart"]["compiled"]["test_accuracy"] <= 1
     assert "minilm_train_samples_per_s" in out or "skipped" in out["minilm"]
+    assert out["same_seed_bit_identical"] is True and out["resume_bit_identical"] is True
 
 
 def test_gpu_check_without_cuda_measures_nothing():
