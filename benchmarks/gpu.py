@@ -1,6 +1,6 @@
 """The GPU check: one script, one call, a few minutes on one CUDA GPU; prints one JSON object with `--json`.
 
-    python benchmarks/gpu.py [--json]                   # on a machine with a CUDA GPU (about 5 minutes on an H200)
+    python benchmarks/gpu.py [--json]                   # on a machine with a CUDA GPU (about 4 minutes on an H200)
     python benchmarks/gpu.py --device cpu --quick       # the same code paths at toy sizes on CPU (the test suite's
                                                         # smoke test; its figures say nothing about a GPU)
 
