@@ -15,8 +15,9 @@ on the first `--images` test images, explaining each image's predicted class:
    is the median over images of (total variation of F along the path) / |F(x) − F(baseline)|: a quadrature that
    must land within 5% of the net change has to be that many times more precise on the variation.
 2. **Grad-CAM's cells against deleting them** (convnets): the Spearman correlation, per image, between the
-   Grad-CAM cells and the drop in the explained logit when the pixels under each cell (as `upsample` maps them) are
-   set to black. Near 0: the last feature map's cells do not say which part of the image the prediction needs.
+   Grad-CAM cells and the drop in the explained logit when the pixels under each cell (those where the explainer's
+   `upsample` weighs that cell most) are set to black. Near 0: the last feature map's cells do not say which part
+   of the image the prediction needs.
 
 `--json` prints one object: per run, `ig` (`<baseline>_<rule>_within_5_percent`, out of `images`),
 `path_variation_ratio` per baseline, and `gradcam_cell_spearman` (mean, and its standard error).
@@ -42,8 +43,9 @@ from _common import emit_json, environment, print_env, print_table  # noqa: E402
 
 
 def _logit(ex: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return ex.forward(x)[torch.arange(len(t)), t]
+    from bigmodel.explain.faithfulness import _target_logit
+
+    return _target_logit(ex, (x,), t)
 
 
 def ig_within(ex: Any, x: torch.Tensor, t: torch.Tensor, base: torch.Tensor, nodes: torch.Tensor, weights):  # type: ignore[no-untyped-def]
@@ -104,10 +106,8 @@ def measure(run: Path, images: int, steps: int, sweep: int) -> dict[str, Any]:
         H, W = x.shape[-2:]
         cam = ex.captum.LayerGradCam(ex.forward, ex.model.cam_layer()).attribute(x, target=t).detach()
         h, wd = cam.shape[-2:]
-        cell = torch.arange(h * wd, dtype=torch.float32).view(1, 1, h, wd)
-        where = torch.nn.functional.interpolate(cell, (h * max(1, H // h), wd * max(1, W // wd)), mode="nearest")
-        pad = (0, W - where.shape[-1], 0, H - where.shape[-2])
-        where = torch.nn.functional.pad(where, pad, mode="replicate").long().view(H, W)  # cell of each pixel
+        # The cell of each pixel: the one whose weight is largest there in the explainer's own upsampling.
+        where = ex.upsample(torch.eye(h * wd).view(h * wd, 1, h, wd), H, W)[:, 0].argmax(dim=0)  # (H, W)
         before = _logit(ex, x, t)
         drops = torch.stack(
             [before - _logit(ex, torch.where(where == c, ex.baseline(x), x), t) for c in range(h * wd)], dim=1

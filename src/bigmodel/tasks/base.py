@@ -179,10 +179,17 @@ class TaskSpec(ABC):
             "audio_classification, speech_recognition, language_modeling and translation data so far"
         )
 
+    prepared_unit = "examples"  # what a prepared split's `count` counts (images, tokens, ...)
+
     def prepared_summary(self, index: dict[str, Any]) -> str:
         """One line of what `write_shards`'s folder holds (its index), per split, in the task's own units: what
-        `bigmodel data prepare` prints. Default: the `count` of each split."""
-        return ", ".join(f"{k} {v['count']:,} examples" for k, v in index["splits"].items())
+        `bigmodel data prepare` prints. Default: each split's `count` of `prepared_unit`, and its shard files."""
+
+        def line(k: str, v: dict[str, Any]) -> str:
+            files = f" in {len(v['shards'])} shards" if "shards" in v else ""
+            return f"{k} {v['count']:,} {self.prepared_unit}{files}"
+
+        return ", ".join(line(k, v) for k, v in index["splits"].items())
 
     def evaluate_extra(self, art: Any, data: Any, split: str, **options: Any) -> dict[str, Any]:
         """Metrics beyond the streaming ones (translation: BLEU / chrF of decoded text). Default: none."""

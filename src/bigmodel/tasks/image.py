@@ -77,8 +77,7 @@ class ImageClassification(ClassificationSpec):
 
         return write_shards(load_data(recipe.data, recipe.seed, decode=False), out, shard_size, recipe.data)
 
-    def prepared_summary(self, index: dict[str, Any]) -> str:
-        return ", ".join(f"{k} {v['count']:,} images in {len(v['shards'])} shards" for k, v in index["splits"].items())
+    prepared_unit = "images"
 
     def baseline_features(self, recipe: Any, data: Any, pre: Any, split: str) -> Any:
         """`linear`: logistic regression on the pixels in [0, 1] (average-pooled to at most 32 x 32)."""

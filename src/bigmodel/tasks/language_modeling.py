@@ -65,8 +65,7 @@ class LanguageModeling(TaskSpec):
 
         return write_token_shards(recipe, out)
 
-    def prepared_summary(self, index: dict[str, Any]) -> str:
-        return ", ".join(f"{k} {v['count']:,} tokens in {len(v['shards'])} shards" for k, v in index["splits"].items())
+    prepared_unit = "tokens"
 
     def objective(self, recipe: Any, data: Any, num_classes: int, labels: list[str]) -> LanguageModelingTask:
         return LanguageModelingTask(recipe.train.label_smoothing if recipe is not None else 0.0)
